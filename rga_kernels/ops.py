@@ -1,0 +1,297 @@
+"""The one interface module: custom-op registrations, fake kernels, autograd, dispatch.
+
+Ops in the ``rga_kernels`` torch.library namespace:
+
+* ``rga_kernels::relation_fwd(theta, phi, weight) -> (out, p, q)`` and
+  ``rga_kernels::relation_bwd(grad_out, theta, phi, weight, p, q) -> (dtheta, dphi, dweight)``:
+  the C++ extension (``csrc/``), CPU and CUDA implementations. Fake kernels and the autograd
+  formula are registered here.
+* ``rga_kernels::relation_fwd_triton`` / ``rga_kernels::relation_bwd_triton``: the Triton kernels
+  (``rga_kernels/_triton.py``) as ``torch.library.triton_op``.
+
+``p = A·phiᵀ`` and ``q = B·thetaᵀ`` (B, M, d) are the small products the backward reuses
+(relation-math.md, section 2); they are returned by the forward ops and hidden by
+:func:`relation_embed`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .reference import relation_embed_factorized, relation_embed_reference
+
+BACKENDS = ("reference", "torch", "cpp", "cuda", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# ---------------------------------------------------------------------------------------------
+# The C++ extension, loaded in a guarded way: a missing or broken build is reported, not raised.
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_extension() -> tuple[bool, str]:
+    try:
+        importlib.import_module("rga_kernels._C")
+    except ImportError as exc:
+        if "No module named" in str(exc):
+            return False, ("the C++ extension rga_kernels._C is not built; `pip install -e .` "
+                           "builds it (it was skipped if RGA_KERNELS_BUILD_EXT=0)")
+        return False, (f"the C++ extension failed to load ({exc}); it was probably built "
+                       f"against another torch than {torch.__version__}: rebuild with "
+                       "`pip install -e . --no-build-isolation`")
+    except OSError as exc:
+        return False, f"the C++ extension failed to load: {exc}"
+    return True, ""
+
+
+_EXT_OK, _EXT_REASON = _load_extension()
+
+
+def _ext_has_cuda() -> bool:
+    if not _EXT_OK:
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("rga_kernels::relation_fwd", "CUDA"))
+    except Exception:  # private API: be conservative if it ever moves
+        return False
+
+
+def _fake_fwd(theta: Tensor, phi: Tensor, weight: Tensor):
+    acc = torch.float64 if theta.dtype == torch.float64 else torch.float32
+    B, d, n = theta.shape
+    M = weight.shape[0]
+    out = theta.new_empty((B, M, n))
+    return out, theta.new_empty((B, M, d), dtype=acc), theta.new_empty((B, M, d), dtype=acc)
+
+
+def _fake_bwd(grad_out, theta, phi, weight, p, q):
+    return (torch.empty_like(theta, memory_format=torch.contiguous_format),
+            torch.empty_like(phi, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    theta, phi, weight = inputs
+    _, p, q = output
+    ctx.save_for_backward(theta, phi, weight, p, q)
+    ctx.mark_non_differentiable(p, q)
+
+
+def _make_backward(bwd_op: Callable):
+    def backward(ctx, grad_out, _grad_p, _grad_q):
+        theta, phi, weight, p, q = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None
+        dtheta, dphi, dweight = bwd_op(grad_out, theta, phi, weight, p, q)
+        need = ctx.needs_input_grad
+        return (dtheta if need[0] else None, dphi if need[1] else None,
+                dweight if need[2] else None)
+
+    return backward
+
+
+if _EXT_OK:
+    torch.library.register_fake("rga_kernels::relation_fwd")(_fake_fwd)
+    torch.library.register_fake("rga_kernels::relation_bwd")(_fake_bwd)
+    torch.library.register_autograd(
+        "rga_kernels::relation_fwd",
+        _make_backward(torch.ops.rga_kernels.relation_bwd.default),
+        setup_context=_setup_context,
+    )
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the kernels module is imported lazily, on first use, so that TRITON_INTERPRET set by
+# the user (or the tests) after `import rga_kernels` still takes effect.
+# ---------------------------------------------------------------------------------------------
+
+_TRITON_SPEC = importlib.util.find_spec("triton") is not None
+
+
+def _triton_module():
+    from . import _triton
+
+    return _triton
+
+
+def _triton_status(device: torch.device | None = None) -> tuple[bool, str]:
+    if not _TRITON_SPEC:
+        return False, "triton is not installed (it comes with CUDA builds of torch on Linux)"
+    try:
+        mod = _triton_module()
+    except Exception as exc:  # a broken triton install must not break the package
+        return False, f"the Triton kernels failed to import: {exc}"
+    if not getattr(mod, "TRITON_AVAILABLE", False):
+        return False, getattr(mod, "TRITON_UNAVAILABLE_REASON", "triton is unavailable")
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return mod.usable_on(device)
+
+
+_TRITON_REGISTERED = False
+if _TRITON_SPEC and hasattr(torch.library, "triton_op"):
+
+    @torch.library.triton_op("rga_kernels::relation_fwd_triton", mutates_args=())
+    def _relation_fwd_triton(theta: Tensor, phi: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return _triton_module().relation_fwd(theta, phi, weight)
+
+    @torch.library.triton_op("rga_kernels::relation_bwd_triton", mutates_args=())
+    def _relation_bwd_triton(grad_out: Tensor, theta: Tensor, phi: Tensor, weight: Tensor,
+                             p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return _triton_module().relation_bwd(grad_out, theta, phi, weight, p, q)
+
+    _relation_fwd_triton.register_autograd(_make_backward(_relation_bwd_triton), setup_context=_setup_context)
+    _TRITON_REGISTERED = True
+
+# ---------------------------------------------------------------------------------------------
+# Backend table and the public function.
+# ---------------------------------------------------------------------------------------------
+
+
+def backend_status(device: torch.device | str | None = None) -> dict[str, tuple[bool, str]]:
+    """For each backend: (available, why not). ``device`` narrows it to one device type."""
+    dev = None if device is None else torch.device(device)
+    cuda_ok = torch.cuda.is_available()
+    status: dict[str, tuple[bool, str]] = {"reference": (True, ""), "torch": (True, "")}
+    if dev is not None and dev.type not in ("cpu", "cuda"):
+        return {**status, **{b: (False, f"no {b} kernel for device {dev.type}") for b in ("cpp", "cuda", "triton")}}
+    if not _EXT_OK:
+        status["cpp"] = (False, _EXT_REASON)
+    elif dev is not None and dev.type != "cpu":
+        status["cpp"] = (False, "the cpp backend runs on CPU tensors; use 'cuda' or 'triton' for CUDA tensors")
+    else:
+        status["cpp"] = (True, "")
+    if not _EXT_OK:
+        status["cuda"] = (False, _EXT_REASON)
+    elif not _ext_has_cuda():
+        status["cuda"] = (False, "the C++ extension was built without its CUDA part (CPU-only torch, no nvcc, "
+                                 "or RGA_KERNELS_BUILD_CUDA=0)")
+    elif not cuda_ok:
+        status["cuda"] = (False, "the CUDA part is built, but no CUDA device is visible")
+    elif dev is not None and dev.type != "cuda":
+        status["cuda"] = (False, "the cuda backend runs on CUDA tensors; use 'cpp' for CPU tensors")
+    else:
+        status["cuda"] = (True, "")
+    if not _TRITON_REGISTERED and _TRITON_SPEC:
+        status["triton"] = (False, f"torch {torch.__version__} has no torch.library.triton_op")
+    else:
+        status["triton"] = _triton_status(dev)
+    return status
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends this machine can run (for ``device``'s type, if given), in BACKENDS order."""
+    status = backend_status(device)
+    return [b for b in BACKENDS if status[b][0]]
+
+
+# "auto" tries these in order. On CUDA, cuBLAS-backed `cuda` comes first until the GPU benchmark
+# (bench/gpu_check.sh) says otherwise; override with RGA_KERNELS_BACKEND.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+_status_cache: dict[str, dict[str, tuple[bool, str]]] = {}
+
+
+def _cached_status(device_type: str) -> dict[str, tuple[bool, str]]:
+    if device_type not in _status_cache:
+        _status_cache[device_type] = backend_status(torch.device(device_type))
+    return _status_cache[device_type]
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("RGA_KERNELS_BACKEND", "auto")
+    if backend == "auto":
+        status = _cached_status(device.type)
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if status[name][0]:
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    ok, why = _cached_status(device.type)[backend]
+    if not ok:
+        raise ValueError(f"backend {backend!r} is not available for {device.type} tensors on this machine: {why}. "
+                         f"Available here: {available_backends(device)}")
+    return backend
+
+
+def _describe(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def _check_inputs(theta, phi, weight) -> None:
+    for name, t in (("theta", theta), ("phi", phi), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"relation_embed: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"relation_embed: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if theta.dim() != 3:
+        raise ValueError(f"relation_embed: theta must be (B, d, n), got shape {tuple(theta.shape)}")
+    if phi.dim() != 3:
+        raise ValueError(f"relation_embed: phi must be (B, d, n), got shape {tuple(phi.shape)}")
+    if theta.shape != phi.shape:
+        parts = [f"{ax} {a} vs {b}" for ax, a, b in zip("Bdn", theta.shape, phi.shape) if a != b]
+        raise ValueError(f"relation_embed: theta {tuple(theta.shape)} and phi {tuple(phi.shape)} must have the same "
+                         f"(B, d, n); mismatched: {', '.join(parts)}")
+    B, d, n = theta.shape
+    if weight.dim() != 2 or weight.shape[1] != 2 * n:
+        raise ValueError(f"relation_embed: weight must be (M, 2n) = (M, {2 * n}) for n = {n} nodes, "
+                         f"got shape {tuple(weight.shape)}")
+    if min(B, d, n, weight.shape[0]) < 1:
+        raise ValueError(f"relation_embed: empty input: theta/phi {tuple(theta.shape)}, weight {tuple(weight.shape)}; "
+                         "B, d, n and M must all be >= 1")
+    if not (theta.device == phi.device == weight.device):
+        raise ValueError(f"relation_embed: tensors on different devices: theta {theta.device}, phi {phi.device}, "
+                         f"weight {weight.device}")
+
+
+def _impl_reference(theta, phi, weight):
+    return relation_embed_reference(theta, phi, weight)
+
+
+def _impl_torch(theta, phi, weight):
+    return relation_embed_factorized(theta, phi, weight)
+
+
+def _impl_cpp(theta, phi, weight):
+    return torch.ops.rga_kernels.relation_fwd(theta, phi, weight)[0]
+
+
+def _impl_triton(theta, phi, weight):
+    return torch.ops.rga_kernels.relation_fwd_triton(theta, phi, weight)[0]
+
+
+_IMPLS = {"reference": _impl_reference, "torch": _impl_torch, "cpp": _impl_cpp, "cuda": _impl_cpp,
+          "triton": _impl_triton}
+
+
+def relation_embed(theta: Tensor, phi: Tensor, weight: Tensor, backend: str = "auto") -> Tensor:
+    """The RGA relation embedding without the n×n affinity matrix.
+
+    Args:
+        theta, phi: (B, d, n) embeddings of the n nodes (spatial positions or channels).
+        weight: (M, 2n) weight of the 1x1 relation embedding; its first n columns act on the row
+            R(i, :) of the affinity R = thetaᵀ·phi, the last n on the column R(:, i).
+        backend: "auto" (the fastest available for the tensors' device; the RGA_KERNELS_BACKEND
+            environment variable overrides it), or one of "reference", "torch", "cpp", "cuda",
+            "triton".
+
+    Returns:
+        (B, M, n): ``out[b, :, i] = weight @ [R_b(i, :), R_b(:, i)]``, in the inputs' dtype
+        (or the autocast dtype inside an autocast region), with fp32 accumulation.
+    """
+    _check_inputs(theta, phi, weight)
+    device_type = theta.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        theta, phi, weight = theta.to(dtype), phi.to(dtype), weight.to(dtype)
+    elif not (theta.dtype == phi.dtype == weight.dtype):
+        raise TypeError(f"relation_embed: dtypes differ: theta {theta.dtype}, phi {phi.dtype}, weight {weight.dtype} "
+                        "(cast them to one dtype, or call inside torch.autocast)")
+    name = _resolve_backend(backend, theta.device)
+    return _IMPLS[name](theta, phi, weight)
