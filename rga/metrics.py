@@ -1,0 +1,415 @@
+"""Re-id evaluation: CMC, mAP and mINP by the Market-1501 protocol, chunked over queries.
+
+Protocol (the one every Market-1501 / CUHK03 / MSMT17 number is reported with):
+
+* For each query, the gallery items with the *same identity and the same camera* as the query are
+  removed from its ranking (they would be trivial matches).
+* A query with no remaining true match (same identity, other camera) is skipped; the number of
+  queries kept is returned as ``num_valid_queries``.
+* The remaining gallery is ranked by increasing distance. Ties are broken by gallery index (the
+  order of a stable sort), so results never depend on the sorting algorithm.
+* CMC[k] = fraction of valid queries whose first true match is at rank <= k + 1.
+* AP is non-interpolated: the mean, over the query's true matches, of the precision at the rank of
+  each true match. mAP is the mean AP over valid queries.
+* INP = (number of true matches) / (rank of the hardest, i.e. last, true match); mINP is its mean
+  over valid queries (Ye et al., "Deep Learning for Person Re-identification: A Survey", 2021).
+
+Memory: nothing of size queries x gallery is ever held. Distances are produced for ``chunk_size``
+queries at a time (from the features, or sliced from a given matrix), each row is sorted, and the
+rank of each same-identity gallery item is found by binary search in its sorted row. Per-query
+results do not depend on the chunking: distances are computed in GEMM blocks of a fixed
+``GEMM_BLOCK`` rows at fixed offsets (so every block is the same matrix product whatever the
+chunk size), and the per-query arithmetic only ever sees that query's row.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+__all__ = [
+    "evaluate_rank",
+    "evaluate_features",
+    "pairwise_distance",
+    "k_reciprocal_rerank",
+    "rerank_distance",
+    "GEMM_BLOCK",
+]
+
+#: rows of queries per matrix product; chunk sizes are rounded up to a multiple of it
+GEMM_BLOCK = 64
+_METRICS = ("cosine", "euclidean")
+
+
+# --------------------------------------------------------------------------------------------
+# distances
+# --------------------------------------------------------------------------------------------
+def _as_tensor(x, device) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    t = t.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    if t.dim() != 2:
+        raise ValueError(f"features must be 2-D (num_items, dim), got shape {tuple(t.shape)}")
+    return t.to(device)
+
+
+class _DistanceBlocks:
+    """Distances from query rows to the whole gallery, computed in fixed GEMM blocks.
+
+    cosine: 1 - <q, g> / (|q| |g|), in [0, 2].
+    euclidean: squared Euclidean distance |q|^2 + |g|^2 - 2 <q, g>, clamped at 0 (monotone in the
+    Euclidean distance, so every ranking metric is the same as with the plain distance).
+    """
+
+    def __init__(self, qf, gf, metric: str, device=None):
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        if device is None:
+            device = qf.device if isinstance(qf, torch.Tensor) else torch.device("cpu")
+        self.device = torch.device(device)
+        self.q = _as_tensor(qf, self.device)
+        self.g = _as_tensor(gf, self.device)
+        if self.q.shape[1] != self.g.shape[1]:
+            raise ValueError(f"query dim {self.q.shape[1]} != gallery dim {self.g.shape[1]}")
+        if self.q.dtype != self.g.dtype:
+            self.q = self.q.to(self.g.dtype)
+        self.metric = metric
+        # (G,) squared norms, in slices: never a temporary the size of the gallery
+        self.g_sq = torch.cat([(gs * gs).sum(1) for gs in self.g.split(4096)]) if len(self.g) \
+            else self.g.new_zeros(0)
+        self.g_norm = self.g_sq.sqrt().clamp_min(1e-12)
+
+    @property
+    def num_query(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def num_gallery(self) -> int:
+        return self.g.shape[0]
+
+    def block(self, start: int) -> torch.Tensor:
+        """Distances of queries [start, start + GEMM_BLOCK) (zero-padded to the full block)."""
+        assert start % GEMM_BLOCK == 0
+        qb = self.q[start:start + GEMM_BLOCK]
+        n = qb.shape[0]
+        if n < GEMM_BLOCK:  # pad so that every product has the same shape
+            qb = torch.cat([qb, qb.new_zeros(GEMM_BLOCK - n, qb.shape[1])])
+        d = qb @ self.g.T  # in-place from here on: one (GEMM_BLOCK, G) buffer
+        q_sq = (qb * qb).sum(1)
+        if self.metric == "cosine":
+            d.div_(q_sq.sqrt().clamp_min(1e-12)[:, None]).div_(self.g_norm[None, :])
+            d.neg_().add_(1.0)
+        else:
+            d.mul_(-2.0).add_(q_sq[:, None]).add_(self.g_sq[None, :]).clamp_min_(0.0)
+        return d[:n]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """float32 numpy distances of queries [start, stop); start a multiple of GEMM_BLOCK."""
+        out = np.empty((stop - start, self.num_gallery), np.float32)
+        out_t = torch.from_numpy(out)
+        for s in range(start, stop, GEMM_BLOCK):
+            b = self.block(s)
+            out_t[s - start:s - start + b.shape[0]].copy_(b[: stop - s])
+        return out
+
+
+def pairwise_distance(qf, gf, metric: str = "cosine", device=None) -> np.ndarray:
+    """Full (Q, G) float32 distance matrix, computed exactly as ``evaluate_features`` does.
+
+    Memory is Q x G x 4 bytes; use ``evaluate_features`` for large sets.
+    """
+    db = _DistanceBlocks(qf, gf, metric, device)
+    return db.rows(0, db.num_query) if db.num_query else np.zeros((0, db.num_gallery), np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# ranking
+# --------------------------------------------------------------------------------------------
+def _as_int_array(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+class _Ranker:
+    """Per-query CMC / AP / INP from one distance row at a time."""
+
+    def __init__(self, q_pids, g_pids, q_camids, g_camids, max_rank: int):
+        self.q_pids = _as_int_array(q_pids, "q_pids")
+        self.g_pids = _as_int_array(g_pids, "g_pids")
+        self.q_camids = _as_int_array(q_camids, "q_camids")
+        self.g_camids = _as_int_array(g_camids, "g_camids")
+        if len(self.q_pids) != len(self.q_camids):
+            raise ValueError("q_pids and q_camids differ in length")
+        if len(self.g_pids) != len(self.g_camids):
+            raise ValueError("g_pids and g_camids differ in length")
+        if max_rank < 1:
+            raise ValueError("max_rank must be >= 1")
+        self.max_rank = int(max_rank)
+        nq = len(self.q_pids)
+        self.ap = np.full(nq, np.nan)
+        self.inp = np.full(nq, np.nan)
+        self.first = np.zeros(nq, np.int64)  # 1-based rank of the first true match, 0 = invalid
+        # gallery indices of each identity, ascending
+        order = np.argsort(self.g_pids, kind="stable")
+        pids, starts, counts = np.unique(self.g_pids[order], return_index=True, return_counts=True)
+        self.by_pid = {int(p): order[s:s + c] for p, s, c in zip(pids, starts, counts)}
+
+    def add_rows(self, start: int, dist: np.ndarray) -> None:
+        if dist.ndim != 2 or dist.shape[1] != len(self.g_pids):
+            raise ValueError(f"distance rows have shape {dist.shape}, expected (*, {len(self.g_pids)})")
+        srt = np.sort(dist, axis=1)  # NaN sorts last
+        if dist.shape[1] and np.isnan(srt[:, -1]).any():
+            raise ValueError("distance matrix contains NaN")
+        for r in range(dist.shape[0]):
+            self._one(start + r, dist[r], srt[r])
+
+    def _one(self, qi: int, row: np.ndarray, srow: np.ndarray) -> None:
+        idx = self.by_pid.get(int(self.q_pids[qi]))
+        if idx is None:
+            return
+        d = row[idx]
+        left = np.searchsorted(srow, d, side="left")
+        right = np.searchsorted(srow, d, side="right")
+        pos = left.astype(np.int64)  # 0-based position in the full ranking (stable tie-break)
+        for t in np.nonzero(right - left > 1)[0]:
+            pos[t] += np.count_nonzero(row[: idx[t]] == d[t])
+        removed = self.g_camids[idx] == self.q_camids[qi]
+        pos_true = np.sort(pos[~removed])
+        n = len(pos_true)
+        if n == 0:
+            return
+        pos_removed = np.sort(pos[removed])
+        # 1-based rank once the same-camera items are taken out of the list
+        rank = pos_true - np.searchsorted(pos_removed, pos_true) + 1
+        hits = np.arange(1, n + 1, dtype=np.float64)
+        self.ap[qi] = float(np.sum(hits / rank)) / n
+        self.inp[qi] = n / float(rank[-1])
+        self.first[qi] = rank[0]
+
+    def result(self) -> Dict[str, object]:
+        valid = self.first > 0
+        nv = int(valid.sum())
+        if nv == 0:
+            raise ValueError("no query has a true match (same id, other camera) in the gallery")
+        first = self.first[valid]
+        counts = np.bincount(np.minimum(first, self.max_rank + 1), minlength=self.max_rank + 2)
+        cmc = np.cumsum(counts[1:self.max_rank + 1]) / nv
+        return {
+            "cmc": cmc.astype(np.float64),
+            "mAP": float(np.mean(self.ap[valid])),
+            "mINP": float(np.mean(self.inp[valid])),
+            "num_valid_queries": nv,
+            "num_queries": len(self.first),
+            "AP": self.ap.copy(),  # per query, NaN for skipped queries
+        }
+
+
+def _round_chunk(chunk_size: int) -> int:
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    return int(math.ceil(chunk_size / GEMM_BLOCK) * GEMM_BLOCK)
+
+
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
+                  chunk_size: int = 256) -> Dict[str, object]:
+    """CMC / mAP / mINP from a (num_query, num_gallery) distance matrix (numpy or torch).
+
+    Returns a dict: "cmc" (float64 array of length max_rank), "mAP", "mINP" (fractions in [0, 1]),
+    "num_valid_queries", "num_queries", "AP" (per query; NaN for skipped queries).
+    Raises ValueError if no query has a true match.
+    """
+    if isinstance(distmat, torch.Tensor):
+        distmat = distmat.detach().cpu().numpy()
+    distmat = np.asarray(distmat)
+    ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank)
+    if distmat.shape != (len(ranker.q_pids), len(ranker.g_pids)):
+        raise ValueError(f"distmat has shape {distmat.shape}, expected "
+                         f"({len(ranker.q_pids)}, {len(ranker.g_pids)})")
+    step = max(1, int(chunk_size))
+    for s in range(0, distmat.shape[0], step):
+        ranker.add_rows(s, distmat[s:s + step])
+    return ranker.result()
+
+
+def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric: str = "cosine",
+                      chunk_size: int = 256, rerank: bool = False, device=None,
+                      max_rank: int = 50, k1: int = 20, k2: int = 6,
+                      lambda_value: float = 0.3) -> Dict[str, object]:
+    """Evaluate query features against gallery features without a full distance matrix.
+
+    qf, gf: (Q, D) and (G, D) float arrays or tensors (pooled or BN feature: the caller's choice;
+    not normalised here: "cosine" normalises inside the distance). metric: "cosine" (1 - cos) or
+    "euclidean" (squared Euclidean). chunk_size: queries per chunk (rounded up to a multiple of
+    GEMM_BLOCK); memory is about chunk_size x G x 9 bytes on top of the features. device: where
+    the matrix products run (default: the device of qf if it is a tensor, else CPU); ranking is
+    on the CPU. rerank: k-reciprocal re-ranking (needs (Q+G)^2 memory; see rerank_distance).
+    The numbers do not depend on chunk_size.
+    """
+    if rerank:
+        dist = rerank_distance(qf, gf, metric=metric, k1=k1, k2=k2, lambda_value=lambda_value,
+                               device=device)
+        return evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_size)
+    db = _DistanceBlocks(qf, gf, metric, device)
+    ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank)
+    if len(ranker.q_pids) != db.num_query or len(ranker.g_pids) != db.num_gallery:
+        raise ValueError(f"{db.num_query} query / {db.num_gallery} gallery features but "
+                         f"{len(ranker.q_pids)} / {len(ranker.g_pids)} labels")
+    step = _round_chunk(chunk_size)
+    with torch.no_grad():
+        for s in range(0, db.num_query, step):
+            ranker.add_rows(s, db.rows(s, min(s + step, db.num_query)))
+    return ranker.result()
+
+
+# --------------------------------------------------------------------------------------------
+# k-reciprocal re-ranking (Zhong, Zheng, Cao, Li, "Re-ranking Person Re-identification with
+# k-reciprocal Encoding", CVPR 2017)
+# --------------------------------------------------------------------------------------------
+def k_reciprocal_rerank(dist_all: np.ndarray, num_query: int, k1: int = 20, k2: int = 6,
+                        lambda_value: float = 0.3) -> np.ndarray:
+    """Re-ranked (num_query, N - num_query) distances from the (N, N) distance matrix of all
+    items, queries first.
+
+    Steps: (1) each row of the original distance is divided by its maximum (ranking within a row
+    is unchanged; exp(-d) then lives in [1/e, 1]); (2) k-reciprocal neighbours
+    R(p, k) = {g in N(p, k) : p in N(g, k)}, with N(p, k) the k + 1 nearest items including p;
+    (3) expansion: R*(p) = R(p, k1) united with every R(q, k1/2), q in R(p, k1), that shares at
+    least 2/3 of its members with R(p, k1); (4) V_p[g] = exp(-d(p, g)) on R*(p), normalised to
+    sum 1; (5) local query expansion: V_p = mean of V over the k2 nearest items of p (k2 > 1);
+    (6) Jaccard distance d_J(p, g) = 1 - sum min(V_p, V_g) / sum max(V_p, V_g);
+    (7) d* = (1 - lambda) d_J + lambda d.
+    """
+    d = np.array(dist_all, dtype=np.float32)  # a copy: modified below
+    n = d.shape[0]
+    if d.shape != (n, n) or not 0 < num_query < n:
+        raise ValueError(f"dist_all must be square (N, N) with 0 < num_query < N; got {d.shape}, "
+                         f"num_query={num_query}")
+    np.fill_diagonal(d, 0.0)  # an item is its own nearest neighbour
+    d = d / np.maximum(d.max(axis=1, keepdims=True), 1e-12)
+    k1 = int(min(k1, n - 1))
+    kh = int(round(k1 / 2))
+    kk = max(k1, kh, k2) + 1
+    # top-kk neighbours of every item (stable: ties by index)
+    part = np.argpartition(d, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (n, 1))
+    part_d = np.take_along_axis(d, part, 1)
+    nn = np.take_along_axis(part, np.lexsort((part, part_d), axis=1), 1)
+
+    def reciprocal(i: int, k: int) -> np.ndarray:
+        fwd = nn[i, :k + 1]
+        back = nn[fwd, :k + 1]
+        return fwd[np.any(back == i, axis=1)]
+
+    V = np.zeros((n, n), dtype=np.float32)
+    for i in range(n):
+        r = reciprocal(i, k1)
+        expanded = [r]
+        rset = set(r.tolist())
+        for j in r:
+            rj = reciprocal(int(j), kh)
+            if len(rj) and sum(int(x) in rset for x in rj) >= (2.0 / 3.0) * len(rj):
+                expanded.append(rj)
+        idx = np.unique(np.concatenate(expanded))
+        w = np.exp(-d[i, idx])
+        V[i, idx] = w / w.sum()
+    if k2 > 1:
+        V = np.stack([V[nn[i, :k2]].mean(0) for i in range(n)])
+    # Jaccard distance through an inverted index over V's non-zeros
+    inv = [np.nonzero(V[:, c])[0] for c in range(n)]
+    gal = np.arange(num_query, n)
+    jac = np.zeros((num_query, n - num_query), dtype=np.float32)
+    vsum = V.sum(1)
+    for q in range(num_query):
+        smin = np.zeros(n, dtype=np.float32)
+        for c in np.nonzero(V[q])[0]:
+            rows = inv[c]
+            smin[rows] += np.minimum(V[q, c], V[rows, c])
+        smin = smin[gal]
+        smax = vsum[q] + vsum[gal] - smin
+        jac[q] = 1.0 - smin / np.maximum(smax, 1e-12)
+    return (1.0 - lambda_value) * jac + lambda_value * d[:num_query, num_query:]
+
+
+def rerank_distance(qf, gf, metric: str = "cosine", k1: int = 20, k2: int = 6,
+                    lambda_value: float = 0.3, device=None,
+                    max_bytes: int = 2 * 1024 ** 3) -> np.ndarray:
+    """k-reciprocal re-ranked (Q, G) distances from features. Needs about 3 (Q+G)^2 x 4 bytes;
+    raises MemoryError above ``max_bytes`` (re-ranking at MSMT17 scale is not supported)."""
+    q = _as_tensor(qf, "cpu" if device is None else device)
+    g = _as_tensor(gf, q.device)
+    n = q.shape[0] + g.shape[0]
+    need = 3 * n * n * 4
+    if need > max_bytes:
+        raise MemoryError(f"re-ranking {n} items needs about {need / 2**30:.1f} GiB "
+                          f"(> max_bytes={max_bytes / 2**30:.1f} GiB)")
+    allf = torch.cat([q, g])
+    dist_all = pairwise_distance(allf, allf, metric, device)
+    return k_reciprocal_rerank(dist_all, q.shape[0], k1, k2, lambda_value)
+
+
+def _bench(argv=None) -> None:
+    """Time a random-feature evaluation and report peak RSS:
+    python -m rga.metrics --num-query 11659 --num-gallery 82161 --dim 2048"""
+    import argparse
+    import resource
+    import time
+
+    p = argparse.ArgumentParser(description=_bench.__doc__)
+    p.add_argument("--num-query", type=int, default=11659)
+    p.add_argument("--num-gallery", type=int, default=82161)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--num-ids", type=int, default=3060)
+    p.add_argument("--num-cams", type=int, default=15)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--metric", default="cosine", choices=_METRICS)
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+
+    def status_mib(key):  # VmRSS (now) or VmHWM (peak since the last reset), Linux only
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def reset_peak():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    rng = np.random.default_rng(0)
+    # features built in slices so that generating them never doubles their memory
+    gf = np.empty((a.num_gallery, a.dim), np.float32)
+    for s in range(0, a.num_gallery, 4096):
+        gf[s:s + 4096] = rng.standard_normal((min(4096, a.num_gallery - s), a.dim), np.float32)
+    qf = rng.standard_normal((a.num_query, a.dim), np.float32)
+    g_pids = rng.integers(0, a.num_ids, a.num_gallery)
+    q_pids = rng.integers(0, a.num_ids, a.num_query)
+    g_cams = rng.integers(0, a.num_cams, a.num_gallery)
+    q_cams = rng.integers(0, a.num_cams, a.num_query)
+    reset_peak()
+    base = status_mib("VmRSS")
+    feat_mib = (gf.nbytes + qf.nbytes) / 2 ** 20
+    t0 = time.perf_counter()
+    r = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=a.metric,
+                          chunk_size=a.chunk_size, device=a.device)
+    dt = time.perf_counter() - t0
+    print(f"Q={a.num_query} G={a.num_gallery} D={a.dim} chunk={a.chunk_size} "
+          f"device={a.device or 'cpu'} threads={torch.get_num_threads()}")
+    print(f"features {feat_mib:.0f} MiB; RSS before eval {base:.0f} MiB, peak during eval "
+          f"{status_mib('VmHWM'):.0f} MiB, process peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; eval time {dt:.1f} s")
+    print(f"mAP={r['mAP']:.4f} R1={r['cmc'][0]:.4f} valid={r['num_valid_queries']}")
+
+
+if __name__ == "__main__":
+    _bench()
