@@ -1,0 +1,88 @@
+"""Datasets: ``build_dataset(name, root, **kw)`` and the image-reading ``ImageDataset``.
+
+Names: "synthetic" (default; generated under root on first use), "market1501",
+"cuhk03" (kw variant="labeled"|"detected"; or the names "cuhk03_labeled" / "cuhk03_detected"),
+"msmt17" (kw version="V1"|"V2", auto-detected by default). See docs/data.md.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .datasets import (CUHK03_LAYOUT, MARKET_LAYOUT, MSMT17_LAYOUT, DatasetLayoutError, Item,
+                       ReidDataset, load_cuhk03, load_market1501, load_msmt17, parse_market_name,
+                       relabel_items)
+from .synthetic import SyntheticConfig, build_synthetic, generate_synthetic, mask_path
+
+__all__ = [
+    "build_dataset", "DATASETS", "ImageDataset", "ImageReadError", "ReidDataset",
+    "DatasetLayoutError", "load_market1501", "load_cuhk03", "load_msmt17", "build_synthetic",
+    "generate_synthetic", "SyntheticConfig", "mask_path", "parse_market_name", "relabel_items",
+]
+
+
+def _cuhk03(variant: str) -> Callable[..., ReidDataset]:
+    def load(root, verbose=True, **kw):
+        if "variant" in kw and kw["variant"] != variant:
+            raise ValueError(f"cuhk03_{variant} called with variant={kw['variant']!r}")
+        kw.pop("variant", None)
+        return load_cuhk03(root, variant=variant, verbose=verbose, **kw)
+    return load
+
+
+#: name -> loader(root, verbose=True, **kw); a flat table, as in torchreid
+DATASETS: Dict[str, Callable[..., ReidDataset]] = {
+    "synthetic": build_synthetic,
+    "market1501": load_market1501,
+    "cuhk03": load_cuhk03,
+    "cuhk03_labeled": _cuhk03("labeled"),
+    "cuhk03_detected": _cuhk03("detected"),
+    "msmt17": load_msmt17,
+}
+_ALIASES = {"market": "market1501", "market-1501": "market1501", "msmt": "msmt17",
+            "cuhk03-np": "cuhk03"}
+
+
+def build_dataset(name: str = "synthetic", root: str = "data", verbose: bool = True,
+                  **kw) -> ReidDataset:
+    """Load (or, for "synthetic", generate on first use) a dataset under ``root``.
+
+    Unknown keyword arguments raise TypeError (they are never silently ignored).
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    return DATASETS[key](root, verbose=verbose, **kw)
+
+
+class ImageReadError(OSError):
+    """An image could not be read; the message names the file."""
+
+
+try:  # a torch Dataset when torch is there; the class works without it too
+    from torch.utils.data import Dataset as _Base
+except ImportError:  # pragma: no cover
+    _Base = object
+
+
+class ImageDataset(_Base):
+    """items: (path, pid, camid) triples. Returns (transform(PIL RGB image), pid, camid, path)."""
+
+    def __init__(self, items: Sequence[Item], transform: Optional[Callable] = None):
+        self.items: List[Item] = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, pid, camid = self.items[index]
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, pid, camid, path
