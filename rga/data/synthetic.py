@@ -56,6 +56,10 @@ class SyntheticConfig:
     jpeg_quality: int = 92
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"synthetic option {f.name} must be an int, got {v!r}")
         if self.num_train_ids < 1 or self.num_test_ids < 1:
             raise ValueError("need at least one train and one test identity")
         if self.num_train_ids + self.num_test_ids > 9999:
