@@ -143,6 +143,10 @@ if _TRITON_SPEC and hasattr(torch.library, "triton_op"):
                              p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return _triton_module().relation_bwd(grad_out, theta, phi, weight, p, q)
 
+    # Explicit fake kernels: shape propagation must never run a kernel (under the Triton
+    # interpreter, tracing the body would execute it on fake tensors).
+    _relation_fwd_triton.register_fake(_fake_fwd)
+    _relation_bwd_triton.register_fake(_fake_bwd)
     _relation_fwd_triton.register_autograd(_make_backward(_relation_bwd_triton), setup_context=_setup_context)
     _TRITON_REGISTERED = True
 
@@ -290,7 +294,11 @@ def relation_embed(theta: Tensor, phi: Tensor, weight: Tensor, backend: str = "a
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         theta, phi, weight = theta.to(dtype), phi.to(dtype), weight.to(dtype)
-    elif not (theta.dtype == phi.dtype == weight.dtype):
+        name = _resolve_backend(backend, theta.device)
+        # The backends accumulate in fp32 themselves: autocast must not recast their inner GEMMs.
+        with torch.autocast(device_type, enabled=False):
+            return _IMPLS[name](theta, phi, weight)
+    if not (theta.dtype == phi.dtype == weight.dtype):
         raise TypeError(f"relation_embed: dtypes differ: theta {theta.dtype}, phi {phi.dtype}, weight {weight.dtype} "
                         "(cast them to one dtype, or call inside torch.autocast)")
     name = _resolve_backend(backend, theta.device)

@@ -1,0 +1,12 @@
+import os
+
+import torch
+
+# Triton kernels run on the CPU through the interpreter; it must be switched on before any kernel
+# is decorated, i.e. before rga_kernels._triton is imported (rga_kernels imports it lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The reference must not use TF32 on a GPU: tolerances are measured against true fp32/fp64.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False

@@ -1,0 +1,87 @@
+"""torch.library registration: opcheck over every custom op, torch.compile over relation_embed."""
+import pytest
+import torch
+
+import rga_kernels
+from rga_kernels import relation_embed, relation_embed_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _inputs(device, dtype=torch.float32, B=2, d=3, n=11, M=4, requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(B, d, n, generator=g), torch.randn(B, d, n, generator=g), torch.randn(M, 2 * n, generator=g)]
+    return [t.to(device, dtype).requires_grad_(requires_grad) for t in ts]
+
+
+def _op_cases():
+    cases = []
+    for dev in DEVICES:
+        status = rga_kernels.backend_status(dev)
+        for backend, suffix in (("cpp", ""), ("cuda", ""), ("triton", "_triton")):
+            ok, why = status[backend]
+            marks = () if ok else (pytest.mark.skip(reason=f"{backend} on {dev}: {why}"),)
+            cases.append(pytest.param(dev, backend, suffix, id=f"{dev}-{backend}", marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("device,backend,suffix", _op_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck(device, backend, suffix, dtype):
+    fwd = getattr(torch.ops.rga_kernels, "relation_fwd" + suffix).default
+    bwd = getattr(torch.ops.rga_kernels, "relation_bwd" + suffix).default
+    theta, phi, weight = _inputs(device, dtype)
+    checks = {}
+    if backend == "triton" and device == "cpu":
+        # AOT tracing runs a triton_op's body with fake tensors, which only a GPU build of the
+        # kernels accepts (the interpreter dereferences them): that check runs on GPUs.
+        checks["test_utils"] = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(fwd, (theta, phi, weight), **checks)
+    with torch.no_grad():
+        _, p, q = fwd(theta, phi, weight)
+    grad = torch.randn(theta.shape[0], weight.shape[0], theta.shape[2], device=device, dtype=dtype)
+    torch.library.opcheck(bwd, (grad, theta.detach(), phi.detach(), weight.detach(), p, q), **checks)
+
+
+def _compile_cases():
+    cases = []
+    for dev in DEVICES:
+        status = rga_kernels.backend_status(dev)
+        for backend in ("torch", "cpp", "cuda", "triton"):
+            ok, why = status[backend]
+            if backend == "triton" and dev == "cpu":
+                ok, why = False, "Inductor compiles Triton kernels for GPUs only; interpreter runs are eager"
+            marks = () if ok else (pytest.mark.skip(reason=f"{backend} on {dev}: {why}"),)
+            cases.append(pytest.param(dev, backend, id=f"{dev}-{backend}", marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("device,backend", _compile_cases())
+def test_compile_fullgraph_matches_eager(device, backend):
+    torch._dynamo.reset()
+
+    def step(theta, phi, weight):
+        return relation_embed(theta, phi, weight, backend=backend).square().mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_in, comp_in = _inputs(device), _inputs(device)
+    loss_e = step(*eager_in)
+    loss_e.backward()
+    loss_c = compiled(*comp_in)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for e, c in zip(eager_in, comp_in):
+        torch.testing.assert_close(c.grad, e.grad, rtol=1e-4, atol=1e-6)
+    ref = relation_embed_reference(*[t.detach().double() for t in eager_in]).square().mean()
+    torch.testing.assert_close(loss_c.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", _compile_cases())
+def test_compile_dynamic_batch(device, backend):
+    """One compiled graph serves several batch sizes (dynamic shapes through the fake kernels)."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, c: relation_embed(a, b, c, backend=backend), fullgraph=True, dynamic=True)
+    for B in (2, 3, 5):
+        theta, phi, weight = _inputs(device, B=B, requires_grad=False)
+        torch.testing.assert_close(fn(theta, phi, weight), relation_embed_reference(theta, phi, weight),
+                                   rtol=1e-4, atol=1e-5)
