@@ -1,0 +1,316 @@
+"""ResNet + RGA re-id models (paper Section 4.1) and the flat factory ``build_model``.
+
+ResNet-50 (or ResNet-18 for quick CPU runs) with the last stride set to 1, an RGA module after
+each of the four stages, global average pooling, a BN neck with a frozen bias and a bias-free
+classifier. Module names follow the public implementation (``backbone.layer1``,
+``backbone.rga_att1``, ``feat_bn``, ``cls``) and the backbone's names follow torchvision, so
+``model.backbone`` loads a torchvision ResNet state dict (its ``fc`` is ignored).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import RGAModule
+
+# name -> RGAModule branch switches (None: no RGA modules)
+VARIANTS = {
+    "baseline": None,
+    "rga_s": dict(use_spatial=True, use_channel=False),
+    "rga_c": dict(use_spatial=False, use_channel=True),
+    "rga_sc": dict(order="sc"),
+    "rga_cs": dict(order="cs"),
+    "rga_s_par_c": dict(order="parallel"),
+}
+ALIASES = {"rga": "rga_sc", "rgasc": "rga_sc", "rgas": "rga_s", "rgac": "rga_c", "rgacs": "rga_cs"}
+RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8, down_ratio=8)
+NECK_FEATS = ("bn", "pool")
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet blocks with torchvision's parameter names (v1.5: the stride sits on the 3x3 conv)
+# ----------------------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+ARCHS = {"resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet18": (BasicBlock, (2, 2, 2, 2))}
+
+
+def stage_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    """Feature-map sizes after the four stages (stride 4, 8, 16, 16 with last stride 1).
+
+    Every stride-2 op here (7x7/pad 3 conv, 3x3/pad 1 max pool and conv, 1x1 downsample) maps
+    s to ceil(s / 2).
+    """
+    def half(s):
+        return (s + 1) // 2
+
+    h, w = half(half(height)), half(half(width))
+    sizes = [(h, w)]
+    for _ in range(2):
+        h, w = half(h), half(w)
+        sizes.append((h, w))
+    sizes.append((h, w))
+    return sizes
+
+
+class RGABackbone(nn.Module):
+    """Torchvision-named ResNet trunk (no fc) with last stride 1 and ``rga_att{1..4}`` after the stages."""
+
+    def __init__(self, arch: str, spatial_sizes, rga_kwargs: dict | None):
+        super().__init__()
+        block, layers = ARCHS[arch]
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, 64, layers[0], 1)
+        self.layer2 = self._make_layer(block, 128, layers[1], 2)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2)
+        self.layer4 = self._make_layer(block, 512, layers[3], 1)  # last stride 1
+        for m in self.modules():  # torchvision's init (the RGA modules below keep PyTorch defaults)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.out_channels = 512 * block.expansion
+        for i, (planes, size) in enumerate(zip((64, 128, 256, 512), spatial_sizes), start=1):
+            att = nn.Identity() if rga_kwargs is None else RGAModule(planes * block.expansion, size, **rga_kwargs)
+            setattr(self, f"rga_att{i}", att)
+
+    def _make_layer(self, block, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.rga_att1(self.layer1(x))
+        x = self.rga_att2(self.layer2(x))
+        x = self.rga_att3(self.layer3(x))
+        return self.rga_att4(self.layer4(x))
+
+
+class ResNetRGA(nn.Module):
+    """ResNet(-50) + RGA re-id network.
+
+    train mode: returns (pooled feature, BN-neck feature, logits).
+    eval mode: returns one tensor, the BN-neck feature (``neck_feat == "bn"``) or the pooled
+    feature (``"pool"``); ``neck_feat`` can be changed after construction.
+    """
+
+    def __init__(self, num_classes: int, variant: str = "rga_sc", *, arch: str = "resnet50", height: int = 256,
+                 width: int = 128, fused: bool | str = False, neck_feat: str = "bn", **rga_options):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        variant = ALIASES.get(variant, variant)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown model {variant!r}; choose one of {sorted(VARIANTS)}")
+        if arch not in ARCHS:
+            raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(ARCHS)}")
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+                raise ValueError(f"{name} must be an int >= 16, got {value!r}")
+        unknown = set(rga_options) - set(RGA_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown RGA option(s) {sorted(unknown)}; valid: {sorted(RGA_OPTIONS)}")
+        branches = VARIANTS[variant]
+        if branches is None:
+            changed = {k: v for k, v in rga_options.items() if v != RGA_OPTIONS[k]}
+            if changed or fused is not False:
+                raise ValueError(f"the baseline has no RGA modules, so {dict(changed, **({'fused': fused} if fused is not False else {}))} has no effect")
+            rga_kwargs = None
+        else:
+            rga_kwargs = dict(RGA_OPTIONS, **rga_options, **branches, fused=fused)
+
+        self.variant, self.arch = variant, arch
+        self.height, self.width = height, width
+        self.num_classes = num_classes
+        self.spatial_sizes = stage_sizes(height, width)
+        self.backbone = RGABackbone(arch, self.spatial_sizes, rga_kwargs)
+        self.feature_dim = self.backbone.out_channels
+        self.feat_bn = nn.BatchNorm1d(self.feature_dim)
+        self.feat_bn.bias.requires_grad_(False)  # BN neck with a frozen (zero) bias
+        self.cls = nn.Linear(self.feature_dim, num_classes, bias=False)
+        nn.init.normal_(self.cls.weight, std=0.001)
+        self.neck_feat = neck_feat
+        hint = f"; the model was built for {height}x{width} images"
+        for m in self.rga_modules():
+            m._size_hint = hint
+
+    @property
+    def neck_feat(self) -> str:
+        return self._neck_feat
+
+    @neck_feat.setter
+    def neck_feat(self, value: str) -> None:
+        if value not in NECK_FEATS:
+            raise ValueError(f"neck_feat must be one of {NECK_FEATS}, got {value!r}")
+        self._neck_feat = value
+
+    def rga_modules(self) -> list[RGAModule]:
+        return [m for m in self.backbone.modules() if isinstance(m, RGAModule)]
+
+    @property
+    def fused(self) -> bool | str:
+        mods = self.rga_modules()
+        return mods[0].fused if mods else False
+
+    @fused.setter
+    def fused(self, value: bool | str) -> None:
+        for m in self.rga_modules():
+            m.fused = value
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, arch={self.arch!r}, input={self.height}x{self.width}, neck_feat={self.neck_feat!r}"
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected an image tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        if self.variant != "baseline" and tuple(x.shape[2:]) != (self.height, self.width):
+            h, w = x.shape[2:]
+            fh, fw = self.spatial_sizes[0]
+            raise ValueError(
+                f"this {self.variant} model was built for {self.height}x{self.width} images (RGA modules "
+                f"for {fh}x{fw} feature maps at stage 1) but got {h}x{w} images; build the model with "
+                f"height={h}, width={w} for this input size"
+            )
+
+    def forward(self, x: torch.Tensor):
+        self._check_input(x)
+        feat = self.backbone(x)
+        pooled = F.adaptive_avg_pool2d(feat, 1).flatten(1)
+        bn_feat = self.feat_bn(pooled)
+        if not self.training:
+            return bn_feat if self._neck_feat == "bn" else pooled
+        return pooled, bn_feat, self.cls(bn_feat)
+
+
+ResNet50RGA = ResNetRGA  # the paper's model is ResNetRGA(num_classes, "rga_sc", arch="resnet50")
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet weights from a local torchvision checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def _find_hub_checkpoint(arch: str) -> str:
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    found = sorted(glob.glob(os.path.join(hub, f"{arch}-*.pth")))
+    if not found:
+        raise FileNotFoundError(
+            f"pretrained=True: no {arch}-*.pth in {hub}; pass pretrained='path/to/{arch}-....pth' "
+            "(a torchvision ImageNet state dict) or pretrained=False for random init"
+        )
+    return found[0]
+
+
+def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50") -> str:
+    """Load a torchvision ResNet state dict (path, mapping, or True for the torch hub cache) into ``backbone``.
+
+    The torchvision ``fc.*`` entries are ignored; every trunk parameter must be present.
+    Returns a description of the source.
+    """
+    if source is True:
+        source = _find_hub_checkpoint(arch)
+    if isinstance(source, (str, os.PathLike)):
+        desc = os.fspath(source)
+        if not os.path.isfile(desc):
+            raise FileNotFoundError(f"pretrained checkpoint not found: {desc}")
+        state = torch.load(desc, map_location="cpu", weights_only=True)
+    elif isinstance(source, Mapping):
+        desc, state = "<state dict>", source
+    else:
+        raise TypeError(f"pretrained must be a path, a state dict, True, False or None; got {type(source).__name__}")
+    for key in ("state_dict", "model"):
+        if key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch, e.g. a resnet18 file for a resnet50 model
+        raise ValueError(f"{desc} is not a torchvision {arch} state dict: {err}") from None
+    missing = [k for k in missing if not k.startswith("rga_att")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{desc} is not a torchvision {arch} state dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    return desc
+
+
+def build_model(name: str, num_classes: int, *, height: int = 256, width: int = 128, fused: bool | str = False,
+                pretrained=None, backbone: str = "resnet50", neck_feat: str = "bn", **rga_options) -> ResNetRGA:
+    """Build a re-id model by name: baseline, rga_s, rga_c, rga_sc, rga_cs, rga_s_par_c.
+
+    ``pretrained``: path to a local torchvision ResNet checkpoint (or a state dict, or True to use
+    the torch hub cache); None: random init with a warning; False: random init, no warning.
+    ``rga_options``: use_relation, use_original, embedding, cha_ratio, spa_ratio, down_ratio.
+    """
+    model = ResNetRGA(num_classes, name, arch=backbone, height=height, width=width, fused=fused,
+                      neck_feat=neck_feat, **rga_options)
+    if pretrained is None:
+        warnings.warn(
+            f"build_model({name!r}): no ImageNet weights given, the {backbone} backbone is randomly initialised; "
+            f"pass pretrained='path/to/{backbone}-....pth' (a torchvision checkpoint) to start from ImageNet, "
+            "or pretrained=False to silence this warning",
+            UserWarning, stacklevel=2,
+        )
+    elif pretrained is not False:
+        load_imagenet_weights(model.backbone, pretrained, backbone)
+    return model

@@ -1,0 +1,425 @@
+"""Relation-Aware Global Attention modules (RGA-S, RGA-C and their combinations).
+
+One class, :class:`RGAModule`, with two forward paths over the same parameters:
+
+* the reference path (``fused=False``) follows the public implementation's op order: it builds the
+  relation matrix R (N×N spatial, C×C channel), stacks [R(i,:), R(:,i)] as 2N channels and applies
+  the relation embedding as a 1x1 convolution. It is the oracle.
+* the fused path (``fused=True`` or a backend name) never builds R: the relation embedding goes
+  through ``rga_kernels.relation_embed`` (the identity of docs/design relation-math.md, section 2);
+  theta, phi and g are one GEMM with concatenated weights; their three batch norms are one
+  ``batch_norm`` call on concatenated parameters (running statistics written back to each module);
+  the concat [mean(g), z] is never materialised (the first attention conv is split in two GEMMs);
+  in eval mode every batch norm is folded into the weight of the linear map that produces its input.
+
+Parameter names and shapes are those of the public implementation's checkpoints
+(``theta_spatial.0.weight``, ``W_spatial.4.running_mean``, ...), so a public state dict loads with
+``strict=True`` for the default configuration.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ORDERS = ("sc", "cs", "parallel")
+EMBEDDINGS = ("asymmetric", "symmetric", "none")
+BACKENDS = ("auto", "reference", "torch", "cpp", "cuda", "triton")
+
+_kernel_relation_embed = None
+
+
+def _relation_embed(theta: torch.Tensor, phi: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """(B, d, n), (B, d, n), (M, 2n) -> (B, M, n) through rga_kernels (imported on first use)."""
+    global _kernel_relation_embed
+    if _kernel_relation_embed is None:
+        try:
+            from rga_kernels import relation_embed as fn  # the kernels package (lead's contract)
+        except ImportError:  # until rga_kernels/__init__.py lands: same math, plain PyTorch
+            from rga_kernels.reference import relation_embed_factorized
+
+            def fn(theta, phi, weight, backend="auto"):
+                if backend not in ("auto", "torch", "reference"):
+                    raise RuntimeError(f"relation_embed backend {backend!r} is not available (rga_kernels has no dispatcher)")
+                return relation_embed_factorized(theta, phi, weight)
+
+        _kernel_relation_embed = fn
+    return _kernel_relation_embed(theta, phi, weight, backend=backend)
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def _attention_mlp(cin: int, hidden: int) -> nn.Sequential:
+    # indices 0..4 as in the public checkpoints: conv, BN, ReLU, conv, BN
+    return nn.Sequential(
+        nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+        nn.Conv2d(hidden, 1, 1, bias=False), nn.BatchNorm2d(1),
+    )
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch norm helpers for the fused path
+# ----------------------------------------------------------------------------------------------
+
+def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _same_config(bns: Sequence[nn.BatchNorm2d]) -> bool:
+    b0 = bns[0]
+    return all(
+        (b.training, b.momentum, b.eps, b.affine, b.track_running_stats)
+        == (b0.training, b0.momentum, b0.eps, b0.affine, b0.track_running_stats)
+        for b in bns
+    )
+
+
+def _batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """nn.BatchNorm's forward on a (B, k, L) tensor (same statistics as BatchNorm2d on (B, k, H, W))."""
+    factor = 0.0
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        y, bn.running_mean if track else None, bn.running_var if track else None,
+        bn.weight, bn.bias, _bn_uses_batch_stats(bn), factor, bn.eps,
+    )
+
+
+def _batch_norm_group(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
+    """Batch norm of (B, sum k_i, L) by the modules ``bns`` (channel blocks in order), one pass."""
+    if len(bns) == 1:
+        return _batch_norm(y, bns[0])
+    sizes = [b.num_features for b in bns]
+    b0 = bns[0]
+    if not (_same_config(bns) and b0.affine and b0.track_running_stats):
+        return torch.cat([_batch_norm(part, b) for part, b in zip(y.split(sizes, 1), bns)], 1)
+    factor = 0.0
+    if b0.training:
+        for b in bns:
+            b.num_batches_tracked.add_(1)
+        factor = 1.0 / float(b0.num_batches_tracked) if b0.momentum is None else b0.momentum
+    running_mean = torch.cat([b.running_mean for b in bns])
+    running_var = torch.cat([b.running_var for b in bns])
+    out = F.batch_norm(
+        y, running_mean, running_var, torch.cat([b.weight for b in bns]), torch.cat([b.bias for b in bns]),
+        b0.training, factor, b0.eps,
+    )
+    if b0.training:  # F.batch_norm updated the concatenated copies: write them back
+        with torch.no_grad():
+            for b, m, v in zip(bns, running_mean.split(sizes), running_var.split(sizes)):
+                b.running_mean.copy_(m)
+                b.running_var.copy_(v)
+    return out
+
+
+def _gemm(weight: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """weight (k, D) applied to every sample of inp (B, D, n) -> (B, k, n), without copying inp.
+
+    torch.matmul folds the batch into one GEMM when inp's transpose is contiguous (the channel
+    branch's view); otherwise it would copy inp, so a batched GEMM with a broadcast weight is used.
+    """
+    if inp.mT.is_contiguous():
+        return torch.matmul(weight, inp)
+    return torch.bmm(weight.expand(inp.shape[0], *weight.shape), inp)
+
+
+def _linear_bn(weight: torch.Tensor, bns: Sequence[nn.BatchNorm2d], apply) -> torch.Tensor:
+    """BN(apply(weight)) where ``apply`` is linear in ``weight`` (rows = output channels).
+
+    With batch statistics: one batch_norm call over the group. With running statistics (eval): the
+    affine BN is folded into the weight rows and a bias, so no separate normalisation pass.
+    """
+    if any(_bn_uses_batch_stats(b) for b in bns) or not all(b.affine for b in bns):
+        return _batch_norm_group(apply(weight), bns)
+    scale = torch.cat([b.weight * torch.rsqrt(b.running_var + b.eps) for b in bns])
+    shift = torch.cat([b.bias for b in bns]) - torch.cat([b.running_mean for b in bns]) * scale
+    return apply(weight * scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------------
+
+class RGAModule(nn.Module):
+    """Relation-aware global attention over a (B, C, H, W) feature map of fixed size (H, W).
+
+    Args:
+        in_channels: C.
+        spatial_size: (H, W) the module is built for (the spatial relation embedding has 2·H·W
+            inputs and the channel embeddings H·W, so other sizes are rejected).
+        use_spatial, use_channel: RGA-S and RGA-C branches.
+        order: with both branches, "sc" (RGA-SC: spatial then channel, the paper's best), "cs"
+            (channel then spatial) or "parallel" (RGA-S//C: both attentions computed from the same
+            input and applied jointly, out = x · σ(s(x)) · σ(c(x))).
+        cha_ratio: channel reduction s1 (spatial θ/φ/g: C → C/cha_ratio; channel relation
+            embedding: 2C → C/cha_ratio).
+        spa_ratio: spatial reduction s1 (channel θ/φ/g: HW → HW/spa_ratio; spatial relation
+            embedding: 2HW → HW/spa_ratio).
+        down_ratio: s2, the attention MLP's hidden width is max(1, width // down_ratio).
+        use_relation: include the relation feature (False: Table 1 "w/o Rel.", y = [pool(g(x))]).
+        use_original: include the pooled feature embedding (False: Table 1 "w/o Ori.", y = [z]).
+        embedding: "asymmetric" (θ ≠ φ), "symmetric" (θ = φ, one embedding ``theta_*``) or "none"
+            (relations of the raw features, no θ/φ parameters), Table 4.
+        fused: False for the reference path; True (backend "auto") or a backend name for the fused
+            path through ``rga_kernels.relation_embed``. Settable after construction.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spatial_size: tuple[int, int],
+        use_spatial: bool = True,
+        use_channel: bool = True,
+        order: str = "sc",
+        cha_ratio: int = 8,
+        spa_ratio: int = 8,
+        down_ratio: int = 8,
+        use_relation: bool = True,
+        use_original: bool = True,
+        embedding: str = "asymmetric",
+        fused: bool | str = False,
+    ):
+        super().__init__()
+        _check_positive_int("in_channels", in_channels)
+        if not isinstance(spatial_size, (tuple, list)) or len(spatial_size) != 2:
+            raise TypeError(f"spatial_size must be a (H, W) pair, got {spatial_size!r}")
+        h, w = (_check_positive_int(f"spatial_size[{i}]", s) for i, s in enumerate(spatial_size))
+        for name, value in (("cha_ratio", cha_ratio), ("spa_ratio", spa_ratio), ("down_ratio", down_ratio)):
+            _check_positive_int(name, value)
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        if not (use_spatial or use_channel):
+            raise ValueError("RGAModule needs at least one of use_spatial, use_channel")
+        if not (use_relation or use_original):
+            raise ValueError("RGAModule needs at least one of use_relation, use_original")
+
+        self.in_channels = in_channels
+        self.spatial_size = (h, w)
+        self.use_spatial, self.use_channel = bool(use_spatial), bool(use_channel)
+        self.order = order
+        self.cha_ratio, self.spa_ratio, self.down_ratio = cha_ratio, spa_ratio, down_ratio
+        self.use_relation, self.use_original = bool(use_relation), bool(use_original)
+        self.embedding = embedding
+        self.fused = fused
+
+        n = h * w
+        self.inter_channel = in_channels // cha_ratio
+        self.inter_spatial = n // spa_ratio
+        # branch -> (feature dim of a node, its reduced dim, number of nodes, reduced relation dim)
+        dims = {}
+        if self.use_spatial:
+            dims["spatial"] = (in_channels, self.inter_channel, n, self.inter_spatial)
+        if self.use_channel:
+            dims["channel"] = (n, self.inter_spatial, in_channels, self.inter_channel)
+        for branch, (feat, feat_red, nodes, rel_red) in dims.items():
+            if feat_red < 1 or (self.use_relation and rel_red < 1):
+                raise ValueError(
+                    f"{branch} branch: reductions leave no channels (feature dim {feat} -> {feat_red}, "
+                    f"relation dim {2 * nodes} -> {rel_red}); lower cha_ratio/spa_ratio"
+                )
+            if self.use_relation:
+                if embedding != "none":
+                    setattr(self, f"theta_{branch}", _conv_bn_relu(feat, feat_red))
+                if embedding == "asymmetric":
+                    setattr(self, f"phi_{branch}", _conv_bn_relu(feat, feat_red))
+            if self.use_original:
+                setattr(self, f"gx_{branch}", _conv_bn_relu(feat, feat_red))
+            if self.use_relation:
+                setattr(self, f"gg_{branch}", _conv_bn_relu(2 * nodes, rel_red))
+            width = int(self.use_original) + (rel_red if self.use_relation else 0)
+            setattr(self, f"W_{branch}", _attention_mlp(width, max(1, width // down_ratio)))
+
+    # -- configuration ---------------------------------------------------------------------------
+    @property
+    def fused(self) -> bool | str:
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool | str) -> None:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, str):
+            if value not in BACKENDS:
+                raise ValueError(f"fused must be a bool or one of {BACKENDS}, got {value!r}")
+        else:
+            raise TypeError(f"fused must be a bool or a backend name, got {type(value).__name__}")
+        self._fused = value
+
+    @property
+    def backend(self) -> str | None:
+        """The relation_embed backend of the fused path, None for the reference path."""
+        if self._fused is False:
+            return None
+        return "auto" if self._fused is True else self._fused
+
+    def extra_repr(self) -> str:
+        branches = "+".join(b for b, on in (("S", self.use_spatial), ("C", self.use_channel)) if on)
+        s = f"{self.in_channels}, spatial_size={self.spatial_size}, branches={branches}"
+        if self.use_spatial and self.use_channel:
+            s += f", order={self.order!r}"
+        if not self.use_relation:
+            s += ", use_relation=False"
+        if not self.use_original:
+            s += ", use_original=False"
+        if self.embedding != "asymmetric":
+            s += f", embedding={self.embedding!r}"
+        return s + f", fused={self._fused!r}"
+
+    # -- input checks ------------------------------------------------------------------------------
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"RGAModule expects a tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"RGAModule expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"RGAModule was built for {self.in_channels} channels but got {x.shape[1]}")
+        h, w = x.shape[2], x.shape[3]
+        if (h, w) != self.spatial_size:
+            H, W = self.spatial_size
+            raise ValueError(
+                f"RGAModule was built for {H}x{W} feature maps (spatial_size=({H}, {W})) but got {h}x{w}; "
+                f"build it with spatial_size=({h}, {w}) for this input"
+                + getattr(self, "_size_hint", "")
+            )
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self._fused is False:
+            return self._forward_reference(x)
+        return self._forward_fused(x)
+
+    def _combine(self, x, spatial, channel):
+        """Apply the branches in the configured order; spatial/channel map x to its gated version."""
+        if not self.use_channel:
+            return spatial(x)[0]
+        if not self.use_spatial:
+            return channel(x)[0]
+        if self.order == "sc":
+            return channel(spatial(x)[0])[0]
+        if self.order == "cs":
+            return spatial(channel(x)[0])[0]
+        # parallel: both attentions from the same input, applied jointly: (x · a_s) · a_c
+        gated_s, _ = spatial(x)
+        _, a_c = channel(x)
+        return gated_s * a_c
+
+    # Reference path (public op order) ----------------------------------------------------------
+    def _forward_reference(self, x):
+        return self._combine(x, self._spatial_reference, self._channel_reference)
+
+    def _attention_input_reference(self, branch, node_major, nodes_fn):
+        """Shared body: ``node_major`` is the conv input of θ/φ/g (4-D), returns W_branch's logits."""
+        parts = []
+        if self.use_original:
+            parts.append(getattr(self, f"gx_{branch}")(node_major).mean(1, keepdim=True))
+        if self.use_relation:
+            parts.append(getattr(self, f"gg_{branch}")(nodes_fn(node_major)))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return getattr(self, f"W_{branch}")(y)
+
+    def _embed_reference(self, branch, inp, b):
+        """θ and φ as (B, d, n) from the 4-D conv input (b, d_in, n-ish...)."""
+        if self.embedding == "none":
+            t = inp.reshape(b, inp.shape[1], -1)
+            return t, t
+        t = getattr(self, f"theta_{branch}")(inp).reshape(b, -1, inp.shape[2] * inp.shape[3])
+        if self.embedding == "symmetric":
+            return t, t
+        return t, getattr(self, f"phi_{branch}")(inp).reshape(b, -1, inp.shape[2] * inp.shape[3])
+
+    def _spatial_reference(self, x):
+        b, c, h, w = x.shape
+        n = h * w
+
+        def relation(inp):
+            theta, phi = self._embed_reference("spatial", inp, b)
+            R = torch.matmul(theta.transpose(1, 2), phi)  # (b, n, n): R[i, j] = θ_i · φ_j
+            # channel j at position i: R(i, j) (row i), then R(j, i) (column i)
+            return torch.cat((R.transpose(1, 2).reshape(b, n, h, w), R.reshape(b, n, h, w)), 1)
+
+        a = torch.sigmoid(self._attention_input_reference("spatial", x, relation))  # (b, 1, h, w)
+        return a * x, a
+
+    def _channel_reference(self, x):
+        b, c, h, w = x.shape
+        xc = x.reshape(b, c, h * w).transpose(1, 2).unsqueeze(-1)  # (b, hw, c, 1): channels are the nodes
+
+        def relation(inp):
+            theta, phi = self._embed_reference("channel", inp, b)  # (b, d, c)
+            R = torch.matmul(theta.transpose(1, 2), phi)  # (b, c, c)
+            return torch.cat((R.transpose(1, 2).unsqueeze(-1), R.unsqueeze(-1)), 1)  # (b, 2c, c, 1)
+
+        logits = self._attention_input_reference("channel", xc, relation)  # (b, 1, c, 1)
+        a = torch.sigmoid(logits.reshape(b, c, 1, 1))
+        return a * x, a
+
+    # Fused path ----------------------------------------------------------------------------------
+    def _forward_fused(self, x):
+        b, c, h, w = x.shape
+        x3 = x.reshape(b, c, h * w)
+
+        def spatial(t):
+            a = torch.sigmoid(self._branch_fused("spatial", t))  # (b, 1, n)
+            return t * a, a
+
+        def channel(t):
+            a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2)  # (b, c, 1)
+            return t * a, a
+
+        return self._combine(x3, spatial, channel).reshape(b, c, h, w)
+
+    def _branch_fused(self, branch: str, inp: torch.Tensor) -> torch.Tensor:
+        """inp: (B, D, n) with nodes along the last axis (a view is fine). Returns logits (B, 1, n)."""
+        names = []
+        if self.use_relation and self.embedding != "none":
+            names.append("theta")
+            if self.embedding == "asymmetric":
+                names.append("phi")
+        if self.use_original:
+            names.append("gx")
+        seqs = [getattr(self, f"{name}_{branch}") for name in names]
+        emb = {}
+        if seqs:  # θ, φ and g: one GEMM, one batch norm, one ReLU
+            weight = torch.cat([s[0].weight.flatten(1) for s in seqs])
+            t = F.relu(_linear_bn(weight, [s[1] for s in seqs], lambda wt: _gemm(wt, inp)))
+            emb = dict(zip(names, t.split([s[0].out_channels for s in seqs], 1)))
+
+        z = gm = None
+        if self.use_relation:
+            theta = emb.get("theta", inp)
+            phi = emb.get("phi", theta)
+            gg = getattr(self, f"gg_{branch}")
+            z = F.relu(_linear_bn(
+                gg[0].weight.flatten(1), [gg[1]], lambda wt: _relation_embed(theta, phi, wt, self.backend)
+            ))
+        if self.use_original:
+            gm = emb["gx"].mean(1, keepdim=True)  # (B, 1, n)
+
+        mlp = getattr(self, f"W_{branch}")
+
+        def first(wt):  # W1 · [gm, z] without building the concatenation
+            if z is None:
+                return wt * gm
+            if gm is None:
+                return _gemm(wt, z)
+            return _gemm(wt[:, 1:], z) + wt[:, :1] * gm
+
+        hidden = F.relu(_linear_bn(mlp[0].weight.flatten(1), [mlp[1]], first))
+        return _linear_bn(mlp[3].weight.flatten(1), [mlp[4]], lambda wt: _gemm(wt, hidden))

@@ -1,0 +1,414 @@
+"""RGAModule: public parameter layout, semantics against an independent oracle, and the fused path.
+
+Everything in float64 on small maps (H != W so a transposed index cannot hide). The fused path is
+checked through every relation_embed backend this machine has (torch always, cpp when the
+extension is built, triton under the interpreter on CPU).
+"""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rga_kernels
+from rga import RGAModule
+
+C, H, W = 16, 8, 4
+SMALL = dict(cha_ratio=4, spa_ratio=4, down_ratio=2)  # C' = 4, N' = 8: non-trivial widths everywhere
+
+CONFIGS = {
+    "sc": dict(),
+    "cs": dict(order="cs"),
+    "parallel": dict(order="parallel"),
+    "s": dict(use_channel=False),
+    "c": dict(use_spatial=False),
+    "s_wo_rel": dict(use_channel=False, use_relation=False),
+    "c_wo_rel": dict(use_spatial=False, use_relation=False),
+    "sc_wo_ori": dict(use_original=False),
+    "sc_symmetric": dict(embedding="symmetric"),
+    "sc_none": dict(embedding="none"),
+}
+
+
+TRITON_SUBSET = {("sc", True), ("parallel", False), ("sc_none", True)}
+
+
+def _backends():
+    out = []
+    avail = rga_kernels.available_backends()
+    for name in ("torch", "cpp", "triton"):
+        reason = None if name in avail else dict(rga_kernels.backend_status())[name][1]
+        marks = [pytest.mark.skipif(reason is not None, reason=f"{name} backend unavailable: {reason}")]
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def _randomize(module, seed=0):
+    """Non-trivial BN affine parameters and running statistics, so eval mode is a real test."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=g, dtype=b.dtype))
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g, dtype=b.dtype) + 0.5)
+    return module
+
+
+def _pair(fused, seed=0, **kw):
+    torch.manual_seed(seed)
+    ref = _randomize(RGAModule(C, (H, W), **{**SMALL, **kw}).double(), seed)
+    fus = copy.deepcopy(ref)
+    fus.fused = fused
+    return ref, fus
+
+
+def _step(module, x, grad):
+    x = x.clone().requires_grad_()
+    out = module(x)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+def _assert_same(ref, fus, x, steps=2, tol=1e-10):
+    for _ in range(steps):
+        grad = torch.randn_like(x)
+        o1, gx1 = _step(ref, x, grad)
+        o2, gx2 = _step(fus, x, grad)
+        torch.testing.assert_close(o2, o1, rtol=tol, atol=tol)
+        torch.testing.assert_close(gx2, gx1, rtol=tol, atol=tol)
+        x = x + 0.1 * torch.randn_like(x)
+    for (n1, p1), (n2, p2) in zip(ref.named_parameters(), fus.named_parameters()):
+        assert n1 == n2
+        assert p1.grad is not None and p2.grad is not None, n1
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=tol, atol=tol, msg=lambda m: f"{n1}: {m}")
+    for (n1, b1), (n2, b2) in zip(ref.named_buffers(), fus.named_buffers()):
+        torch.testing.assert_close(b2, b1, rtol=tol, atol=tol, msg=lambda m: f"{n1}: {m}")
+
+
+def _x(b=3, seed=1):
+    return torch.randn(b, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused path equals the reference path
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
+def test_fused_equals_reference(config, train, backend):
+    if backend == "triton" and (config, train) not in TRITON_SUBSET:
+        pytest.skip("the Triton interpreter is slow on CPU: a representative subset of configurations")
+    ref, fus = _pair(backend, **CONFIGS[config])
+    ref.train(train)
+    fus.train(train)
+    _assert_same(ref, fus, _x(), steps=1 if backend == "triton" else 2)
+
+
+def test_fused_true_uses_auto_backend_and_matches():
+    ref, fus = _pair(True)
+    assert fus.backend == "auto"
+    _assert_same(ref, fus, _x(), steps=1)
+
+
+def test_fused_batch_one_and_noncontiguous_input():
+    ref, fus = _pair("torch")
+    x = _x(b=4)[:, :, :, :].transpose(2, 3).contiguous().transpose(2, 3)  # same values, odd strides
+    assert not x.is_contiguous()
+    _assert_same(ref, fus, x, steps=1)
+    ref.eval(), fus.eval()  # batch 1 is legal in eval mode
+    _assert_same(ref, fus, _x(b=1), steps=1)
+
+
+def test_fused_cumulative_bn_momentum_none():
+    ref, fus = _pair("torch")
+    for m in (ref, fus):
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.momentum = None
+    _assert_same(ref, fus, _x(), steps=3)
+
+
+def test_train_eval_switches():
+    ref, fus = _pair("torch")
+    x = _x()
+    _assert_same(ref, fus, x, steps=2)
+    before = {k: v.clone() for k, v in fus.state_dict().items()}
+    ref.eval(), fus.eval()
+    _assert_same(ref, fus, x, steps=1)
+    after = fus.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "eval mode must not touch running stats"
+    ref.train(), fus.train()
+    _assert_same(ref, fus, x, steps=1)
+    assert not torch.equal(before["W_spatial.1.running_mean"], fus.state_dict()["W_spatial.1.running_mean"])
+    assert fus.W_spatial[1].num_batches_tracked.item() == 3
+
+
+def test_fused_flag_switch_after_construction():
+    torch.manual_seed(0)
+    m = _randomize(RGAModule(C, (H, W), **SMALL).double().eval())
+    x = _x()
+    out_ref = m(x)
+    m.fused = "torch"
+    torch.testing.assert_close(m(x), out_ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="fused"):
+        m.fused = "nope"
+    with pytest.raises(TypeError):
+        m.fused = 3
+
+
+def test_torch_compile_fused_matches_eager():
+    # the cpp custom op when built (fake kernel + registered autograd), else plain torch ops
+    backend = "cpp" if "cpp" in rga_kernels.available_backends() else "torch"
+    torch._dynamo.reset()
+    _, eager = _pair(backend)
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, backend="aot_eager", fullgraph=True)
+    x = _x()
+    for _ in range(2):  # train mode: forward, backward and the running-stat updates
+        grad = torch.randn_like(x)
+        o1, gx1 = _step(eager, x, grad)
+        o2, gx2 = _step(compiled, x, grad)
+        torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gx2, gx1, rtol=1e-10, atol=1e-10)
+    for (n, p1), p2 in zip(eager.named_parameters(), compiled_mod.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"{n}: {m}")
+    for (n, b1), b2 in zip(eager.named_buffers(), compiled_mod.buffers()):
+        torch.testing.assert_close(b2, b1, rtol=1e-10, atol=1e-10, msg=lambda m: f"{n}: {m}")
+    eager.eval(), compiled_mod.eval()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fused_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    m = RGAModule(C, (H, W), **SMALL, fused="torch")
+    x = torch.randn(4, C, H, W)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.shape == ref.shape
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# Semantics: an independent functional oracle written from the paper / relation-math.md and
+# driven only by the public checkpoint's parameter names.
+# ------------------------------------------------------------------------------------------------
+
+def _oracle_branch(sd, prefix, feats, training):
+    """feats: (B, D, n) node features along the last axis; returns attention logits (B, n)."""
+    def cbr(name, t):  # 1x1 conv + BN (+ReLU) on a (B, k, n) tensor from state-dict entries
+        w = sd[f"{name}.0.weight"].flatten(1)
+        t = torch.einsum("kd,bdn->bkn", w, t)
+        return F.relu(F.batch_norm(t, sd[f"{name}.1.running_mean"].clone(), sd[f"{name}.1.running_var"].clone(),
+                                   sd[f"{name}.1.weight"], sd[f"{name}.1.bias"], training))
+
+    th = cbr(f"theta_{prefix}", feats)
+    ph = cbr(f"phi_{prefix}", feats)
+    B, _, n = th.shape
+    R = torch.einsum("bdi,bdj->bij", th, ph)  # R[i, j] = θ_i · φ_j
+    r = torch.cat([R, R.transpose(1, 2)], dim=2)  # r_i = [R(i, :), R(:, i)], (B, n, 2n)
+    z = cbr(f"gg_{prefix}", r.transpose(1, 2))  # (B, n', n)
+    g = cbr(f"gx_{prefix}", feats).mean(1, keepdim=True)
+    y = torch.cat([g, z], 1)
+    hdn = torch.einsum("kc,bcn->bkn", sd[f"W_{prefix}.0.weight"].flatten(1), y)
+    hdn = F.relu(F.batch_norm(hdn, sd[f"W_{prefix}.1.running_mean"].clone(), sd[f"W_{prefix}.1.running_var"].clone(),
+                              sd[f"W_{prefix}.1.weight"], sd[f"W_{prefix}.1.bias"], training))
+    s = torch.einsum("kc,bcn->bkn", sd[f"W_{prefix}.3.weight"].flatten(1), hdn)
+    s = F.batch_norm(s, sd[f"W_{prefix}.4.running_mean"].clone(), sd[f"W_{prefix}.4.running_var"].clone(),
+                     sd[f"W_{prefix}.4.weight"], sd[f"W_{prefix}.4.bias"], training)
+    return s[:, 0]
+
+
+def _oracle_sc(sd, x, training):
+    b, c, h, w = x.shape
+    xs = x.reshape(b, c, h * w)
+    a_s = torch.sigmoid(_oracle_branch(sd, "spatial", xs, training))  # (B, HW)
+    x1 = xs * a_s[:, None, :]
+    a_c = torch.sigmoid(_oracle_branch(sd, "channel", x1.transpose(1, 2), training))  # (B, C)
+    return (x1 * a_c[:, :, None]).reshape(b, c, h, w)
+
+
+@pytest.mark.parametrize("fused", [False, "torch"], ids=["reference", "fused"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_matches_independent_oracle(fused, train):
+    torch.manual_seed(0)
+    m = _randomize(RGAModule(C, (H, W), **SMALL, fused=fused).double())
+    m.train(train)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    x = _x()
+    torch.testing.assert_close(m(x), _oracle_sc(sd, x, train), rtol=1e-10, atol=1e-12)
+
+
+def test_relation_vector_order_row_then_column():
+    """A relation embedding that reads only column j of the first half sees R(i, j) at node i."""
+    torch.manual_seed(0)
+    m = RGAModule(C, (H, W), use_channel=False, use_original=False, **SMALL).double().eval()
+    n = H * W
+    x = _x()
+    theta, phi = m.theta_spatial(x).flatten(2), m.phi_spatial(x).flatten(2)
+    R = theta.transpose(1, 2) @ phi
+    seen = {}
+
+    def hook(mod, inp):
+        seen["rel"] = inp[0].flatten(2)  # (B, 2n, n): channel j at node i
+
+    handle = m.gg_spatial[0].register_forward_pre_hook(hook)
+    m(x)
+    handle.remove()
+    torch.testing.assert_close(seen["rel"][:, :n, :], R.transpose(1, 2))  # [j, i] = R(i, j): the row of i
+    torch.testing.assert_close(seen["rel"][:, n:, :], R)  # [j, i] = R(j, i): the column of i
+
+
+# ------------------------------------------------------------------------------------------------
+# Combinations: the orders and the parallel fusion
+# ------------------------------------------------------------------------------------------------
+
+def _single_branches(m):
+    sd = m.state_dict()
+    s_only = RGAModule(C, (H, W), **SMALL, use_channel=False).double()
+    c_only = RGAModule(C, (H, W), **SMALL, use_spatial=False).double()
+    s_only.load_state_dict({k: v for k, v in sd.items() if "_spatial." in k})
+    c_only.load_state_dict({k: v for k, v in sd.items() if "_channel." in k})
+    return s_only.eval(), c_only.eval()
+
+
+@pytest.mark.parametrize("fused", [False, "torch"], ids=["reference", "fused"])
+def test_orders_compose_single_branches(fused):
+    x = _x().abs() + 0.5  # positive: the parallel check divides by x
+    outs = {}
+    for order in ("sc", "cs", "parallel"):
+        torch.manual_seed(0)
+        m = _randomize(RGAModule(C, (H, W), **SMALL, order=order, fused=fused).double()).eval()
+        s_only, c_only = _single_branches(m)
+        outs[order] = m(x)
+        if order == "sc":
+            expected = c_only(s_only(x))
+        elif order == "cs":
+            expected = s_only(c_only(x))
+        else:  # documented fusion: out = x · σ(s(x)) · σ(c(x))
+            expected = s_only(x) * c_only(x) / x
+        torch.testing.assert_close(outs[order], expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(outs["sc"], outs["parallel"])
+    assert not torch.allclose(outs["sc"], outs["cs"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter names, shapes and checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def _public_keys(prefix, cin_embed, c_embed, cin_rel, c_rel, hidden):
+    """The entries the public RGA_Module has for one branch, with their shapes."""
+    keys = {}
+
+    def cbr(name, cin, cout):
+        keys[f"{name}.0.weight"] = (cout, cin, 1, 1)
+        for s in ("weight", "bias", "running_mean", "running_var"):
+            keys[f"{name}.1.{s}"] = (cout,)
+        keys[f"{name}.1.num_batches_tracked"] = ()
+
+    for name in ("theta", "phi", "gx"):
+        cbr(f"{name}_{prefix}", cin_embed, c_embed)
+    cbr(f"gg_{prefix}", cin_rel, c_rel)
+    keys[f"W_{prefix}.0.weight"] = (hidden, 1 + c_rel, 1, 1)
+    keys[f"W_{prefix}.3.weight"] = (1, hidden, 1, 1)
+    for idx, width in ((1, hidden), (4, 1)):
+        for s in ("weight", "bias", "running_mean", "running_var"):
+            keys[f"W_{prefix}.{idx}.{s}"] = (width,)
+        keys[f"W_{prefix}.{idx}.num_batches_tracked"] = ()
+    return keys
+
+
+def test_default_parameter_names_and_shapes_are_public():
+    c, h, w = 64, 8, 8  # defaults s1 = s2 = 8: C' = 8, N = 64, N' = 8, widths 9 -> 1
+    m = RGAModule(c, (h, w))
+    expected = {**_public_keys("spatial", c, c // 8, 2 * h * w, h * w // 8, (1 + h * w // 8) // 8),
+                **_public_keys("channel", h * w, h * w // 8, 2 * c, c // 8, (1 + c // 8) // 8)}
+    got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert got == expected
+
+
+def test_public_state_dict_loads_strict_and_round_trips():
+    c, h, w = 64, 8, 8
+    torch.manual_seed(0)
+    src = _randomize(RGAModule(c, (h, w)).double()).eval()
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    for fused in (False, "torch"):
+        dst = RGAModule(c, (h, w), fused=fused).double().eval()
+        dst.load_state_dict(sd, strict=True)
+        torch.testing.assert_close(dst(x), src(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw, absent, present",
+    [
+        (dict(use_relation=False), ("theta_", "phi_", "gg_"), ("gx_", "W_")),
+        (dict(use_original=False), ("gx_",), ("theta_", "phi_", "gg_")),
+        (dict(embedding="symmetric"), ("phi_",), ("theta_", "gg_", "gx_")),
+        (dict(embedding="none"), ("theta_", "phi_"), ("gg_", "gx_")),
+        (dict(use_channel=False), ("_channel",), ("_spatial",)),
+    ],
+)
+def test_ablation_parameters(kw, absent, present):
+    keys = list(RGAModule(C, (H, W), **SMALL, **kw).state_dict())
+    for a in absent:
+        assert not any(a in k for k in keys), (a, keys)
+    for p in present:
+        assert any(p in k for k in keys), (p, keys)
+
+
+def test_wo_relation_attention_width():
+    m = RGAModule(C, (H, W), **SMALL, use_relation=False)
+    assert m.W_spatial[0].weight.shape == (1, 1, 1, 1)  # y = [pool_c(g(x))], hidden max(1, 1 // s2)
+    m = RGAModule(C, (H, W), **SMALL, use_original=False)
+    assert m.W_spatial[0].weight.shape == (4, 8, 1, 1)  # y = [z], N' = 8, hidden 8 // 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fused", [False, "torch"], ids=["reference", "fused"])
+def test_wrong_spatial_size_names_both_sizes(fused):
+    m = RGAModule(C, (H, W), **SMALL, fused=fused)
+    with pytest.raises(ValueError, match=r"built for 8x4 .*got 4x8.*spatial_size=\(4, 8\)"):
+        m(torch.randn(2, C, 4, 8))
+    with pytest.raises(ValueError, match="16 channels but got 8"):
+        m(torch.randn(2, 8, H, W))
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        m(torch.randn(C, H, W))
+    with pytest.raises(TypeError):
+        m([1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "kw, exc",
+    [
+        (dict(order="xy"), ValueError),
+        (dict(embedding="dot"), ValueError),
+        (dict(use_spatial=False, use_channel=False), ValueError),
+        (dict(use_relation=False, use_original=False), ValueError),
+        (dict(cha_ratio=32), ValueError),  # 16 // 32 = 0 channels left
+        (dict(cha_ratio=0), ValueError),
+        (dict(spa_ratio=2.0), TypeError),
+        (dict(fused="cuda-ish"), ValueError),
+    ],
+)
+def test_bad_arguments(kw, exc):
+    with pytest.raises(exc):
+        RGAModule(C, (H, W), **kw)
+
+
+def test_bad_spatial_size_argument():
+    with pytest.raises(TypeError):
+        RGAModule(C, 32)
+    with pytest.raises(ValueError):
+        RGAModule(C, (0, 4))
