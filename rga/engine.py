@@ -1,0 +1,262 @@
+"""The training and evaluation loops, device / precision / distributed setup. Reads top to bottom."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from .transforms import build_test_transform, build_train_transform
+
+
+class UsageError(ValueError):
+    """A bad flag, flag combination or input: the CLI prints the message and exits with code 2."""
+
+
+# --------------------------------------------------------------------------- device & distributed
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device_arg: str = "auto", dist_backend: str = "auto", timeout_min: float = 30.0) -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
+        device = torch.device("cuda", local_rank if world_size > 1 else (torch.device(device_arg).index or 0))
+        torch.cuda.set_device(device)
+    elif device_arg == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise UsageError(f"unknown --device '{device_arg}' (auto, cpu, cuda, cuda:N)")
+    if world_size > 1 and not dist.is_initialized():
+        backend = dist_backend if dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def cleanup_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def resolve_amp(amp: str, device: torch.device):
+    """'auto' -> bf16 on a GPU that has it, else fp16 on GPU; off on CPU. Returns a dtype or None."""
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        if amp == "auto":
+            return None
+        raise UsageError(f"--amp {amp} needs a CUDA GPU; on CPU use --amp off (the default there)")
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- logging
+
+def make_logger(output_dir: Path | None, is_main: bool, name: str = "rga") -> logging.Logger:
+    logger = logging.getLogger(f"{name}.{os.getpid()}.{id(output_dir)}")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    sh = logging.StreamHandler(sys.stdout)
+    sh.setFormatter(fmt)
+    logger.addHandler(sh)
+    if output_dir is not None and is_main:
+        fh = logging.FileHandler(Path(output_dir) / "train.log")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+def close_logger(logger: logging.Logger) -> None:
+    for h in list(logger.handlers):
+        h.close()
+        logger.removeHandler(h)
+
+
+def progress(iterable, *, total=None, desc="", enabled=True):
+    """tqdm only on an interactive terminal and only where enabled (rank 0)."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- data
+
+def build_train_loader(dataset, sampler, *, height, width, pad, flip_prob, erasing_prob, workers, device):
+    from .data import ImageDataset
+    tf = build_train_transform(height, width, flip=flip_prob, pad=pad, erasing=erasing_prob)
+    return DataLoader(ImageDataset(dataset.train, transform=tf), batch_sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def build_test_loader(items, *, height, width, batch_size, workers, device):
+    from .data import ImageDataset
+    # A private generator: building this loader's iterator then draws no number from the global
+    # torch RNG, so evaluating (or not) never changes the training run that follows.
+    return DataLoader(ImageDataset(items, transform=build_test_transform(height, width)), batch_size=batch_size,
+                      shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- training
+
+def train_one_epoch(model, loader, criterion, optimizer, *, device, amp_dtype=None, scaler=None,
+                    channels_last=False, show_progress=True, desc="train", step_fn=None) -> dict:
+    """One pass over `loader`. Returns the epoch's mean loss terms and accuracies (this rank's)."""
+    model.train()
+    sums, count = {}, 0
+    t0 = time.perf_counter()
+    for imgs, pids, _camids, _paths in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
+        imgs = imgs.to(device, non_blocking=True)
+        if channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        pids = pids.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp_dtype):
+            outputs = model(imgs)
+        loss, parts = criterion(outputs, pids)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"loss became {loss.item()} (lower --lr, or try --amp off)")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out["batches"] = count
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def extract_features(model, loader, *, device, amp_dtype=None, channels_last=False, flip=False,
+                     show_progress=True, desc="features"):
+    """Run the model in eval mode over a loader. flip=True averages each image's feature with the
+    feature of its mirror image. Returns (features float32 CPU (N, D), pids (N,), camids (N,))."""
+    was_training = model.training
+    model.eval()
+    feats, pids, camids = [], [], []
+    for imgs, pid, camid, _paths in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
+        imgs = imgs.to(device, non_blocking=True)
+        if channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            f = model(imgs).float()
+            if flip:
+                f = (f + model(torch.flip(imgs, dims=[3])).float()) / 2
+        feats.append(f.cpu())
+        pids.append(torch.as_tensor(pid))
+        camids.append(torch.as_tensor(camid))
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(pids).numpy(), torch.cat(camids).numpy()
+
+
+def evaluate_model(model, dataset, *, device, height, width, batch_size=128, workers=0, amp_dtype=None,
+                   channels_last=False, flip=False, feat="bn", metric="cosine", rerank=False,
+                   show_progress=True) -> dict:
+    """Query/gallery features -> rga.metrics.evaluate_features. `feat` picks model.neck_feat."""
+    from .metrics import evaluate_features
+    if feat not in ("bn", "pool"):
+        raise UsageError(f"--feat must be bn or pool, got {feat}")
+    old_feat = getattr(model, "neck_feat", None)
+    model.neck_feat = feat
+    try:
+        kw = dict(device=device, amp_dtype=amp_dtype, channels_last=channels_last, flip=flip,
+                  show_progress=show_progress)
+        t0 = time.perf_counter()
+        qf, q_pids, q_camids = extract_features(
+            model, build_test_loader(dataset.query, height=height, width=width, batch_size=batch_size,
+                                     workers=workers, device=device), desc="query", **kw)
+        gf, g_pids, g_camids = extract_features(
+            model, build_test_loader(dataset.gallery, height=height, width=width, batch_size=batch_size,
+                                     workers=workers, device=device), desc="gallery", **kw)
+        t1 = time.perf_counter()
+        res = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric=metric, rerank=rerank,
+                                device=device if device.type == "cuda" else None)
+    finally:
+        if old_feat is not None:
+            model.neck_feat = old_feat
+    cmc = np.asarray(res["cmc"], dtype=np.float64)
+
+    def rank(k):
+        return float(cmc[k - 1]) if len(cmc) >= k else float(cmc[-1]) if len(cmc) else 0.0
+
+    return {"R1": rank(1), "R5": rank(5), "R10": rank(10), "R20": rank(20), "mAP": float(res["mAP"]),
+            "mINP": float(res["mINP"]), "num_valid_queries": int(res["num_valid_queries"]),
+            "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
+            "num_test_ids": len(set(int(p) for p in q_pids)),
+            "feat": feat, "metric": metric, "rerank": bool(rerank), "flip": bool(flip),
+            "extract_seconds": t1 - t0, "match_seconds": time.perf_counter() - t1}
+
+
+def format_metrics(m: dict) -> str:
+    return (f"R1 {100 * m['R1']:.2f}%  R5 {100 * m['R5']:.2f}%  R10 {100 * m['R10']:.2f}%  "
+            f"R20 {100 * m['R20']:.2f}%  mAP {100 * m['mAP']:.2f}%  mINP {100 * m['mINP']:.2f}%  "
+            f"({m['num_valid_queries']} queries, {m['num_gallery']} gallery, {m['num_test_ids']} query ids; "
+            f"chance R1 ~ {100 / max(m['num_test_ids'], 1):.2f}%)")
+
+
+def write_json(obj, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,248 @@
+"""End-to-end tests of rga.train / rga.evaluate on a tiny synthetic dataset and a ResNet-18 RGA-SC
+at 64x32, on CPU: resume equivalence, a 2-process gloo run, flags, config files, error messages."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rga.train as rtrain
+from rga import evaluate as reval
+
+TINY_DATA = ["num_train_ids=8", "num_test_ids=4", "num_cameras=2", "min_cams_per_id=2", "max_cams_per_id=2",
+             "min_imgs_per_cam=2", "max_imgs_per_cam=2", "num_distractors=2", "height=64", "width=32"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from rga.data import build_dataset
+    root = tmp_path_factory.mktemp("data")
+    ds = build_dataset("synthetic", str(root), verbose=False,
+                       **{k: int(v) for k, v in (kv.split("=") for kv in TINY_DATA)})
+    assert ds.num_train_pids == 8 and len(ds.train) == 32
+    return root
+
+
+def base_args(data_root, out, *extra):
+    args = ["--data-root", str(data_root), "--output-dir", str(out), "--backbone", "resnet18",
+            "--height", "64", "--width", "32", "--batch-ids", "4", "--batch-instances", "2", "--workers", "0",
+            "--threads", "1", "--eval-every", "0", "--warmup-epochs", "1", "--test-batch-size", "32",
+            "--no-progress"]
+    for kv in TINY_DATA:
+        args += ["--dataset-opt", kv]
+    return args + list(extra)
+
+
+def train(data_root, out, *extra):
+    return rtrain.main(base_args(data_root, out, *extra))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_gives_identical_weights(data_root, tmp_path, monkeypatch):
+    assert train(data_root, tmp_path / "straight", "--epochs", "2") == 0
+    # the same run, stopped after 1 epoch (its process ends: nothing survives in memory) ...
+    assert train(data_root, tmp_path / "split", "--epochs", "1") == 0
+    shutil.copytree(tmp_path / "split", tmp_path / "split_norng")
+    # ... and continued to 2 with --resume auto
+    assert train(data_root, tmp_path / "split", "--epochs", "2", "--resume", "auto") == 0
+    a = load(tmp_path / "straight" / "checkpoint_ep0002.pth")
+    b = load(tmp_path / "split" / "checkpoint_ep0002.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    assert same_weights(a["model"], b["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+    assert a["scheduler"] == b["scheduler"] and a["sampler"] == b["sampler"]
+    assert a["metrics"]["mAP"] == b["metrics"]["mAP"]
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint_ep*.pth")) == [
+        "checkpoint_ep0001.pth", "checkpoint_ep0002.pth"]
+    # control: the test notices a resume that forgets the RNG states (augmentation stream differs)
+    monkeypatch.setattr(rtrain, "restore_rng_state", lambda state: None)
+    assert train(data_root, tmp_path / "split_norng", "--epochs", "2", "--resume", "auto") == 0
+    c = load(tmp_path / "split_norng" / "checkpoint_ep0002.pth")
+    assert not same_weights(a["model"], c["model"])
+
+
+def test_resume_from_explicit_path_and_missing_path(data_root, tmp_path, capsys):
+    assert train(data_root, tmp_path / "r", "--epochs", "1", "--eval-every", "1") == 0
+    metrics = json.loads((tmp_path / "r" / "metrics" / "epoch_0001.json").read_text())
+    for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"):
+        assert 0.0 <= metrics[k] <= 1.0
+    assert metrics["epoch"] == 1 and metrics["train"]["batches"] == 4
+    assert (tmp_path / "r" / "train.log").read_text().count("eval @ epoch 1") == 1
+    # an explicit path continues too
+    ck = tmp_path / "r" / "checkpoint_ep0001.pth"
+    assert train(data_root, tmp_path / "r2", "--epochs", "2", "--resume", str(ck)) == 0
+    assert load(tmp_path / "r2" / "checkpoint_ep0002.pth")["epoch"] == 2
+    # a missing one is a clear error, not a traceback
+    assert train(data_root, tmp_path / "r3", "--resume", str(tmp_path / "nope.pth")) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    # starting over in a folder with checkpoints, without --resume, is refused
+    assert train(data_root, tmp_path / "r", "--epochs", "2") == 2
+    assert "--resume auto" in capsys.readouterr().err
+
+
+def test_flags_reach_the_run(data_root, tmp_path, monkeypatch):
+    seen = {}
+    real = rtrain.train_one_epoch
+
+    def spy(model, loader, *a, **kw):
+        imgs, pids, _, _ = next(iter(loader))
+        seen["shape"] = tuple(imgs.shape)
+        seen["ids_per_batch"] = len(set(pids.tolist()))
+        return real(model, loader, *a, **kw)
+
+    monkeypatch.setattr(rtrain, "train_one_epoch", spy)
+    assert train(data_root, tmp_path / "a", "--epochs", "1", "--arch", "baseline", "--height", "48", "--width", "24",
+                 "--batch-ids", "2", "--batch-instances", "4", "--lr", "2e-3", "--warmup-epochs", "0",
+                 "--weight-decay", "1e-3", "--seed", "5") == 0
+    assert seen["shape"] == (8, 3, 48, 24) and seen["ids_per_batch"] == 2
+    ck = load(tmp_path / "a" / "checkpoint_ep0001.pth")
+    group = ck["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(2e-3) and group["weight_decay"] == pytest.approx(1e-3)
+    assert ck["sampler"]["seed"] == 5 and ck["config"]["height"] == 48
+    assert not any("rga" in k for k in ck["model"])  # --arch baseline: no RGA modules
+    assert ck["metrics"]["epoch"] == 1  # the last epoch is always evaluated
+    # warm-up: epoch 0 of a 2-epoch warm-up runs at --warmup-lr
+    assert train(data_root, tmp_path / "b", "--epochs", "1", "--warmup-epochs", "2", "--warmup-lr", "1e-5",
+                 "--arch", "baseline", "--seed", "5", "--height", "48", "--width", "24", "--batch-ids", "2", "--batch-instances", "4") == 0
+    assert load(tmp_path / "b" / "checkpoint_ep0001.pth")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)
+    # another seed, other weights
+    assert train(data_root, tmp_path / "c", "--epochs", "1", "--arch", "baseline", "--height", "48", "--width", "24",
+                 "--batch-ids", "2", "--batch-instances", "4", "--lr", "2e-3", "--warmup-epochs", "0",
+                 "--weight-decay", "1e-3", "--seed", "6") == 0
+    assert not same_weights(ck["model"], load(tmp_path / "c" / "checkpoint_ep0001.pth")["model"])
+
+
+def test_config_file_and_precedence(data_root, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"epochs": 2, "batch-ids": 2, "margin": 0.5, "eval_feat": "pool"}))
+    args = rtrain.build_parser()
+    ns = rtrain.parse_args_with_config(args, ["--config", str(cfg), "--epochs", "1"])
+    assert ns.epochs == 1 and ns.batch_ids == 2 and ns.margin == 0.5 and ns.eval_feat == "pool"
+    ns = rtrain.parse_args_with_config(rtrain.build_parser(), ["--preset", "quick", "--config", str(cfg)])
+    assert ns.backbone == "resnet18" and ns.epochs == 2  # the file beats the preset
+    # paper defaults
+    ns = rtrain.parse_args_with_config(rtrain.build_parser(), [])
+    assert (ns.batch_ids, ns.batch_instances, ns.lr, ns.weight_decay, ns.epochs, ns.warmup_epochs, ns.warmup_lr,
+            ns.milestones, ns.gamma, ns.label_smooth, ns.margin, ns.height, ns.width, ns.pad, ns.arch) == (
+        16, 4, 8e-4, 5e-4, 600, 20, 8e-6, [80, 120, 160, 200, 240, 280, 320, 360], 0.5, 0.1, 0.3, 256, 128, 10,
+        "rga_sc")
+    for bad, msg in [({"epoch": 3}, "unknown option 'epoch'"), ({"metric": "l1"}, "must be one of"),
+                     ({"epochs": "many"}, "bad value")]:
+        cfg.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit) as e:
+            rtrain.parse_args_with_config(rtrain.build_parser(), ["--config", str(cfg)])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rtrain.parse_args_with_config(rtrain.build_parser(), ["--config", str(tmp_path / "missing.json")])
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_shipped_configs_parse():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.json"))
+    assert {f.stem for f in files} >= {"market1501", "cuhk03", "msmt17", "quick"}
+    for f in files:
+        ns = rtrain.parse_args_with_config(rtrain.build_parser(), ["--config", str(f)])
+        assert ns.dataset in ("synthetic", "market1501", "cuhk03", "msmt17")
+    # configs/quick.json is the --preset quick of the README, written out
+    from_file = vars(rtrain.parse_args_with_config(rtrain.build_parser(), ["--config", str(root / "quick.json")]))
+    preset = vars(rtrain.parse_args_with_config(rtrain.build_parser(), ["--preset", "quick"]))
+    for k in preset:
+        if k not in ("config", "preset"):
+            assert preset[k] == from_file[k], k
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--dataset", "nosuchset"], "unknown dataset"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA GPU"),
+    (["--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA GPUs"),
+    (["--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA GPU"),
+    (["--batch-ids", "9"], "at least 9 training identities"),
+    (["--milestones", "5", "3"], "increasing"),
+    (["--pretrained", "/nonexistent/resnet.pth"], "--pretrained file not found"),
+])
+def test_bad_input_gives_clear_errors(data_root, tmp_path, capsys, argv, msg):
+    assert train(data_root, tmp_path / "x", "--epochs", "1", *argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_tensorboard_flag(data_root, tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert train(data_root, tmp_path / "tb", "--epochs", "1", "--tensorboard") == 2
+        assert "pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert train(data_root, tmp_path / "tb", "--epochs", "1", "--tensorboard") == 0
+        assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_evaluate_cli(data_root, tmp_path, capsys, monkeypatch):
+    assert train(data_root, tmp_path / "run", "--epochs", "1") == 0
+    capsys.readouterr()
+    out = tmp_path / "m.json"
+    assert reval.main(["--checkpoint", str(tmp_path / "run"), "--workers", "0", "--threads", "1",
+                       "--no-progress", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"):
+        assert k in printed
+    m = json.loads(out.read_text())
+    assert m["epoch"] == 1 and m["feat"] == "bn" and m["metric"] == "cosine" and not m["flip"]
+    # the evaluation in training and the stand-alone one agree
+    assert m["mAP"] == pytest.approx(load(tmp_path / "run" / "checkpoint_ep0001.pth")["metrics"]["mAP"])
+
+    # --feat, --flip and --metric change what reaches rga.metrics.evaluate_features
+    import rga.metrics
+    calls = []
+    real = rga.metrics.evaluate_features
+
+    def spy(qf, gf, *a, **kw):
+        calls.append((qf.clone(), kw["metric"], kw["rerank"]))
+        return real(qf, gf, *a, **kw)
+
+    monkeypatch.setattr(rga.metrics, "evaluate_features", spy)
+    common = ["--checkpoint", str(tmp_path / "run" / "checkpoint_ep0001.pth"), "--workers", "0", "--no-progress"]
+    assert reval.main(common) == 0
+    assert reval.main(common + ["--feat", "pool"]) == 0
+    assert reval.main(common + ["--flip"]) == 0
+    assert reval.main(common + ["--metric", "euclidean", "--rerank"]) == 0
+    bn, pool, flip, euc = calls
+    assert not torch.allclose(bn[0], pool[0]) and not torch.allclose(bn[0], flip[0])
+    assert torch.equal(bn[0], euc[0]) and euc[1] == "euclidean" and euc[2] is True and bn[1] == "cosine"
+
+    assert reval.main(["--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    bogus = tmp_path / "bogus.pth"
+    bogus.write_bytes(b"not a checkpoint")
+    assert reval.main(["--checkpoint", str(bogus)]) == 2
+    assert "could not read checkpoint" in capsys.readouterr().err
+
+
+def test_two_process_gloo_run(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rga.train",
+           *base_args(data_root, out, "--epochs", "2", "--batch-ids", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ck = load(out / "checkpoint_ep0002.pth")
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])  # per-rank augmentation streams
+    log = (out / "train.log").read_text()
+    assert "world_size=2" in log and log.count("eval @ epoch 2") == 1  # rank 0 alone evaluates and logs
+    # 8 ids, 2 per rank per step: 2 steps of 4 ids x ... each rank ran the same number of batches
+    assert "epoch 2/2" in log
