@@ -325,7 +325,7 @@ def load_msmt17(root, version: Optional[str] = None, check_files: bool = True,
     for v in versions:
         train_d, test_d = _MSMT_DIRS[v]
         cands = [root / f"MSMT17_{v}", root / "msmt17" / f"MSMT17_{v}", root]
-        checked += cands
+        checked += [c for c in cands if c not in checked]
         base = _first_existing(cands, _MSMT_LISTS + [train_d, test_d])
         if base is not None:
             ver = v
