@@ -76,12 +76,14 @@ def bench_record(benchmark):
     """Run fn under pytest-benchmark (finished work: the GPU is synchronized inside) and record
     time and peak memory for the ratio table."""
 
-    def run(group: str, variant: str, fn, device: str, rounds: int = 3, baseline: str = "reference",
+    def run(group: str, variant: str, fn, device: str, rounds: int | None = None, baseline: str = "reference",
             target: float | None = None):
         def timed():
             fn()
             sync(device)
 
+        if rounds is None:
+            rounds = int(os.environ.get("RGA_BENCH_ROUNDS", "3"))
         timed()  # warm-up outside the timed rounds (compilation, autotuning, allocator)
         benchmark.group = group
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1 if device == "cuda" else 0)

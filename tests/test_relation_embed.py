@@ -1,4 +1,6 @@
 """relation_embed: every backend against the reference (rga_kernels/reference.py)."""
+import os
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -222,3 +224,10 @@ def test_info_runs(capsys):
     text = capsys.readouterr().out
     for b in rga_kernels.BACKENDS:
         assert b in text
+
+
+@pytest.mark.skipif(os.environ.get("RGA_EXPECT_CUDA_BUILD") != "1",
+                    reason="set RGA_EXPECT_CUDA_BUILD=1 where the CUDA part must have been compiled (CI)")
+def test_cuda_part_was_built():
+    assert rga_kernels.ops._EXT_OK, rga_kernels.ops._EXT_REASON
+    assert rga_kernels.ops._ext_has_cuda(), "rga_kernels._C has no CUDA kernel for rga_kernels::relation_fwd"
