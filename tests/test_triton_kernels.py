@@ -1,0 +1,182 @@
+"""Tests of the Triton kernels (rga_kernels/_triton.py) against the plain-PyTorch reference.
+
+Without a CUDA device the kernels run under the Triton interpreter (TRITON_INTERPRET=1, which must be set
+before the kernels are decorated, i.e. before rga_kernels._triton is imported). Shapes are small and odd
+so that every mask matters; the interpreter runs one big-block config.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess
+import sys
+
+import pytest
+
+from rga_kernels import _triton as K
+from rga_kernels.reference import relation_embed_factorized, relation_embed_reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_OK, _WHY = K.usable_on(DEV) if K.TRITON_AVAILABLE else (False, K.TRITON_UNAVAILABLE_REASON)
+needs_kernels = pytest.mark.skipif(not _OK, reason=f"Triton kernels not usable on {DEV}: {_WHY}")
+
+
+def _inputs(B, d, n, M, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(B, d, n, generator=g, dtype=torch.float64)
+    phi = torch.randn(B, d, n, generator=g, dtype=torch.float64)
+    weight = torch.randn(M, 2 * n, generator=g, dtype=torch.float64) / (2 * n) ** 0.5
+    grad = torch.randn(B, M, n, generator=g, dtype=torch.float64)
+    return [t.to(device=DEV, dtype=dtype) for t in (theta, phi, weight, grad)]
+
+
+def _ref64(theta, phi, weight, grad):
+    """out and (dtheta, dphi, dweight) in float64 through the naive reference and autograd."""
+    leaves = [t.detach().double().requires_grad_() for t in (theta, phi, weight)]
+    out = relation_embed_reference(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad.double())
+    return [out.detach(), *grads]
+
+
+def _torch_lowp(theta, phi, weight, grad):
+    """The same quantities by PyTorch itself in the input dtype (factorized form, autograd)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (theta, phi, weight)]
+    out = relation_embed_factorized(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return [out.detach(), *grads]
+
+
+def _kernels(theta, phi, weight, grad):
+    out, p, q = K.relation_fwd(theta, phi, weight)
+    dtheta, dphi, dweight = K.relation_bwd(grad, theta, phi, weight, p, q)
+    return [out, dtheta, dphi, dweight]
+
+
+NAMES = ("out", "dtheta", "dphi", "dweight")
+
+
+def _check(theta, phi, weight, grad):
+    ref = _ref64(theta, phi, weight, grad)
+    got = _kernels(theta, phi, weight, grad)
+    base = _torch_lowp(theta, phi, weight, grad) if theta.dtype != torch.float64 else None
+    for name, r, k, src in zip(NAMES, ref, got, (theta, theta, phi, weight)):
+        assert k.dtype == src.dtype, name
+        assert k.shape == r.shape, name
+        assert torch.isfinite(k).all(), f"{name}: non-finite values (unwritten output?)"
+        err = (k.double() - r).abs().max().item()
+        scale = r.abs().max().item()
+        if base is None:
+            tol = 1e-12 * max(scale, 1.0)
+        else:
+            torch_err = (base[NAMES.index(name)].double() - r).abs().max().item()
+            tol = 2 * torch_err + 1e-5 * scale
+            if theta.dtype == torch.float32 and theta.is_cuda:
+                tol += 1e-5 * scale  # tf32x3 dots are close to, not exactly, fp32
+        assert err <= tol, f"{name}: max error {err:.3g} > tolerance {tol:.3g} (max |ref| {scale:.3g})"
+
+
+ODD_SHAPES = [(1, d, n, 1) for n in (1, 63, 127, 257) for d in (1, 7)]
+# several batch entries and M rows (batch reduction of dweight, M tiles, K loop over M for dtheta/dphi)
+MIXED_SHAPES = [(3, 5, 37, 19), (2, 3, 9, 130)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,d,n,M", ODD_SHAPES + MIXED_SHAPES)
+def test_matches_reference(B, d, n, M, dtype):
+    _check(*_inputs(B, d, n, M, dtype))
+
+
+@needs_kernels
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is only tested on CUDA")
+@pytest.mark.parametrize("B,d,n,M", [(1, 7, 257, 1), (3, 5, 37, 19), (4, 32, 300, 70)])
+def test_matches_reference_bf16(B, d, n, M):
+    _check(*_inputs(B, d, n, M, torch.bfloat16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,d,n,M", [(1, 1, 1, 1), (3, 5, 37, 19), (2, 3, 9, 130)])
+def test_matches_reference_float64(B, d, n, M):
+    _check(*_inputs(B, d, n, M, torch.float64))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_contiguous_inputs(dtype):
+    B, d, n, M = 3, 5, 37, 11
+    theta, phi, weight, _ = _inputs(B, d, n, M, dtype, seed=1)
+    theta_nc = theta.transpose(1, 2).contiguous().transpose(1, 2)  # (B, d, n) with n-stride d
+    phi_big = torch.zeros(B, 2 * d, n + 3, device=DEV, dtype=dtype)
+    phi_big[:, ::2, 1 : n + 1] = phi
+    phi_nc = phi_big[:, ::2, 1 : n + 1]  # strided rows, offset storage
+    weight_nc = weight.t().contiguous().t()  # column-major (M, 2n)
+    grad_row = torch.randn(1, M, n, device=DEV, dtype=torch.float64).to(dtype)
+    grad_nc = grad_row.expand(B, M, n)  # batch stride 0
+    assert not (theta_nc.is_contiguous() or phi_nc.is_contiguous() or weight_nc.is_contiguous())
+    _check(theta_nc, phi_nc, weight_nc, grad_nc)
+    # the results do not depend on the layout
+    a = _kernels(theta_nc, phi_nc, weight_nc, grad_nc)
+    b = _kernels(theta, phi, weight, grad_nc.contiguous())
+    for name, x, y in zip(NAMES, a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+@needs_kernels
+def test_every_output_element_is_written(monkeypatch):
+    """Outputs allocated by the kernels' wrappers start as NaN: an unwritten element would show."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(K.torch, "empty", nan_empty)
+    for B, d, n, M in [(2, 3, 129, 67), (1, 1, 1, 1)]:
+        got = _kernels(*_inputs(B, d, n, M, torch.float32, seed=2))
+        for name, t in zip(NAMES, got):
+            assert torch.isfinite(t).all(), name
+
+
+class _RelationFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, theta, phi, weight):
+        out, p, q = K.relation_fwd(theta, phi, weight)
+        ctx.save_for_backward(theta, phi, weight, p, q)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return K.relation_bwd(grad, *ctx.saved_tensors)
+
+
+@needs_kernels
+def test_gradcheck_float64():
+    theta, phi, weight, _ = _inputs(2, 2, 3, 2, torch.float64, seed=3)
+    leaves = [t.requires_grad_() for t in (theta, phi, weight)]
+    assert torch.autograd.gradcheck(_RelationFn.apply, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_usable_on_reports_a_reason():
+    ok, why = K.usable_on("meta")
+    assert not ok and why
+    ok, why = K.usable_on(DEV)
+    assert ok == _OK and (ok or why)
+
+
+def test_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "from rga_kernels import _triton as K\n"
+        "assert not K.TRITON_AVAILABLE and K.TRITON_UNAVAILABLE_REASON\n"
+        "ok, why = K.usable_on('cpu'); assert not ok and why\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
