@@ -391,23 +391,23 @@ def rerank_distance(qf, gf, metric: str = "cosine", k1: int = 20, k2: int = 6,
             nn[s:e] = _topk_stable(d, kk)
             if s < nq:
                 orig[s:min(e, nq)] = d[:min(e, nq) - s, nq:]
-        # V: exp(-d) on R*(p), rows normalised; distances recomputed for the few pairs needed
-        indptr, indices, data = [0], [], []
-        for i, idx in enumerate(_expanded_neighbours(nn, k1, kh)):
-            qi = db.q[i:i + 1]
-            gi = db.q[torch.from_numpy(idx).to(db.q.device)]
-            dot = (qi @ gi.T)[0]
-            if metric == "cosine":
-                di = 1.0 - dot / db.g_norm[i] / db.g_norm[torch.from_numpy(idx).to(dot.device)]
-            else:
-                di = (db.g_sq[i] + db.g_sq[torch.from_numpy(idx).to(dot.device)] - 2 * dot
-                      ).clamp_min(0.0)
-            di = di.float().cpu().numpy()
-            di[idx == i] = 0.0
-            w = np.exp(-di / rowmax[i])
-            indices.append(idx)
-            data.append((w / w.sum()).astype(np.float32))
-            indptr.append(indptr[-1] + len(idx))
+    # V: exp(-d) on R*(p), rows normalised; distances recomputed (on the CPU, in float32) for the
+    # few pairs needed
+    feats = allf.float().cpu().numpy()
+    sq = db.g_sq.float().cpu().numpy()
+    norm = db.g_norm.float().cpu().numpy()
+    indptr, indices, data = [0], [], []
+    for i, idx in enumerate(_expanded_neighbours(nn, k1, kh)):
+        dot = feats[idx] @ feats[i]
+        if metric == "cosine":
+            di = 1.0 - dot / norm[i] / norm[idx]
+        else:
+            di = np.maximum(sq[i] + sq[idx] - 2.0 * dot, 0.0)
+        di[idx == i] = 0.0
+        w = np.exp(-di / rowmax[i])
+        indices.append(idx)
+        data.append((w / w.sum()).astype(np.float32))
+        indptr.append(indptr[-1] + len(idx))
     V = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.array(indptr)),
                       shape=(n, n))
     if k2 > 1:
