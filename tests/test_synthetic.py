@@ -97,3 +97,17 @@ def test_bad_options(tmp_path):
     with pytest.raises(FileExistsError):
         build_dataset("synthetic", tmp_path, verbose=False, **SMALL)
     assert (tmp_path / "synthetic" / "mine.txt").exists()
+
+
+def test_concurrent_processes_generate_once(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from rga.data import build_dataset; "
+            f"ds = build_dataset('synthetic', sys.argv[1], **{SMALL!r}); print('N', len(ds.train))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(o.count("=> generating") for o in outs) == 1
+    assert len({o.splitlines()[-1] for o in outs}) == 1 and outs[0].splitlines()[-1] != "N 0"
