@@ -257,14 +257,16 @@ def load_cuhk03(root, variant: str = "labeled", cache_dir=None, verbose: bool = 
         items = []
         for i in np.asarray(cfg[f"{split}_idx"]).ravel().astype(np.int64) - 1:  # 1-based
             name = filelist[i]
-            if cam_field is not None:
+            # camera = the view within the camera pair, from the name (<pair>_<pid>_<view>_<k>),
+            # as in common practice; the camId field only when the name does not say
+            parts = Path(name).stem.split("_")
+            if len(parts) == 4 and parts[2].isdigit() and int(parts[2]) >= 1:
+                camid = int(parts[2]) - 1
+            elif cam_field is not None:
                 camid = int(cam_field[i]) - 1
             else:
-                parts = Path(name).stem.split("_")
-                if len(parts) != 4 or not parts[2].isdigit():
-                    unparsed.setdefault(split, []).append(name)
-                    continue
-                camid = int(parts[2]) - 1
+                unparsed.setdefault(split, []).append(name)
+                continue
             path = img_dir / name
             if not path.exists():
                 missing.append(name)
