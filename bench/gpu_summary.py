@@ -22,8 +22,13 @@ def main(out_dir: str) -> None:
         suite = root if root.tag == "testsuite" else root.find("testsuite")
         summary["tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     bench = os.path.join(out_dir, "bench.json")
+    data = None
     if os.path.exists(bench):
-        data = json.load(open(bench))
+        try:
+            data = json.load(open(bench))
+        except ValueError as exc:  # the bench step was cut off before pytest-benchmark wrote it
+            summary["benchmarks_error"] = f"{bench}: {exc}"
+    if data is not None:
         summary["machine"] = data.get("machine_info", {}).get("cpu", {}).get("brand_raw")
         groups = {}
         for b in data.get("benchmarks", []):
