@@ -32,11 +32,16 @@ accumulation is fp32, or fp64 for fp64 inputs. fp32 operands use tl.dot(input_pr
 (close to fp32 accuracy on tensor cores), or plain TF32 when torch.backends.cuda.matmul.allow_tf32 is
 set; see _dot_precision.
 
+Launch configuration: on GPU, triton.autotune over a handful of tiles (keyed on the problem sizes and
+the launch kind; RGA_TRITON_AUTOTUNE=0 at import time pins one config instead). fp64 always uses one
+small config. Under the interpreter there is no autotuning: block sizes follow the problem sizes.
+
 On CPU tensors the kernels only run under TRITON_INTERPRET=1, which must be set before this module is
 imported (it is read at import time and decides how the kernels are decorated).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -44,12 +49,16 @@ import torch
 
 _TRUTHY = ("1", "true", "yes", "on")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
+# RGA_TRITON_AUTOTUNE=0: one fixed config on GPU instead of benchmarking several per problem size
+# (first calls get faster, e.g. in test runs; steady-state speed may be lower).
+AUTOTUNE = os.environ.get("RGA_TRITON_AUTOTUNE", "1").strip().lower() in _TRUTHY
 
 TRITON_AVAILABLE = False
 TRITON_UNAVAILABLE_REASON = ""
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 
     TRITON_AVAILABLE = True
 except Exception as exc:  # ImportError, or a broken install failing at import
@@ -64,6 +73,7 @@ __all__ = [
     "TRITON_AVAILABLE",
     "TRITON_UNAVAILABLE_REASON",
     "INTERPRET",
+    "AUTOTUNE",
 ]
 
 
@@ -197,7 +207,7 @@ if TRITON_AVAILABLE:
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
     if INTERPRET:
-        # The interpreter's cost is (number of programs) x (loop steps): one big-block config, no tuning.
+        # No autotuning under the interpreter: one config per launch, sized by _interpreter_blocks.
         _KERNEL = _KERNEL_FP64 = _bmm2x2_kernel
     else:
         # Output tiles are (M, d) / (M, n) / (d, n), with d small (32 at the module's default sizes),
@@ -211,15 +221,23 @@ if TRITON_AVAILABLE:
             _cfg(128, 128, 32, 8, 2),
             _cfg(32, 128, 32, 4, 3),
             _cfg(64, 32, 64, 4, 3),
-            _cfg(128, 32, 64, 4, 3),
+            _cfg(128, 32, 32, 4, 3),
             _cfg(32, 64, 32, 4, 2),
         ]
+        _CONFIGS_ALL = _CONFIGS
+        if not AUTOTUNE:
+            _CONFIGS = [_cfg(64, 64, 32, 4, 2)]
         _KERNEL = triton.autotune(
             configs=_CONFIGS,
             key=["MM", "NN", "KK", "NUM_OUT", "NUM_TERMS", "REDUCE_BATCH", "PRECISION"],
+            # shorter than the default 25 ms warm-up + 100 ms per config
+            do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
         )(_bmm2x2_kernel)
         # fp64 is for gradcheck, not speed: one small config that fits everywhere (no benchmarking).
         _KERNEL_FP64 = triton.autotune(configs=[_cfg(32, 32, 16, 4, 1)], key=[])(_bmm2x2_kernel)
+
+# Tests only: when set to a triton.Config, every launch uses it (raw kernel, no autotuning).
+_FORCED_CONFIG = None
 
 
 def _launchable(kernel):
@@ -255,11 +273,10 @@ def _bat(t: torch.Tensor, transpose: bool = False) -> _Mat:
     return _Mat(t, 0, s0, s2, s1) if transpose else _Mat(t, 0, s0, s1, s2)
 
 
-def _shared(t: torch.Tensor, col_off: int, transpose: bool = False) -> _Mat:
+def _shared(t: torch.Tensor, col_off: int) -> _Mat:
     """Columns [col_off, ...) of a 2-D tensor, the same matrix for every batch entry."""
     s0, s1 = t.stride()
-    off = col_off * s1
-    return _Mat(t, off, 0, s1, s0) if transpose else _Mat(t, off, 0, s0, s1)
+    return _Mat(t, col_off * s1, 0, s0, s1)
 
 
 def _gemm(out1, terms1, out2=None, terms2=None, *, MM, NN, KK, NB, reduce_batch=False):
@@ -294,6 +311,9 @@ def _gemm(out1, terms1, out2=None, terms2=None, *, MM, NN, KK, NB, reduce_batch=
         return (triton.cdiv(MM, m["BLOCK_M"]), triton.cdiv(NN, m["BLOCK_N"]), nb_grid)
 
     kernel = _KERNEL_FP64 if acc_fp64 else _KERNEL
+    if _FORCED_CONFIG is not None:
+        kernel = _bmm2x2_kernel
+        meta.update(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps, num_stages=_FORCED_CONFIG.num_stages)
     _launchable(kernel)[grid](*args, MM, NN, KK, NB, **meta)
 
 
