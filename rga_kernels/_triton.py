@@ -42,6 +42,7 @@ imported (it is read at import time and decides how the kernels are decorated).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import NamedTuple
 
@@ -227,11 +228,14 @@ if TRITON_AVAILABLE:
         _CONFIGS_ALL = _CONFIGS
         if not AUTOTUNE:
             _CONFIGS = [_cfg(64, 64, 32, 4, 2)]
+        _TUNE_KW = {}
+        if "do_bench" in inspect.signature(triton.autotune).parameters:
+            # shorter than the default 25 ms warm-up + 100 ms of timing per config
+            _TUNE_KW["do_bench"] = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
         _KERNEL = triton.autotune(
             configs=_CONFIGS,
             key=["MM", "NN", "KK", "NUM_OUT", "NUM_TERMS", "REDUCE_BATCH", "PRECISION"],
-            # shorter than the default 25 ms warm-up + 100 ms per config
-            do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
+            **_TUNE_KW,
         )(_bmm2x2_kernel)
         # fp64 is for gradcheck, not speed: one small config that fits everywhere (no benchmarking).
         _KERNEL_FP64 = triton.autotune(configs=[_cfg(32, 32, 16, 4, 1)], key=[])(_bmm2x2_kernel)
