@@ -1,10 +1,12 @@
 """RGAModule forward+backward, fused against reference, and (GPU only) a full ResNet-50 training step.
 
 Module shapes are the four ResNet-50 stage outputs of a 256x128 input with last stride 1.
-CPU: batch 8, fp32, one timed round after a warm-up (RGA_BENCH_ROUNDS overrides); to keep the
-file near a minute on 2 cores, RGA-S and RGA-C run at stage 1 only and RGA-SC (both branches) at
-every stage; RGA_BENCH_FULL=1 runs all three variants at all four stages. GPU: batch 64, bf16
-autocast, the full matrix. Run: ``pytest bench/test_rga_module.py --benchmark-only``.
+CPU: batch 8, fp32, one timed round after a warm-up (RGA_BENCH_ROUNDS overrides), one intra-op
+thread (RGA_BENCH_THREADS overrides): on a small shared machine two threads spend most of the time
+of every small op waiting for each other, which makes timings noise; both paths run with the same
+setting. To keep the file near a minute, RGA-S and RGA-C run at stage 1 only and RGA-SC (both
+branches) at every stage; RGA_BENCH_FULL=1 runs all three variants at all four stages.
+GPU: batch 64, bf16 autocast, the full matrix. Run: ``pytest bench/test_rga_module.py --benchmark-only``.
 """
 import os
 
@@ -22,6 +24,20 @@ STAGES = {1: (256, 64, 32), 2: (512, 32, 16), 3: (1024, 16, 8), 4: (2048, 16, 8)
 VARIANTS = {"rga_s": dict(use_channel=False), "rga_c": dict(use_spatial=False), "rga_sc": dict(order="sc")}
 # Issue target on the CPU: the fused RGA-SC module at stage 1 at least 5x the reference, fwd+bwd.
 TARGETS = {("rga_sc", 1): 5.0} if DEVICE == "cpu" else {}
+
+
+THREADS = int(os.environ.get("RGA_BENCH_THREADS", "1"))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    if DEVICE != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
 
 
 def _cases():
@@ -53,7 +69,7 @@ def test_module_fwd_bwd(bench_record, variant, stage, impl):
             out = module(x)
         out.backward(grad)
 
-    group = f"module {variant} stage{stage} {C}x{H}x{W} b{BATCH}"
+    group = f"module {variant} stage{stage} {C}x{H}x{W} b{BATCH}" + (f" {THREADS}thr" if DEVICE == "cpu" else "")
     bench_record(group, impl, step, DEVICE, rounds=ROUNDS, target=TARGETS.get((variant, stage)) if impl == "fused" else None)
 
 

@@ -88,6 +88,8 @@ def _same_config(bns: Sequence[nn.BatchNorm2d]) -> bool:
 
 def _batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """nn.BatchNorm's forward on a (B, k, L) tensor (same statistics as BatchNorm2d on (B, k, H, W))."""
+    if type(bn) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm after convert_sync_batchnorm: its own forward
+        return bn(y.unsqueeze(-1)).squeeze(-1)
     factor = 0.0
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -105,7 +107,8 @@ def _batch_norm_group(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
         return _batch_norm(y, bns[0])
     sizes = [b.num_features for b in bns]
     b0 = bns[0]
-    if not (_same_config(bns) and b0.affine and b0.track_running_stats):
+    plain = all(type(b) is nn.BatchNorm2d for b in bns)
+    if not (plain and _same_config(bns) and b0.affine and b0.track_running_stats):
         return torch.cat([_batch_norm(part, b) for part, b in zip(y.split(sizes, 1), bns)], 1)
     factor = 0.0
     if b0.training:
@@ -143,7 +146,7 @@ def _linear_bn(weight: torch.Tensor, bns: Sequence[nn.BatchNorm2d], apply) -> to
     With batch statistics: one batch_norm call over the group. With running statistics (eval): the
     affine BN is folded into the weight rows and a bias, so no separate normalisation pass.
     """
-    if any(_bn_uses_batch_stats(b) for b in bns) or not all(b.affine for b in bns):
+    if any(_bn_uses_batch_stats(b) or type(b) is not nn.BatchNorm2d for b in bns) or not all(b.affine for b in bns):
         return _batch_norm_group(apply(weight), bns)
     scale = torch.cat([b.weight * torch.rsqrt(b.running_var + b.eps) for b in bns])
     shift = torch.cat([b.bias for b in bns]) - torch.cat([b.running_mean for b in bns]) * scale

@@ -133,6 +133,17 @@ def test_fused_cumulative_bn_momentum_none():
     _assert_same(ref, fus, _x(), steps=3)
 
 
+def test_fused_with_sync_batchnorm_modules():
+    """After convert_sync_batchnorm the fused path calls the BN modules themselves (no sync here)."""
+    ref, fus = _pair("torch")
+    ref = torch.nn.SyncBatchNorm.convert_sync_batchnorm(ref)
+    fus = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fus)
+    assert isinstance(fus.theta_spatial[1], torch.nn.SyncBatchNorm)
+    _assert_same(ref, fus, _x(), steps=2)
+    ref.eval(), fus.eval()
+    _assert_same(ref, fus, _x(), steps=1)
+
+
 def test_train_eval_switches():
     ref, fus = _pair("torch")
     x = _x()
