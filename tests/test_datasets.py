@@ -267,3 +267,14 @@ def test_image_dataset_reads_and_names_bad_files(tmp_path):
             ds[i]
     with_t = ImageDataset(items, transform=lambda im: np.asarray(im).shape)
     assert with_t[0][0] == (16, 8, 3)
+
+
+def test_check_command(tmp_path, capsys):
+    from rga.data.__main__ import main
+
+    make_market(tmp_path)
+    assert main(["market1501", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "badname.jpg" in out and "2 file names did not parse" in out and "gallery" in out
+    assert main(["msmt17", str(tmp_path)]) == 1
+    assert "Expected MSMT17 layout" in capsys.readouterr().err
