@@ -2,7 +2,7 @@
 
 Without a CUDA device the kernels run under the Triton interpreter (TRITON_INTERPRET=1, which must be set
 before the kernels are decorated, i.e. before rga_kernels._triton is imported). Shapes are small and odd
-so that every mask matters; the interpreter runs one big-block config.
+so that every mask matters; under the interpreter the block sizes follow the problem sizes.
 """
 import os
 
