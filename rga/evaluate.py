@@ -24,7 +24,7 @@ FROM_CHECKPOINT = {"dataset": "synthetic", "data_root": "data", "arch": "rga_sc"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rga.evaluate", description=__doc__.split("\n")[0])
-    add_config_arguments(p, presets={"paper": {}})
+    add_config_arguments(p, presets={})
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint file written by rga.train, or a run folder (its latest checkpoint)")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
@@ -105,7 +105,7 @@ def evaluate(args) -> dict:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parse_args_with_config(parser, argv, presets={"paper": {}})
+    args = parse_args_with_config(parser, argv, presets={})
     try:
         evaluate(args)
     except (UsageError, CheckpointError, ConfigError) as e:

@@ -246,3 +246,18 @@ def test_two_process_gloo_run(data_root, tmp_path):
     assert "world_size=2" in log and log.count("eval @ epoch 2") == 1  # rank 0 alone evaluates and logs
     # 8 ids, 2 per rank per step: 2 steps of 4 ids x ... each rank ran the same number of batches
     assert "epoch 2/2" in log
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    from rga.checkpoint import atomic_save, find_latest, list_checkpoints, prune_checkpoints
+    path = tmp_path / "checkpoint_ep0001.pth"
+    atomic_save({"epoch": 1}, path)
+    with pytest.raises(Exception):
+        atomic_save({"epoch": 2, "bad": lambda: None}, path)  # a lambda cannot be pickled
+    assert load(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    for e in (3, 12, 7):
+        atomic_save({"epoch": e}, tmp_path / f"checkpoint_ep{e:04d}.pth")
+    assert find_latest(tmp_path).name == "checkpoint_ep0012.pth"
+    prune_checkpoints(tmp_path, 2)
+    assert [e for e, _ in list_checkpoints(tmp_path)] == [7, 12]
