@@ -378,12 +378,13 @@ class RGAModule(nn.Module):
         b, c, h, w = x.shape
         x3 = x.reshape(b, c, h * w)
 
+        # the attention keeps the input's dtype (an eval-mode folded BN shift would promote it)
         def spatial(t):
-            a = torch.sigmoid(self._branch_fused("spatial", t))  # (b, 1, n)
+            a = torch.sigmoid(self._branch_fused("spatial", t)).to(t.dtype)  # (b, 1, n)
             return t * a, a
 
         def channel(t):
-            a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2)  # (b, c, 1)
+            a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2).to(t.dtype)  # (b, c, 1)
             return t * a, a
 
         return self._combine(x3, spatial, channel).reshape(b, c, h, w)
