@@ -70,7 +70,8 @@ def test_module_fwd_bwd(bench_record, variant, stage, impl):
         out.backward(grad)
 
     group = f"module {variant} stage{stage} {C}x{H}x{W} b{BATCH}" + (f" {THREADS}thr" if DEVICE == "cpu" else "")
-    bench_record(group, impl, step, DEVICE, rounds=ROUNDS, target=TARGETS.get((variant, stage)) if impl == "fused" else None)
+    target = TARGETS.get((variant, stage)) if impl == "fused" else None
+    bench_record(group, impl, step, DEVICE, rounds=ROUNDS, target=target)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the full ResNet-50 training step (batch 64, bf16) is a GPU benchmark")

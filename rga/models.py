@@ -169,9 +169,10 @@ class ResNetRGA(nn.Module):
             raise TypeError(f"unknown RGA option(s) {sorted(unknown)}; valid: {sorted(RGA_OPTIONS)}")
         branches = VARIANTS[variant]
         if branches is None:
+            # `fused` is accepted (the same model either way); options that change RGA modules are not
             changed = {k: v for k, v in rga_options.items() if v != RGA_OPTIONS[k]}
-            if changed or fused is not False:
-                raise ValueError(f"the baseline has no RGA modules, so {dict(changed, **({'fused': fused} if fused is not False else {}))} has no effect")
+            if changed:
+                raise ValueError(f"the baseline has no RGA modules, so {changed} has no effect")
             rga_kwargs = None
         else:
             rga_kwargs = dict(RGA_OPTIONS, **rga_options, **branches, fused=fused)
@@ -215,7 +216,8 @@ class ResNetRGA(nn.Module):
             m.fused = value
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, arch={self.arch!r}, input={self.height}x{self.width}, neck_feat={self.neck_feat!r}"
+        return (f"variant={self.variant!r}, arch={self.arch!r}, input={self.height}x{self.width}, "
+                f"neck_feat={self.neck_feat!r}")
 
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):

@@ -28,25 +28,13 @@ ORDERS = ("sc", "cs", "parallel")
 EMBEDDINGS = ("asymmetric", "symmetric", "none")
 BACKENDS = ("auto", "reference", "torch", "cpp", "cuda", "triton")
 
-_kernel_relation_embed = None
-
 
 def _relation_embed(theta: torch.Tensor, phi: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
-    """(B, d, n), (B, d, n), (M, 2n) -> (B, M, n) through rga_kernels (imported on first use)."""
-    global _kernel_relation_embed
-    if _kernel_relation_embed is None:
-        try:
-            from rga_kernels import relation_embed as fn  # the kernels package (lead's contract)
-        except ImportError:  # until rga_kernels/__init__.py lands: same math, plain PyTorch
-            from rga_kernels.reference import relation_embed_factorized
+    """(B, d, n), (B, d, n), (M, 2n) -> (B, M, n). rga_kernels is imported on first use, so that
+    ``import rga`` stays light and TRITON_INTERPRET set after it still takes effect."""
+    from rga_kernels import relation_embed
 
-            def fn(theta, phi, weight, backend="auto"):
-                if backend not in ("auto", "torch", "reference"):
-                    raise RuntimeError(f"relation_embed backend {backend!r} is not available (rga_kernels has no dispatcher)")
-                return relation_embed_factorized(theta, phi, weight)
-
-        _kernel_relation_embed = fn
-    return _kernel_relation_embed(theta, phi, weight, backend=backend)
+    return relation_embed(theta, phi, weight, backend=backend)
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:

@@ -75,7 +75,8 @@ def test_variants_and_their_modules():
             continue
         assert len(mods) == 4
         m = mods[0]
-        assert (m.use_spatial, m.use_channel) == {"rga_s": (True, False), "rga_c": (False, True)}.get(name, (True, True))
+        branches = {"rga_s": (True, False), "rga_c": (False, True)}.get(name, (True, True))
+        assert (m.use_spatial, m.use_channel) == branches
         if m.use_spatial and m.use_channel:
             assert m.order == {"rga_sc": "sc", "rga_cs": "cs", "rga_s_par_c": "parallel"}[name]
     m = _small("rga_sc", use_relation=False, embedding="symmetric").rga_modules()[2]
@@ -125,6 +126,11 @@ def test_wrong_image_size_error(fused):
     # a module called directly names its own built-for size and the model's image size
     with pytest.raises(ValueError, match=r"built for 16x8 feature maps.*got 8x8.*64x32 images"):
         model.backbone.rga_att1(torch.randn(1, 64, 8, 8))
+
+
+def test_baseline_accepts_fused_flag():
+    model = _small("baseline", fused=True)  # nothing to fuse: the same model, no error
+    assert model.rga_modules() == [] and model.fused is False
 
 
 def test_baseline_accepts_any_size():
