@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from .losses import ReidLoss
 from .samplers import RandomIdentityBatchSampler
 from .schedulers import DEFAULT_MILESTONES, WarmupMultiStepLR
 
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 ARCHS = ("baseline", "rga_s", "rga_c", "rga_sc", "rga_cs", "rga_s_par_c")
 
 
@@ -65,19 +67,20 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic",
                    help="synthetic (default; generated under --data-root on first use), market1501, cuhk03, msmt17")
-    g.add_argument("--data-root", default="data", help="folder holding the datasets (default: data)")
+    g.add_argument("--data-root", default="data", help="folder holding the datasets")
     g.add_argument("--dataset-opt", action="append", type=parse_kv, default=[], metavar="KEY=VALUE",
                    help="extra keyword for rga.data.build_dataset, repeatable (e.g. a CUHK03 split option)")
-    g.add_argument("--height", type=positive_int, default=256, help="input height (default 256)")
-    g.add_argument("--width", type=positive_int, default=128, help="input width (default 128)")
-    g.add_argument("--workers", type=nonneg_int, default=4, help="DataLoader worker processes per process (default 4)")
+    g.add_argument("--height", type=positive_int, default=256, help="input height")
+    g.add_argument("--width", type=positive_int, default=128, help="input width")
+    g.add_argument("--workers", type=nonneg_int, default=DEFAULT_WORKERS,
+                   help="DataLoader worker processes per process (default here: min(4, CPU count))")
     g.add_argument("--test-batch-size", type=positive_int, default=128, help="batch size for feature extraction")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=ARCHS, default="rga_sc", help="model (default rga_sc, the paper's RGA-SC)")
-    g.add_argument("--backbone", default="resnet50", help="backbone (default resnet50)")
+    g.add_argument("--arch", choices=ARCHS, default="rga_sc", help="model (rga_sc is the paper's RGA-SC)")
+    g.add_argument("--backbone", default="resnet50", help="backbone")
     g.add_argument("--pretrained", metavar="PATH",
                    help="local torchvision ResNet checkpoint to start the backbone from (the paper uses ImageNet "
                         "weights; without this flag the backbone starts from random weights)")
