@@ -190,6 +190,17 @@ def test_pretrained_file_loads(tmp_path, arch):
             assert torch.equal(got[k], v), k
 
 
+def test_pretrained_true_reads_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="resnet18-"):
+        build_model("rga_s", 5, backbone="resnet18", pretrained=True, **SMALL_HW)
+    (tmp_path / "checkpoints").mkdir()
+    state = _torchvision_like_state("resnet18")
+    torch.save(state, tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    model = build_model("rga_s", 5, backbone="resnet18", pretrained=True, **SMALL_HW)
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
 def test_pretrained_wrong_architecture(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(_torchvision_like_state("resnet18"), path)
