@@ -3,8 +3,10 @@ at 64x32, on CPU: resume equivalence, a 2-process gloo run, flags, config files,
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,14 +51,20 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_gives_identical_weights(data_root, tmp_path, monkeypatch):
-    assert train(data_root, tmp_path / "straight", "--epochs", "2") == 0
-    # the same run, stopped after 1 epoch (its process ends: nothing survives in memory) ...
+@pytest.fixture(scope="module")
+def straight_run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    assert train(data_root, out, "--epochs", "2") == 0
+    return load(out / "checkpoint_ep0002.pth")
+
+
+def test_resume_gives_identical_weights(data_root, straight_run, tmp_path, monkeypatch):
+    a = straight_run
+    # the same run, stopped after 1 epoch (main() returns: nothing but the checkpoint carries over) ...
     assert train(data_root, tmp_path / "split", "--epochs", "1") == 0
     shutil.copytree(tmp_path / "split", tmp_path / "split_norng")
     # ... and continued to 2 with --resume auto
     assert train(data_root, tmp_path / "split", "--epochs", "2", "--resume", "auto") == 0
-    a = load(tmp_path / "straight" / "checkpoint_ep0002.pth")
     b = load(tmp_path / "split" / "checkpoint_ep0002.pth")
     assert a["epoch"] == b["epoch"] == 2
     assert same_weights(a["model"], b["model"])
@@ -71,6 +79,28 @@ def test_resume_gives_identical_weights(data_root, tmp_path, monkeypatch):
     assert train(data_root, tmp_path / "split_norng", "--epochs", "2", "--resume", "auto") == 0
     c = load(tmp_path / "split_norng" / "checkpoint_ep0002.pth")
     assert not same_weights(a["model"], c["model"])
+
+
+def test_resume_after_sigkill(data_root, straight_run, tmp_path):
+    """A training process killed (SIGKILL) right after its first checkpoint, then resumed."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rga.train", *base_args(data_root, out, "--epochs", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint_ep0001.pth").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL and not (out / "checkpoint_ep0002.pth").exists()
+    assert train(data_root, out, "--epochs", "2", "--resume", "auto") == 0
+    assert same_weights(straight_run["model"], load(out / "checkpoint_ep0002.pth")["model"])
 
 
 def test_resume_from_explicit_path_and_missing_path(data_root, tmp_path, capsys):
