@@ -291,3 +291,28 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     assert find_latest(tmp_path).name == "checkpoint_ep0012.pth"
     prune_checkpoints(tmp_path, 2)
     assert [e for e, _ in list_checkpoints(tmp_path)] == [7, 12]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_model_flags_reach_build_model(data_root, tmp_path, monkeypatch):
+    import rga.models
+    got = {}
+
+    def spy(name, num_classes, **kw):
+        got.update(kw, name=name, num_classes=num_classes)
+        raise _Stop
+
+    monkeypatch.setattr(rga.models, "build_model", spy)
+    weights = tmp_path / "r18.pth"
+    weights.write_bytes(b"")
+    with pytest.raises(_Stop):
+        train(data_root, tmp_path / "m", "--arch", "rga_s", "--fused-rga", "--pretrained", str(weights),
+              "--eval-feat", "pool")
+    assert got == {"name": "rga_s", "num_classes": 8, "height": 64, "width": 32, "fused": True,
+                   "pretrained": str(weights), "backbone": "resnet18", "neck_feat": "pool"}
+    with pytest.raises(_Stop):
+        train(data_root, tmp_path / "m2", "--fused-rga", "triton")
+    assert got["fused"] == "triton" and got["pretrained"] is False and got["neck_feat"] == "bn"
