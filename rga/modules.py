@@ -364,7 +364,12 @@ class RGAModule(nn.Module):
     # Fused path ----------------------------------------------------------------------------------
     def _forward_fused(self, x):
         b, c, h, w = x.shape
-        x3 = x.reshape(b, c, h * w)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # (B, H, W, C) in memory: a (B, C, HW) view with the channels fastest, no copy; the
+            # output keeps the channels_last layout
+            x3 = x.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
+        else:
+            x3 = x.reshape(b, c, h * w)
 
         # the attention keeps the input's dtype (an eval-mode folded BN shift would promote it)
         def spatial(t):
@@ -372,7 +377,8 @@ class RGAModule(nn.Module):
             return t * a, a
 
         def channel(t):
-            a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2).to(t.dtype)  # (b, c, 1)
+            a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2)  # (b, c, 1)
+            a = a.to(t.dtype)
             return t * a, a
 
         return self._combine(x3, spatial, channel).reshape(b, c, h, w)

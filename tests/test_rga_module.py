@@ -164,6 +164,17 @@ def test_fused_batch_one_and_noncontiguous_input():
     _assert_same(ref, fus, _x(b=1), steps=1)
 
 
+@pytest.mark.parametrize("config", ["sc", "cs", "parallel"])
+def test_fused_channels_last_input(config):
+    ref, fus = _pair("torch", **CONFIGS[config])
+    x = _x().to(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    _assert_same(ref, fus, x, steps=2)
+    ref.eval(), fus.eval()
+    _assert_same(ref, fus, x, steps=1)
+    assert fus(x).is_contiguous(memory_format=torch.channels_last)  # no layout round trip
+
+
 def test_fused_cumulative_bn_momentum_none():
     ref, fus = _pair("torch")
     for m in (ref, fus):
