@@ -204,11 +204,19 @@ def _cached_status(device_type: str) -> dict[str, tuple[bool, str]]:
     return _status_cache[device_type]
 
 
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
     if backend == "auto":
         backend = os.environ.get("RGA_KERNELS_BACKEND", "auto")
+    if backend == "auto" and _is_exporting():
+        # torch.export: plain aten ops, so the exported program runs without this package.
+        return "torch"
     if backend == "auto":
         status = _cached_status(device.type)
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
@@ -282,7 +290,7 @@ def relation_embed(theta: Tensor, phi: Tensor, weight: Tensor, backend: str = "a
         weight: (M, 2n) weight of the 1x1 relation embedding; its first n columns act on the row
             R(i, :) of the affinity R = thetaᵀ·phi, the last n on the column R(:, i).
         backend: "auto" (the fastest available for the tensors' device; the RGA_KERNELS_BACKEND
-            environment variable overrides it), or one of "reference", "torch", "cpp", "cuda",
+            environment variable overrides it; under torch.export, "torch"), or one of "reference", "torch", "cpp", "cuda",
             "triton".
 
     Returns:

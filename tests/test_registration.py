@@ -85,3 +85,25 @@ def test_compile_dynamic_batch(device, backend):
         theta, phi, weight = _inputs(device, B=B, requires_grad=False)
         torch.testing.assert_close(fn(theta, phi, weight), relation_embed_reference(theta, phi, weight),
                                    rtol=1e-4, atol=1e-5)
+
+
+class _Relation(torch.nn.Module):
+    def __init__(self, n, M):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(M, 2 * n))
+
+    def forward(self, theta, phi):
+        return relation_embed(theta, phi, self.weight)
+
+
+def test_export_uses_plain_aten_ops():
+    """torch.export with backend="auto" records the factorized PyTorch ops, not a custom op, so
+    the exported program runs where rga_kernels is not installed."""
+    module = _Relation(11, 4)
+    theta, phi, _ = _inputs("cpu", requires_grad=False)
+    exported = torch.export.export(module, (theta, phi))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert not any("rga_kernels" in t for t in targets), targets
+    assert any("bmm" in t or "matmul" in t for t in targets), targets
+    torch.testing.assert_close(exported.module()(theta, phi), relation_embed_reference(theta, phi, module.weight),
+                               rtol=1e-4, atol=1e-5)
