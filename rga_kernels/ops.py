@@ -143,10 +143,12 @@ if _TRITON_SPEC and hasattr(torch.library, "triton_op"):
                              p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return _triton_module().relation_bwd(grad_out, theta, phi, weight, p, q)
 
-    # Explicit fake kernels: shape propagation must never run a kernel (under the Triton
-    # interpreter, tracing the body would execute it on fake tensors).
-    _relation_fwd_triton.register_fake(_fake_fwd)
-    _relation_bwd_triton.register_fake(_fake_bwd)
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+        # Under the interpreter, tracing the op's body on fake tensors would execute the kernels
+        # on them: give shape propagation explicit fake kernels instead. On GPUs triton_op's own
+        # fake (the body, with wrap_triton recording the launches) is kept.
+        _relation_fwd_triton.register_fake(_fake_fwd)
+        _relation_bwd_triton.register_fake(_fake_bwd)
     _relation_fwd_triton.register_autograd(_make_backward(_relation_bwd_triton), setup_context=_setup_context)
     _TRITON_REGISTERED = True
 
