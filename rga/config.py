@@ -125,3 +125,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, presets=PRESETS) -> No
                         help="named set of flag values applied before --config: "
                              + "; ".join(f"{k}: {v if v else 'the paper recipe (the defaults)'}"
                                          for k, v in presets.items()))
+
+
+def parse_kv(text: str):
+    """'key=value' -> (key, value); the value is read as JSON when it can be (numbers, true, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    key, value = text.split("=", 1)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return key.strip(), value

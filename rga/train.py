@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkpoint_name, extract_model_state,
                          find_latest, list_checkpoints, load_checkpoint, prune_checkpoints, restore_rng_state)
-from .config import ConfigError, add_config_arguments, parse_args_with_config
+from .config import ConfigError, add_config_arguments, parse_args_with_config, parse_kv
 from .engine import (UsageError, barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model,
                      format_metrics, make_logger, resolve_amp, seed_everything, setup_runtime, train_one_epoch,
                      write_json)
@@ -26,18 +26,6 @@ from .schedulers import DEFAULT_MILESTONES, WarmupMultiStepLR
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 ARCHS = ("baseline", "rga_s", "rga_c", "rga_sc", "rga_cs", "rga_s_par_c")
-
-
-def parse_kv(text: str):
-    """'key=value' -> (key, value); the value is read as JSON when it can be (numbers, true, lists)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
-    key, value = text.split("=", 1)
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    return key.strip(), value
 
 
 def fused_arg(text: str):

@@ -6,29 +6,18 @@ parse; generates the synthetic dataset if NAME is "synthetic". Exit status 1 on 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 
+from ..config import parse_kv
 from . import DATASETS, build_dataset
-
-
-def _kv(text: str):
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    return key, value
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rga.data", description=__doc__.splitlines()[0])
     p.add_argument("name", help=", ".join(sorted(DATASETS)))
     p.add_argument("root", help="folder holding the dataset")
-    p.add_argument("options", nargs="*", type=_kv, metavar="KEY=VALUE",
+    p.add_argument("options", nargs="*", type=parse_kv, metavar="KEY=VALUE",
                    help="keyword arguments of build_dataset (values read as JSON when possible)")
     a = p.parse_args(argv)
     try:
