@@ -38,9 +38,11 @@ TRITON_SUBSET = {("sc", True), ("parallel", False), ("sc_none", True)}
 
 def _backends():
     out = []
-    avail = rga_kernels.available_backends()
+    # These tests run on CPU float64 tensors: ask for the CPU backends (on a GPU machine triton
+    # is available for CUDA tensors only).
+    avail = rga_kernels.available_backends("cpu")
     for name in ("torch", "cpp", "triton"):
-        reason = None if name in avail else dict(rga_kernels.backend_status())[name][1]
+        reason = None if name in avail else rga_kernels.backend_status("cpu")[name][1]
         marks = [pytest.mark.skipif(reason is not None, reason=f"{name} backend unavailable: {reason}")]
         out.append(pytest.param(name, marks=marks, id=name))
     return out

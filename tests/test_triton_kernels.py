@@ -155,9 +155,19 @@ def _configs_to_check():
 def test_each_config(dtype, monkeypatch):
     shape = (2, 5, 37, 19) if K.INTERPRET else (3, 33, 300, 70)
     inputs = _inputs(*shape, dtype, seed=4)
+    ran = 0
     for cfg in _configs_to_check():
         monkeypatch.setattr(K, "_FORCED_CONFIG", cfg)
-        _check(*inputs)
+        try:
+            _check(*inputs)
+        except Exception as exc:
+            # On a GPU some tile configs exceed shared memory for some launches; the autotuner
+            # skips those, and so does this test. Anything else is a failure.
+            if type(exc).__name__ != "OutOfResources":
+                raise
+            continue
+        ran += 1
+    assert ran > 0, "no tile config could run"
 
 
 class _RelationFn(torch.autograd.Function):
@@ -185,7 +195,10 @@ def test_usable_on_reports_a_reason():
     ok, why = K.usable_on("meta")
     assert not ok and why
     ok, why = K.usable_on(DEV)
-    assert ok == _OK and (ok or why)
+    # Expected independently of usable_on: kernels run on a GPU, or on the CPU under the interpreter.
+    assert ok == (K.TRITON_AVAILABLE and (DEV == "cuda" or K.INTERPRET)), why
+    if not ok:
+        assert why
 
 
 def test_imports_without_triton():
