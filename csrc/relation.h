@@ -1,4 +1,4 @@
-// The relation embedding of RGA through the factorized identity (relation-math.md, section 2).
+// The relation embedding of RGA through the factorized identity Z = (A phi^T) theta + (B theta^T) phi.
 //
 // Shared by the CPU and the CUDA registrations: the same device-generic ATen code, so the
 // path that the CPU tests exercise is the path the GPU runs. Nothing here allocates an n x n

@@ -6,7 +6,7 @@ One class, :class:`RGAModule`, with two forward paths over the same parameters:
   relation matrix R (N×N spatial, C×C channel), stacks [R(i,:), R(:,i)] as 2N channels and applies
   the relation embedding as a 1x1 convolution. It is the oracle.
 * the fused path (``fused=True`` or a backend name) never builds R: the relation embedding goes
-  through ``rga_kernels.relation_embed`` (the identity of docs/design relation-math.md, section 2);
+  through ``rga_kernels.relation_embed`` (the identity Z = (A·φᵀ)·θ + (B·θᵀ)·φ, see csrc/relation.h);
   theta, phi and g are one GEMM with concatenated weights; their three batch norms are one
   ``batch_norm`` call on concatenated parameters (running statistics written back to each module);
   the concat [mean(g), z] is never materialised (the first attention conv is split in two GEMMs);

@@ -1,4 +1,4 @@
-"""Triton kernels for the factorized relation embedding (see shared/design/relation-math.md, section 2).
+"""Triton kernels for the factorized relation embedding (the identity Z = (A φᵀ) θ + (B θᵀ) φ).
 
 Shapes: theta, phi (B, d, n); weight (M, 2n) = [A | Bw] with A = weight[:, :n], Bw = weight[:, n:].
 

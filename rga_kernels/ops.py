@@ -10,7 +10,7 @@ Ops in the ``rga_kernels`` torch.library namespace:
   (``rga_kernels/_triton.py``) as ``torch.library.triton_op``.
 
 ``p = A·phiᵀ`` and ``q = B·thetaᵀ`` (B, M, d) are the small products the backward reuses
-(relation-math.md, section 2); they are returned by the forward ops and hidden by
+(the gradient formulas in csrc/relation.h); they are returned by the forward ops and hidden by
 :func:`relation_embed`.
 """
 from __future__ import annotations
