@@ -15,7 +15,8 @@ import torch
 from .checkpoint import CheckpointError, extract_model_state, find_latest, load_checkpoint
 from .config import ConfigError, add_config_arguments, parse_args_with_config
 from .engine import UsageError, evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
-from .train import ARCHS, DEFAULT_WORKERS, add_runtime_arguments, fused_arg, load_dataset, make_model, parse_kv, positive_int
+from .train import (ARCHS, DEFAULT_WORKERS, add_runtime_arguments, check_fused_backend, fused_arg, load_dataset,
+                    make_model, nonneg_int, parse_kv, positive_int)
 
 # model/data flags whose default comes from the checkpoint's config when not given
 FROM_CHECKPOINT = {"dataset": "synthetic", "data_root": "data", "arch": "rga_sc", "backbone": "resnet50",
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
     p.add_argument("--flip", action="store_true", help="average features of each image and its mirror (off by default)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="feature extraction batch size")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="DataLoader worker processes")
+    p.add_argument("--workers", type=nonneg_int, default=DEFAULT_WORKERS, help="DataLoader worker processes")
     p.add_argument("--output", metavar="JSON", help="also write the metrics to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars even on a terminal")
     add_runtime_arguments(p)
@@ -78,6 +79,7 @@ def evaluate(args) -> dict:
     rt = setup_runtime(args.device, "auto")
     amp_dtype = resolve_amp(args.amp, rt.device)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and rt.device.type == "cuda")
+    check_fused_backend(args.fused_rga, rt.device.type == "cuda")
     dataset = load_dataset(args)
     model = make_model(args, int(num_classes), args.feat)
     try:

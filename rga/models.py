@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .modules import RGAModule
@@ -236,7 +235,7 @@ class ResNetRGA(nn.Module):
     def forward(self, x: torch.Tensor):
         self._check_input(x)
         feat = self.backbone(x)
-        pooled = F.adaptive_avg_pool2d(feat, 1).flatten(1)
+        pooled = feat.mean((2, 3))  # = global average pooling; has a deterministic CUDA backward
         bn_feat = self.feat_bn(pooled)
         if not self.training:
             return bn_feat if self._neck_feat == "bn" else pooled

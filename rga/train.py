@@ -148,9 +148,31 @@ def default_output_dir(args) -> Path:
     return Path("runs") / f"{args.dataset}-{args.arch}-{args.backbone}"
 
 
+def check_fused_backend(fused, on_gpu: bool) -> None:
+    """A --fused-rga backend name that this machine cannot run is a usage error, caught up front."""
+    if not isinstance(fused, str):
+        return
+    import rga_kernels
+
+    device = "cuda" if on_gpu else "cpu"
+    status = rga_kernels.backend_status(device)
+    if fused not in status:
+        raise UsageError(f"--fused-rga {fused}: unknown backend; expected on/off/auto or one of {list(status)}")
+    ok, why = status[fused]
+    if not ok:
+        raise UsageError(f"--fused-rga {fused} cannot run on {device} here: {why}; available: "
+                         f"{rga_kernels.available_backends(device)}")
+
+
 def check_args(args) -> None:
     """Flag combinations that cannot work, caught before any heavy lifting."""
     on_gpu = torch.cuda.is_available() and not str(args.device).startswith("cpu")
+    check_fused_backend(args.fused_rga, on_gpu)
+    if args.dist_backend == "nccl" and not on_gpu:
+        raise UsageError("--dist-backend nccl needs CUDA GPUs; use gloo (or auto) on CPU")
+    if args.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if args.cuda_graphs and not on_gpu:
         raise UsageError("--cuda-graphs needs a CUDA GPU (it captures CUDA graphs); leave it off on CPU")
     if args.sync_bn and not on_gpu:

@@ -202,6 +202,9 @@ def test_shipped_configs_parse():
     (["--batch-ids", "9"], "at least 9 training identities"),
     (["--milestones", "5", "3"], "increasing"),
     (["--pretrained", "/nonexistent/resnet.pth"], "--pretrained file not found"),
+    (["--fused-rga", "flash"], "--fused-rga flash: unknown backend"),
+    (["--fused-rga", "cuda", "--device", "cpu"], "--fused-rga cuda cannot run on cpu"),
+    (["--dist-backend", "nccl", "--device", "cpu"], "--dist-backend nccl needs CUDA GPUs"),
 ])
 def test_bad_input_gives_clear_errors(data_root, tmp_path, capsys, argv, msg):
     assert train(data_root, tmp_path / "x", "--epochs", "1", *argv) == 2
