@@ -46,7 +46,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 else
   echo "memcheck skipped: no compute-sanitizer" | tee -a "$STATUS"
 fi
-step bench 200 $PY -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
+step bench 200 env RGA_BENCH_ENFORCE=1 $PY -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT_DIR/bench.json"
 $PY bench/gpu_summary.py "$OUT_DIR" > "$OUT_DIR/summary.json"
 cat "$OUT_DIR/summary.json"
