@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -86,9 +87,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; give a checkpoint file (or --resume auto with --output-dir)")
     try:
-        # weights_only=False: our checkpoints hold RNG states (numpy arrays, tuples) and the config.
-        # Only load checkpoints you trust.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only=True: a checkpoint is tensors and plain values (the RNG states are stored as
+        # such, see capture_rng_state), so loading one never runs code from the file.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"could not read checkpoint {path}: not a file of tensors and plain values "
+                              f"(other Python objects are not loaded: they could run code): {first}") from e
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
         raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict):
@@ -111,8 +116,23 @@ def extract_model_state(state: dict) -> dict:
     return out
 
 
+def _numpy_state_to_plain(state) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _numpy_state_from_plain(state):
+    if isinstance(state, dict):
+        keys = state["keys"].numpy() if hasattr(state["keys"], "numpy") else np.asarray(state["keys"])
+        return (state["name"], keys.astype(np.uint32), state["pos"], state["has_gauss"], state["cached_gaussian"])
+    return state  # a legacy tuple
+
+
 def capture_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) RNG states as tensors and plain values (weights_only-safe)."""
+    state = {"python": random.getstate(), "numpy": _numpy_state_to_plain(np.random.get_state()),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -120,7 +140,7 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]

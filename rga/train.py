@@ -407,7 +407,7 @@ def train(args) -> dict:
                              "scaler": scaler.state_dict() if scaler is not None else None,
                              "rng": rng_states, "config": vars(args), "num_classes": dataset.num_train_pids,
                              "metrics": last_metrics, "world_size": rt.world_size,
-                             "torch_version": torch.__version__}
+                             "torch_version": str(torch.__version__)}
                     path = atomic_save(state, out_dir / checkpoint_name(done))
                     prune_checkpoints(out_dir, args.keep_checkpoints)
                     log(f"saved {path}")

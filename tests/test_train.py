@@ -319,3 +319,24 @@ def test_model_flags_reach_build_model(data_root, tmp_path, monkeypatch):
     with pytest.raises(_Stop):
         train(data_root, tmp_path / "m2", "--fused-rga", "triton")
     assert got["fused"] == "triton" and got["pretrained"] is False and got["neck_feat"] == "bn"
+
+
+class _Payload:
+    """Stands for any object a malicious checkpoint could smuggle in (its unpickling runs code)."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_loading_refuses_arbitrary_objects(tmp_path, capsys):
+    from rga.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
+
+    good = tmp_path / "good.pth"
+    torch.save({"epoch": 1, "model": {"w": torch.ones(2)}, "rng": [capture_rng_state()]}, good)
+    state = load_checkpoint(good)
+    restore_rng_state(state["rng"][0])  # RNG states round-trip through the safe loader
+    bad = tmp_path / "bad.pth"
+    torch.save({"epoch": 1, "payload": _Payload()}, bad)
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        load_checkpoint(bad)
+    assert "this must never run" not in capsys.readouterr().out
