@@ -234,10 +234,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _describe(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
-
-
 def _check_inputs(theta, phi, weight) -> None:
     for name, t in (("theta", theta), ("phi", phi), ("weight", weight)):
         if not isinstance(t, Tensor):
