@@ -14,7 +14,7 @@ from .datasets import (CUHK03_LAYOUT, MARKET_LAYOUT, MSMT17_LAYOUT, DatasetLayou
 from .synthetic import SyntheticConfig, build_synthetic, generate_synthetic, mask_path
 
 __all__ = [
-    "build_dataset", "DATASETS", "ImageDataset", "ImageReadError", "ReidDataset",
+    "build_dataset", "DATASETS", "ImageDataset", "ImageReadError", "read_image", "ReidDataset",
     "DatasetLayoutError", "load_market1501", "load_cuhk03", "load_msmt17", "build_synthetic",
     "generate_synthetic", "SyntheticConfig", "mask_path", "parse_market_name", "relabel_items",
 ]
@@ -58,6 +58,17 @@ class ImageReadError(OSError):
     """An image could not be read; the message names the file."""
 
 
+def read_image(path):
+    """The image at path as a PIL RGB image; any failure is an ImageReadError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
 try:  # a torch Dataset when torch is there; the class works without it too
     from torch.utils.data import Dataset as _Base
 except ImportError:  # pragma: no cover
@@ -76,13 +87,7 @@ class ImageDataset(_Base):
 
     def __getitem__(self, index: int):
         path, pid, camid = self.items[index]
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        img = read_image(path)
         if self.transform is not None:
             img = self.transform(img)
         return img, pid, camid, path
