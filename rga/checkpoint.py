@@ -69,6 +69,17 @@ def find_latest(folder):
     return found[-1][1] if found else None
 
 
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file as given, or the newest checkpoint in a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint_epNNNN.pth in {path}")
+        return latest
+    return path
+
+
 def prune_checkpoints(folder, keep: int) -> None:
     """Delete all but the newest `keep` checkpoint_epNNNN.pth files (keep <= 0: keep all)."""
     if keep <= 0:

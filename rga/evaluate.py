@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, extract_model_state, find_latest, load_checkpoint
+from .checkpoint import CheckpointError, extract_model_state, load_checkpoint, resolve_checkpoint
 from .config import ConfigError, add_config_arguments, parse_args_with_config
 from .engine import UsageError, evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
 from .train import (ARCHS, DEFAULT_WORKERS, add_runtime_arguments, check_fused_backend, fused_arg, load_dataset,
@@ -52,12 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(args) -> dict:
-    ckpt_path = Path(args.checkpoint)
-    if ckpt_path.is_dir():
-        latest = find_latest(ckpt_path)
-        if latest is None:
-            raise CheckpointError(f"no checkpoint_epNNNN.pth in {ckpt_path}")
-        ckpt_path = latest
+    ckpt_path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     state = extract_model_state(ckpt)
     saved = ckpt.get("config", {}) or {}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_model_state, find_latest, load_checkpoint
+from .checkpoint import CheckpointError, extract_model_state, load_checkpoint, resolve_checkpoint
 from .data import read_image
 from .transforms import build_test_transform
 
@@ -25,12 +25,7 @@ from .transforms import build_test_transform
 def _model_from_checkpoint(path, feat: str, fused):
     from .models import build_model
 
-    path = Path(path)
-    if path.is_dir():
-        latest = find_latest(path)
-        if latest is None:
-            raise CheckpointError(f"no checkpoint_epNNNN.pth in {path}")
-        path = latest
+    path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path)
     state = extract_model_state(ckpt)
     cfg = ckpt.get("config") or {}
