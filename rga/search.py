@@ -1,0 +1,455 @@
+"""Search a gallery of person crops with a trained (or exported) re-id model.
+
+    python -m rga.search build runs/quick data/synthetic/bounding_box_test --index gallery.npz
+    python -m rga.search query gallery.npz q1.jpg q2.jpg --top 10 [--json] [--plot q.png]
+
+``build`` extracts L2-normalized features of every image under GALLERY_DIR (recursively; .jpg,
+.jpeg, .png, .bmp, .webp) in batches with a progress bar and writes an index file: features,
+paths, and the person id / camera when the file names carry them (Market-1501 style
+``0001_c1s1_000151_01.jpg``, or any ``<pid>_c<camera>...`` name). An image that cannot be read is
+named on stderr, counted, recorded in the index and skipped. MODEL is a run folder or checkpoint
+of ``rga.train``, or a file written by ``rga.export`` (``.onnx``, run in ONNX Runtime; ``.pt2``,
+run by ``torch.export.load``).
+
+``query`` extracts the query images' features with the index's model (or ``--model``) and ranks
+the gallery by cosine similarity: an exact search, by a torch matrix product by default or by
+``faiss.IndexFlatIP`` (``pip install faiss-cpu``; ``--backend auto`` takes it for galleries of
+100,000 images and more). ``--plot FILE`` draws each query and its top matches (matplotlib).
+
+The index file is an ``.npz`` written without pickled objects and read with
+``allow_pickle=False``: arrays ``features`` (N, D) float32, ``paths`` (unicode), ``pids``,
+``camids`` (int64, -1 where unknown) and ``meta`` (a JSON string: format version, model, input
+size, counts, skipped files).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INDEX_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SEARCH_BACKENDS = ("auto", "torch", "faiss")
+FAISS_AUTO_MIN = 100_000  # --backend auto uses faiss (when installed) from this gallery size on
+_LOOSE_NAME = re.compile(r"^(-?\d+)_c(\d+)", re.IGNORECASE)
+
+
+class SearchError(RuntimeError):
+    """A bad index file, model or input; the message says which and why."""
+
+
+def parse_name(path) -> tuple[int, int]:
+    """(pid, 0-based camid) from a file name, (-1, -1) when it carries none."""
+    from .data.datasets import parse_market_name
+
+    name = Path(path).name
+    parsed = parse_market_name(name)
+    if parsed is None:
+        m = _LOOSE_NAME.match(name)
+        if m and int(m.group(2)) >= 1:
+            parsed = int(m.group(1)), int(m.group(2)) - 1
+    return parsed if parsed is not None else (-1, -1)
+
+
+def list_images(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SearchError(f"gallery folder not found: {folder}")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+# ----------------------------------------------------------------------------------------------
+# Features from a model source
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureModel:
+    """Preprocessed batch (N, 3, H, W) -> L2-normalized features (N, D), whatever runs it."""
+
+    run: object
+    height: int
+    width: int
+    source: str
+    kind: str
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.run(batch).float(), dim=1)
+
+
+def load_model(source, device=None) -> FeatureModel:
+    """A run folder / checkpoint of rga.train (PyTorch, FeatureExtractor), or an exported .onnx / .pt2."""
+    path = Path(source)
+    if path.suffix in (".onnx", ".pt2"):
+        from .export import load_exported
+
+        run, meta = load_exported(path)
+        return FeatureModel(run, int(meta["height"]), int(meta["width"]), str(path), meta["format"])
+    from .extractor import FeatureExtractor
+
+    extractor = FeatureExtractor(path, device=device)
+    return FeatureModel(extractor, extractor.height, extractor.width, str(path), "pytorch")
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+
+
+def extract_files(model: FeatureModel, paths, *, batch_size: int = 64, progress: bool = False):
+    """Features of the readable images among ``paths``: (features (K, D), kept paths, skipped
+    [(path, reason)]). Unreadable files are skipped, never fatal."""
+    from .data import read_image
+    from .transforms import build_test_transform
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    transform = build_test_transform(model.height, model.width)
+    feats, kept, skipped, pending = [], [], [], []
+    bar = _progress(None, len(paths), "features", progress) if progress else None
+
+    def flush():
+        if pending:
+            feats.append(model(torch.stack([t for _, t in pending])))
+            kept.extend(p for p, _ in pending)
+            if bar is not None:
+                bar.update(len(pending))
+            pending.clear()
+
+    for p in paths:
+        try:
+            pending.append((str(p), transform(read_image(p))))
+        except Exception as e:  # noqa: BLE001 - any unreadable or undecodable file is skipped
+            skipped.append((str(p), f"{type(e).__name__}: {e}"))
+            print(f"skipped {p}: {e}", file=sys.stderr)
+            if bar is not None:
+                bar.update(1)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    if bar is not None:
+        bar.close()
+    out = torch.cat(feats) if feats else torch.empty(0, 0)
+    return out, kept, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# The index
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class GalleryIndex:
+    features: torch.Tensor  # (N, D) float32, unit rows
+    paths: list
+    pids: np.ndarray
+    camids: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def save(self, path) -> Path:
+        """Write the index (atomically) as an .npz of plain arrays."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.meta, index_version=INDEX_VERSION, size=len(self), dim=int(self.features.shape[1]))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
+                np.savez(f, features=self.features.numpy().astype(np.float32),
+                         paths=np.array(self.paths, dtype=np.str_), pids=self.pids.astype(np.int64),
+                         camids=self.camids.astype(np.int64), meta=np.array(json.dumps(meta)))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path) -> "GalleryIndex":
+        path = Path(path)
+        if not path.is_file():
+            raise SearchError(f"index file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001
+            raise SearchError(f"{path} is not an index written by rga.search build: {type(e).__name__}: {e}") from e
+        missing = {"features", "paths", "pids", "camids", "meta"} - set(arrays)
+        if missing:
+            raise SearchError(f"{path} is not an index written by rga.search build (missing {sorted(missing)})")
+        meta = json.loads(str(arrays["meta"]))
+        version = meta.get("index_version")
+        if version != INDEX_VERSION:
+            raise SearchError(f"{path}: index format version {version}, this rga.search reads version {INDEX_VERSION}")
+        feats = torch.from_numpy(arrays["features"].astype(np.float32))
+        n = feats.shape[0]
+        if feats.dim() != 2 or not (len(arrays["paths"]) == len(arrays["pids"]) == len(arrays["camids"]) == n):
+            raise SearchError(f"{path}: inconsistent index (features {tuple(feats.shape)}, "
+                              f"{len(arrays['paths'])} paths)")
+        return cls(feats, [str(p) for p in arrays["paths"]], arrays["pids"], arrays["camids"], meta)
+
+    def search(self, queries: torch.Tensor, top: int = 10, backend: str = "auto"):
+        """(similarities (Q, k), indices (Q, k)) of the k = min(top, N) most similar gallery
+        entries per query, best first (cosine similarity: features are unit vectors)."""
+        return search(self.features, queries, top=top, backend=backend)
+
+
+def resolve_backend(backend: str, size: int) -> str:
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
+    if backend == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError as e:
+            raise SearchError("--backend faiss needs faiss: pip install faiss-cpu (or 'rga-kernels[faiss]')") from e
+        return "faiss"
+    if backend == "auto" and size >= FAISS_AUTO_MIN:
+        try:
+            import faiss  # noqa: F401
+
+            return "faiss"
+        except ImportError:
+            pass
+    return "torch"
+
+
+def search(gallery: torch.Tensor, queries: torch.Tensor, top: int = 10, backend: str = "auto",
+           chunk: int = 1024):
+    """Exact inner-product top-k of ``queries`` (Q, D) against ``gallery`` (N, D)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive int, got {top!r}")
+    if gallery.dim() != 2 or queries.dim() != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"queries {tuple(queries.shape)} do not match the gallery {tuple(gallery.shape)}: "
+                         "both must be (rows, D) with the same D (features of the same model)")
+    if gallery.shape[0] == 0:
+        raise SearchError("the gallery index is empty")
+    k = min(top, gallery.shape[0])
+    gallery, queries = gallery.float().contiguous(), queries.float().contiguous()
+    if resolve_backend(backend, gallery.shape[0]) == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(gallery.shape[1])
+        index.add(gallery.numpy())
+        sims, idx = index.search(queries.numpy(), k)
+        return torch.from_numpy(sims), torch.from_numpy(idx.astype(np.int64))
+    sims, idx = [], []
+    for start in range(0, queries.shape[0], chunk):
+        s, i = torch.topk(queries[start:start + chunk] @ gallery.T, k, dim=1)
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def build_index(model, gallery_dir, *, batch_size: int = 64, device=None, progress: bool = False) -> GalleryIndex:
+    """Features of every image under ``gallery_dir`` with ``model`` (a run folder, checkpoint,
+    exported file or a loaded :class:`FeatureModel`)."""
+    fm = model if isinstance(model, FeatureModel) else load_model(model, device=device)
+    paths = list_images(gallery_dir)
+    if not paths:
+        raise SearchError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {gallery_dir}")
+    t0 = time.perf_counter()
+    feats, kept, skipped = extract_files(fm, paths, batch_size=batch_size, progress=progress)
+    if not kept:
+        raise SearchError(f"none of the {len(paths)} images under {gallery_dir} could be read")
+    ids = np.array([parse_name(p) for p in kept], dtype=np.int64).reshape(-1, 2)
+    meta = {"model": str(Path(fm.source).resolve()), "model_kind": fm.kind, "height": fm.height, "width": fm.width,
+            "gallery_dir": str(Path(gallery_dir).resolve()), "found": len(paths), "skipped": len(skipped),
+            "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
+            "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return GalleryIndex(feats, [str(Path(p).resolve()) for p in kept], ids[:, 0], ids[:, 1], meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+def rank(index: GalleryIndex, model: FeatureModel, images, *, top: int = 10, backend: str = "auto",
+         cross_camera: bool = False, batch_size: int = 64) -> tuple[list[dict], list]:
+    """Ranked results for each readable query image, and the skipped [(path, reason)].
+
+    ``cross_camera``: leave out gallery images of the query's own identity and camera (the
+    Market-1501 protocol), for queries whose names carry both."""
+    feats, kept, skipped = extract_files(model, list(images), batch_size=batch_size)
+    if not kept:
+        return [], skipped
+    extra = 0
+    qids = [parse_name(p) for p in kept]
+    if cross_camera:
+        same = {}
+        for pid, cam in qids:
+            if pid >= 0:
+                same[(pid, cam)] = int(np.sum((index.pids == pid) & (index.camids == cam)))
+        extra = max(same.values(), default=0)
+    sims, idx = index.search(feats, top=top + extra, backend=backend)
+    results = []
+    for q, (path, (qpid, qcam)) in enumerate(zip(kept, qids)):
+        rows = []
+        for s, i in zip(sims[q].tolist(), idx[q].tolist()):
+            if i < 0:
+                continue
+            gpid, gcam = int(index.pids[i]), int(index.camids[i])
+            if cross_camera and qpid >= 0 and gpid == qpid and gcam == qcam:
+                continue
+            rows.append({"rank": len(rows) + 1, "path": index.paths[i], "similarity": round(float(s), 6),
+                         "pid": gpid if gcam >= 0 else None, "camid": gcam if gcam >= 0 else None})
+            if len(rows) == top:
+                break
+        results.append({"query": path, "pid": qpid if qcam >= 0 else None, "camid": qcam if qcam >= 0 else None,
+                        "results": rows})
+    return results, skipped
+
+
+def top1_share(results: list[dict]) -> tuple[int, int]:
+    """(queries whose best match has their identity, queries with a known identity)."""
+    known = [r for r in results if r["pid"] is not None and r["results"]]
+    hits = sum(1 for r in known if r["results"][0]["pid"] == r["pid"])
+    return hits, len(known)
+
+
+def plot_results(results: list[dict], out, *, top: int = 10):
+    """One row per query: the query, then its top matches (similarity above; a green frame for
+    the same identity, red for another, when the names carry identities)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SearchError("--plot needs matplotlib: pip install matplotlib (or 'rga-kernels[vis]')") from e
+    from .data import read_image
+
+    cols = 1 + min(top, max((len(r["results"]) for r in results), default=0))
+    fig, axes = plt.subplots(len(results), cols, figsize=(1.3 * cols, 2.6 * len(results)), squeeze=False)
+    for row, r in zip(axes, results):
+        for ax in row:
+            ax.axis("off")
+        row[0].imshow(read_image(r["query"]))
+        row[0].set_title("query" + (f"\nid {r['pid']}" if r["pid"] is not None else ""), fontsize=8)
+        for ax, hit in zip(row[1:], r["results"][:top]):
+            try:
+                ax.imshow(read_image(hit["path"]))
+            except OSError:
+                ax.text(0.5, 0.5, "unreadable", ha="center", fontsize=7)
+            ax.set_title(f"{hit['rank']}: {hit['similarity']:.3f}", fontsize=8)
+            if r["pid"] is not None and hit["pid"] is not None:
+                color = "green" if hit["pid"] == r["pid"] else "red"
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(color)
+                    spine.set_linewidth(3)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rga.search", description="Index a gallery of person crops and query it.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="extract gallery features into an index file")
+    b.add_argument("model", metavar="MODEL", help="run folder or checkpoint of rga.train, or an exported .onnx / .pt2")
+    b.add_argument("gallery", metavar="GALLERY_DIR", help="folder of gallery images (searched recursively)")
+    b.add_argument("--index", required=True, metavar="FILE", help="index file to write (.npz)")
+    b.add_argument("--batch-size", type=_positive_int, default=64)
+    b.add_argument("--device", help="cpu or cuda (PyTorch models; default: cuda when available)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q = sub.add_parser("query", help="rank the gallery for query images")
+    q.add_argument("index", metavar="FILE", help="index file written by build")
+    q.add_argument("images", metavar="IMAGE", nargs="+", help="query images")
+    q.add_argument("--top", type=_positive_int, default=10, help="results per query (default 10)")
+    q.add_argument("--json", action="store_true", help="print the results as JSON")
+    q.add_argument("--model", help="model for the query features (default: the one that built the index)")
+    q.add_argument("--backend", choices=SEARCH_BACKENDS, default="auto",
+                   help=f"exact search by torch or faiss.IndexFlatIP (auto: faiss from {FAISS_AUTO_MIN:,} images when installed)")
+    q.add_argument("--cross-camera", action="store_true",
+                   help="leave out gallery images of the query's own identity and camera (Market-1501 protocol)")
+    q.add_argument("--plot", metavar="PNG", help="draw the queries and their top matches (needs matplotlib)")
+    q.add_argument("--device", help="cpu or cuda (PyTorch models)")
+    return p
+
+
+def _cmd_build(args) -> int:
+    index = build_index(args.model, args.gallery, batch_size=args.batch_size, device=args.device,
+                        progress=not args.no_progress and sys.stderr.isatty())
+    path = index.save(args.index)
+    m = index.meta
+    print(f"indexed {len(index)} of {m['found']} images ({m['skipped']} unreadable, skipped) from {args.gallery} "
+          f"in {m['seconds']:.1f} s: {index.features.shape[1]}-d features, "
+          f"{int(np.sum(index.pids >= 0))} with identities in their names; wrote {path}")
+    return 0
+
+
+def _cmd_query(args) -> int:
+    index = GalleryIndex.load(args.index)
+    model = load_model(args.model or index.meta["model"], device=args.device)
+    if (model.height, model.width) != (index.meta.get("height"), index.meta.get("width")):
+        print(f"note: the query model's input {model.height}x{model.width} differs from the index's "
+              f"{index.meta.get('height')}x{index.meta.get('width')}", file=sys.stderr)
+    results, skipped = rank(index, model, args.images, top=args.top, backend=args.backend,
+                            cross_camera=args.cross_camera)
+    if skipped:
+        print(f"{len(skipped)} of {len(args.images)} query images unreadable, skipped", file=sys.stderr)
+    if not results:
+        raise SearchError("no readable query image")
+    hits, known = top1_share(results)
+    if args.json:
+        print(json.dumps({"index": str(args.index), "top": args.top, "queries": results,
+                          "skipped": [{"path": p, "reason": r} for p, r in skipped],
+                          "top1_same_identity": {"hits": hits, "queries_with_identity": known}}, indent=1))
+    else:
+        for r in results:
+            ident = f"  (id {r['pid']}, camera {r['camid'] + 1})" if r["pid"] is not None else ""
+            print(f"query {r['query']}{ident}")
+            for hit in r["results"]:
+                tag = f"  id {hit['pid']}, camera {hit['camid'] + 1}" if hit["pid"] is not None else ""
+                print(f"  {hit['rank']:>3}  {hit['similarity']:+.4f}  {hit['path']}{tag}")
+        if known:
+            print(f"top-1 same identity: {hits}/{known} = {hits / known:.1%} of the queries with an identity in their name")
+    if args.plot:
+        print(f"wrote {plot_results(results, args.plot, top=args.top)}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .export import ExportError
+
+    try:
+        return _cmd_build(args) if args.command == "build" else _cmd_query(args)
+    except (SearchError, CheckpointError, ExportError, ValueError, FileNotFoundError) as e:
+        print(f"rga.search: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
