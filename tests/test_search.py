@@ -1,0 +1,207 @@
+"""rga.search: gallery index (build, save, load), exact search (torch and faiss), the CLI, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rga import FeatureExtractor, build_model
+from rga.search import (INDEX_VERSION, GalleryIndex, SearchError, build_index, load_model, main, parse_name,
+                        plot_results, rank, search, top1_share)
+
+H, W = 64, 32
+PIDS = (3, 8, 15, 42, 77)
+
+
+def _noisy(base, rng):
+    return np.clip(base.astype(np.int16) + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Gallery: 4 noisy copies (2 cameras x 2) of one random picture per identity, one corrupt file
+    and one image without an identity in its name; queries: a fifth copy from camera 3."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("search")
+    gallery, queries = root / "gallery", root / "query"
+    (gallery / "sub").mkdir(parents=True)
+    queries.mkdir()
+    for pid in PIDS:
+        base = rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)
+        for cam in (1, 2):
+            for k in range(2):
+                folder = gallery / "sub" if cam == 2 else gallery
+                Image.fromarray(_noisy(base, rng)).save(folder / f"{pid:04d}_c{cam}s1_{k:06d}_00.png")
+        Image.fromarray(_noisy(base, rng)).save(queries / f"{pid:04d}_c3s1_000009_00.png")
+    Image.fromarray(rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(gallery / "street.png")
+    (gallery / "0099_c1s1_000001_00.jpg").write_bytes(b"not an image")  # unreadable
+    (gallery / "notes.txt").write_text("not an image file name")
+    return gallery, queries
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("baseline", 5, height=H, width=W, backbone="resnet18", pretrained=False).eval()
+    with torch.no_grad():
+        model.feat_bn.running_mean.uniform_(-0.1, 0.1)
+    folder = tmp_path_factory.mktemp("run")
+    config = {"arch": "baseline", "backbone": "resnet18", "height": H, "width": W, "fused_rga": True}
+    torch.save({"epoch": 1, "model": model.state_dict(), "config": config, "num_classes": 5},
+               folder / "checkpoint_ep0001.pth")
+    return folder, model
+
+
+def test_parse_name():
+    assert parse_name("/x/0002_c1s1_000451_03.jpg") == (2, 0)
+    assert parse_name("0000_c6s2_000001_01.png") == (0, 5)
+    assert parse_name("-1_c3s1_000001_00.jpg") == (-1, 2)
+    assert parse_name("0007_c2_anything.jpeg") == (7, 1)
+    assert parse_name("street.png") == (-1, -1)
+    assert parse_name("0007_c0_x.jpg") == (-1, -1)  # cameras are numbered from 1
+
+
+def test_build_skips_unreadable_and_answers_queries(run, data, tmp_path, capsys):
+    folder, model = run
+    gallery, queries = data
+    index_file = tmp_path / "gallery.idx"  # any name: nothing is appended to it
+    assert main(["build", str(folder), str(gallery), "--index", str(index_file), "--no-progress",
+                 "--batch-size", "3", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "0099_c1s1_000001_00.jpg" in captured.err  # the unreadable file is named
+    assert "indexed 21 of 22 images (1 unreadable, skipped)" in captured.out, captured.out
+    index = GalleryIndex.load(index_file)
+    assert len(index) == 21 and index.features.shape == (21, model.feature_dim)
+    assert index.meta["skipped"] == 1 and index.meta["skipped_files"][0]["path"].endswith("0099_c1s1_000001_00.jpg")
+    assert index.meta["index_version"] == INDEX_VERSION
+    torch.testing.assert_close(index.features.norm(dim=1), torch.ones(21))
+    # features and labels agree with FeatureExtractor and the file names
+    i = next(k for k, p in enumerate(index.paths) if p.endswith("0042_c2s1_000001_00.png"))
+    assert (index.pids[i], index.camids[i]) == (42, 1)
+    assert index.pids[index.paths.index(str((gallery / "street.png").resolve()))] == -1
+    expected = FeatureExtractor(model, device="cpu")([index.paths[i]])
+    torch.testing.assert_close(index.features[i:i + 1], expected, rtol=1e-4, atol=1e-5)
+
+    query_files = sorted(str(p) for p in queries.iterdir())
+    bad = str(tmp_path / "missing.jpg")
+    assert main(["query", str(index_file), *query_files, bad, "--top", "4", "--json", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "1 of 6 query images unreadable" in captured.err and "missing.jpg" in captured.err
+    out = json.loads(captured.out)
+    assert len(out["queries"]) == 5 and out["skipped"][0]["path"] == bad
+    q_feats = FeatureExtractor(model, device="cpu")(query_files)
+    for q, r in zip(q_feats, out["queries"]):
+        assert [h["rank"] for h in r["results"]] == [1, 2, 3, 4]
+        sims = [h["similarity"] for h in r["results"]]
+        assert sims == sorted(sims, reverse=True)
+        manual = (index.features @ q).topk(4).values
+        np.testing.assert_allclose(sims, manual.numpy(), atol=1e-4)
+    hits, known = out["top1_same_identity"]["hits"], out["top1_same_identity"]["queries_with_identity"]
+    assert known == 5 and hits == 5  # near-duplicates of the gallery pictures: the right identity first
+
+    # text output, the cross-camera protocol and the plot
+    plot = tmp_path / "q.png"
+    assert main(["query", str(index_file), query_files[0], "--top", "3", "--cross-camera", "--plot", str(plot),
+                 "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("\n  ") == 3 and "top-1 same identity: 1/1" in text, text
+    pytest.importorskip("matplotlib")
+    assert plot.stat().st_size > 1000
+
+
+def test_cross_camera_drops_same_camera_matches(run, data):
+    folder, model = run
+    gallery, _ = data
+    fm = load_model(folder, device="cpu")
+    index = build_index(fm, gallery)
+    query = str(gallery / "0003_c1s1_000000_00.png")  # a gallery image as query: it matches itself first
+    plain, _ = rank(index, fm, [query], top=3)
+    assert plain[0]["results"][0]["path"] == query and plain[0]["results"][0]["similarity"] > 0.9999
+    cross, _ = rank(index, fm, [query], top=3, cross_camera=True)
+    assert len(cross[0]["results"]) == 3
+    assert not any(h["pid"] == 3 and h["camid"] == 0 for h in cross[0]["results"])
+    assert cross[0]["results"][0]["pid"] == 3 and cross[0]["results"][0]["camid"] == 1
+    assert top1_share(cross) == (1, 1)
+
+
+def test_faiss_gives_the_same_results():
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed")
+    assert faiss is not None
+    g = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(40, 64, generator=g), dim=1)
+    s_t, i_t = search(gallery, queries, top=10, backend="torch")
+    s_f, i_f = search(gallery, queries, top=10, backend="faiss")
+    assert torch.equal(i_t, i_f)
+    torch.testing.assert_close(s_t, s_f, rtol=0, atol=1e-5)
+    # top larger than the gallery: the whole gallery, ranked
+    s, i = search(gallery[:5], queries[:2], top=10, backend="faiss")
+    assert i.shape == (2, 5) and sorted(i[0].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_search_exact_and_bad_input():
+    g = torch.Generator().manual_seed(1)
+    gallery = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    sims, idx = search(gallery, gallery[[7, 3]], top=2, backend="torch", chunk=1)
+    assert idx[:, 0].tolist() == [7, 3]
+    torch.testing.assert_close(sims[:, 0], torch.ones(2))
+    with pytest.raises(ValueError, match="same D"):
+        search(gallery, torch.randn(2, 9))
+    with pytest.raises(ValueError, match="top"):
+        search(gallery, gallery[:1], top=0)
+    with pytest.raises(ValueError, match="backend"):
+        search(gallery, gallery[:1], backend="annoy")
+
+
+def test_index_file_errors(tmp_path, capsys, run, data):
+    with pytest.raises(SearchError, match="not found"):
+        GalleryIndex.load(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(SearchError, match="not an index"):
+        GalleryIndex.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(SearchError, match="missing"):
+        GalleryIndex.load(tmp_path / "other.npz")
+    index = GalleryIndex(torch.zeros(1, 4), ["a.jpg"], np.array([1]), np.array([0]), {})
+    path = index.save(tmp_path / "v.npz")
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["meta"] = np.array(json.dumps({"index_version": 99}))
+    np.savez(tmp_path / "v99.npz", **arrays)
+    with pytest.raises(SearchError, match="version 99"):
+        GalleryIndex.load(tmp_path / "v99.npz")
+    # a pickled object array is refused, not loaded
+    arrays["paths"] = np.array([object()], dtype=object)
+    np.savez(tmp_path / "pickled.npz", **arrays)
+    with pytest.raises(SearchError, match="not an index"):
+        GalleryIndex.load(tmp_path / "pickled.npz")
+    # CLI: errors are messages with exit status 2
+    folder, _ = run
+    assert main(["query", str(tmp_path / "junk.npz"), "x.jpg"]) == 2
+    assert "rga.search: error:" in capsys.readouterr().err
+    assert main(["build", str(folder), str(tmp_path / "nowhere"), "--index", str(tmp_path / "i.npz")]) == 2
+    assert "gallery folder not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["build", str(folder), str(empty), "--index", str(tmp_path / "i.npz")]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["build", str(tmp_path / "no_run"), str(data[0]), "--index", str(tmp_path / "i.npz")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["query", str(path), "a.jpg", "--top", "0"])
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(SearchError, match="pip install matplotlib"):
+        plot_results([], tmp_path / "x.png")
