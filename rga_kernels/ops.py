@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .reference import relation_embed_factorized, relation_embed_reference
+from .reference import relation_embed_backward_factorized, relation_embed_factorized, relation_embed_reference
 
 BACKENDS = ("reference", "torch", "cpp", "cuda", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -60,12 +60,22 @@ def _ext_has_cuda() -> bool:
         return False
 
 
-def _fake_fwd(theta: Tensor, phi: Tensor, weight: Tensor):
-    acc = torch.float64 if theta.dtype == torch.float64 else torch.float32
+def _fake_fwd(theta: Tensor, phi: Tensor, weight: Tensor, acc_dtype: bool = False):
+    """Shapes of (out, p, q). p and q are in the input dtype (C++ ops), or with ``acc_dtype`` in the
+    accumulation dtype, float32 for fp16/bf16 inputs (the Triton kernels)."""
+    torch._check(theta.dim() == 3 and theta.shape == phi.shape, lambda: "theta and phi must be (B, d, n)")
+    torch._check(weight.dim() == 2 and weight.shape[1] == 2 * theta.shape[2], lambda: "weight must be (M, 2n)")
+    dtype = theta.dtype
+    if acc_dtype and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     B, d, n = theta.shape
     M = weight.shape[0]
     out = theta.new_empty((B, M, n))
-    return out, theta.new_empty((B, M, d), dtype=acc), theta.new_empty((B, M, d), dtype=acc)
+    return out, theta.new_empty((B, M, d), dtype=dtype), theta.new_empty((B, M, d), dtype=dtype)
+
+
+def _fake_fwd_triton(theta: Tensor, phi: Tensor, weight: Tensor):
+    return _fake_fwd(theta, phi, weight, acc_dtype=True)
 
 
 def _fake_bwd(grad_out, theta, phi, weight, p, q):
@@ -79,6 +89,7 @@ def _setup_context(ctx, inputs, output):
     _, p, q = output
     ctx.save_for_backward(theta, phi, weight, p, q)
     ctx.mark_non_differentiable(p, q)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused p, q outputs
 
 
 def _make_backward(bwd_op: Callable):
@@ -86,7 +97,13 @@ def _make_backward(bwd_op: Callable):
         theta, phi, weight, p, q = ctx.saved_tensors
         if grad_out is None:
             return None, None, None
-        dtheta, dphi, dweight = bwd_op(grad_out, theta, phi, weight, p, q)
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the kernels' backward has no derivative of its own, so
+            # the gradients are built from differentiable ops (same formulas, exact double backward)
+            dtheta, dphi, dweight = relation_embed_backward_factorized(
+                grad_out.to(theta.dtype), theta, phi, weight)
+        else:
+            dtheta, dphi, dweight = bwd_op(grad_out, theta, phi, weight, p, q)
         need = ctx.needs_input_grad
         return (dtheta if need[0] else None, dphi if need[1] else None,
                 dweight if need[2] else None)
@@ -147,7 +164,7 @@ if _TRITON_SPEC and hasattr(torch.library, "triton_op"):
         # Under the interpreter, tracing the op's body on fake tensors would execute the kernels
         # on them: give shape propagation explicit fake kernels instead. On GPUs triton_op's own
         # fake (the body, with wrap_triton recording the launches) is kept.
-        _relation_fwd_triton.register_fake(_fake_fwd)
+        _relation_fwd_triton.register_fake(_fake_fwd_triton)
         _relation_bwd_triton.register_fake(_fake_bwd)
     _relation_fwd_triton.register_autograd(_make_backward(_relation_bwd_triton), setup_context=_setup_context)
     _TRITON_REGISTERED = True
@@ -214,8 +231,10 @@ def _is_exporting() -> bool:
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
-    if backend == "auto":
-        backend = os.environ.get("RGA_KERNELS_BACKEND", "auto")
+    source = f"backend {backend!r}"
+    if backend == "auto" and os.environ.get("RGA_KERNELS_BACKEND", "auto") != "auto":
+        backend = os.environ["RGA_KERNELS_BACKEND"]
+        source = f"RGA_KERNELS_BACKEND={backend!r} (environment variable)"
     if backend == "auto" and _is_exporting():
         # torch.export: plain aten ops, so the exported program runs without this package.
         return "torch"
@@ -226,10 +245,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                 return name
         return "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        raise ValueError(f"unknown {source}; expected 'auto' or one of {BACKENDS}")
     ok, why = _cached_status(device.type)[backend]
     if not ok:
-        raise ValueError(f"backend {backend!r} is not available for {device.type} tensors on this machine: {why}. "
+        raise ValueError(f"{source} is not available for {device.type} tensors on this machine: {why}. "
                          f"Available here: {available_backends(device)}")
     return backend
 
@@ -252,7 +271,8 @@ def _check_inputs(theta, phi, weight) -> None:
     if weight.dim() != 2 or weight.shape[1] != 2 * n:
         raise ValueError(f"relation_embed: weight must be (M, 2n) = (M, {2 * n}) for n = {n} nodes, "
                          f"got shape {tuple(weight.shape)}")
-    if min(B, d, n, weight.shape[0]) < 1:
+    # (under torch.compile / export the batch stays symbolic: no Python comparison on it)
+    if not torch.compiler.is_compiling() and min(B, d, n, weight.shape[0]) < 1:
         raise ValueError(f"relation_embed: empty input: theta/phi {tuple(theta.shape)}, weight {tuple(weight.shape)}; "
                          "B, d, n and M must all be >= 1")
     if not (theta.device == phi.device == weight.device):
