@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rga import build_model
-from rga.export import (export_exported_program, export_onnx, export_program, fold_batch_norms,
+from rga.export import (export_onnx, export_program, fold_batch_norms,
                         load_exported, main, prepare_for_export, read_metadata)
 
 onnx = pytest.importorskip("onnx", reason="the deploy extra (onnx, onnxruntime, onnxscript) is not installed")
@@ -53,19 +53,17 @@ def _pytorch_features(model, x):
 
 @pytest.fixture(scope="module", params=["baseline", "rga_s", "rga_c", "rga_sc"])
 def exported(request, tmp_path_factory):
-    """One dynamic-batch ExportedProgram per variant, saved, and the ONNX file converted from it."""
+    """One dynamic-batch ExportedProgram per variant and the ONNX file converted from it (saving and
+    loading a .pt2 is tested once, by test_cli_exports_run_without_rga: it costs seconds per model)."""
     model = _model(request.param)
-    folder = tmp_path_factory.mktemp(request.param)
     program = export_program(model, dynamic_batch=True)
-    pt2 = folder / "model.pt2"
-    export_exported_program(model, pt2, dynamic_batch=True, program=program)
-    onnx_path = folder / "model.onnx"
+    onnx_path = tmp_path_factory.mktemp(request.param) / "model.onnx"
     meta = export_onnx(model, onnx_path, dynamic_batch=True, exporter="dynamo", program=program)
-    return request.param, model, pt2, onnx_path, meta
+    return request.param, model, program, onnx_path, meta
 
 
 def test_parity_onnx_runtime_and_exported_program(exported):
-    variant, model, pt2, onnx_path, meta = exported
+    variant, model, program, onnx_path, meta = exported
     assert meta["exporter"] == "dynamo" and meta["dynamic_batch"] and meta["input_shape"][0] == "batch"
     proto = onnx.load(str(onnx_path))
     onnx.checker.check_model(proto, full_check=True)
@@ -74,7 +72,7 @@ def test_parity_onnx_runtime_and_exported_program(exported):
     assert not any(n.domain not in ("", "ai.onnx") for n in proto.graph.node), "custom-domain ops in the graph"
     assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) <= 1, ops  # at most the BN neck
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    program = torch.export.load(str(pt2)).module()
+    program = program.module()
     for b in BATCHES:
         x = _images(b)
         expected = _pytorch_features(model, x)
@@ -91,8 +89,7 @@ def test_parity_onnx_runtime_and_exported_program(exported):
 
 
 def test_graph_has_no_package_ops_and_folded_trunk(exported):
-    variant, model, pt2, _, _ = exported
-    program = torch.export.load(str(pt2))
+    variant, model, program, _, _ = exported
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not any("rga_kernels" in t for t in targets), targets
     # trunk convs and BNs folded: the only batch norm left is the BN neck (1-D)
