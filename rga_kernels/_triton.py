@@ -320,6 +320,11 @@ def _gemm(out1, terms1, out2=None, terms2=None, *, MM, NN, KK, NB, reduce_batch=
     if _FORCED_CONFIG is not None:
         kernel = _bmm2x2_kernel
         meta.update(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps, num_stages=_FORCED_CONFIG.num_stages)
+    if torch.autograd.profiler._is_profiler_enabled and not torch.compiler.is_compiling():
+        # a named profiler event per launch: rga_kernels.launches counts Triton launches with aten ops
+        with torch.profiler.record_function("triton::_bmm2x2_kernel"):
+            _launchable(kernel)[grid](*args, MM, NN, KK, NB, **meta)
+        return
     _launchable(kernel)[grid](*args, MM, NN, KK, NB, **meta)
 
 
@@ -341,8 +346,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     else "tf32x3" (three TF32 tensor-core products, close to fp32 accuracy; IEEE fp32 dots run on
     the FMA units and spill registers at useful tile sizes). ROCm: "ieee" (no tf32x3 there).
     """
-    if dtype != torch.float32 or INTERPRET or torch.version.hip is not None:
+    if dtype == torch.float64 or INTERPRET or torch.version.hip is not None:
         return "ieee"
+    if dtype != torch.float32:
+        # fp16/bf16 launches: fp32 x fp32 dots only meet there with an fp32 weight under autocast,
+        # whose precision is the autocast dtype's anyway
+        return "tf32"
     if getattr(torch.backends.cuda.matmul, "allow_tf32", False):
         return "tf32"
     return "tf32x3"
