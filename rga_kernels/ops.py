@@ -226,6 +226,23 @@ def _cached_status(device_type: str) -> dict[str, tuple[bool, str]]:
     return _status_cache[device_type]
 
 
+@torch.compiler.assume_constant_result
+def _why_unavailable(device_type: str, backend: str) -> str:
+    """"" when ``backend`` runs on ``device_type`` tensors, else the reason. A constant for
+    torch.compile (evaluated once while tracing, never traced into)."""
+    ok, why = _cached_status(device_type)[backend]
+    return "" if ok else why
+
+
+@torch.compiler.assume_constant_result
+def _auto_backend(device_type: str) -> str:
+    status = _cached_status(device_type)
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        if status[name][0]:
+            return name
+    return "torch"
+
+
 def _is_exporting() -> bool:
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting and is_exporting())
@@ -242,15 +259,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         # torch.export: plain aten ops, so the exported program runs without this package.
         return "torch"
     if backend == "auto":
-        status = _cached_status(device.type)
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if status[name][0]:
-                return name
-        return "torch"
+        return _auto_backend(device.type)
     if backend not in BACKENDS:
         raise ValueError(f"unknown {source}; expected 'auto' or one of {BACKENDS}")
-    ok, why = _cached_status(device.type)[backend]
-    if not ok:
+    why = _why_unavailable(device.type, backend)
+    if why:
         raise ValueError(f"{source} is not available for {device.type} tensors on this machine: {why}. "
                          f"Available here: {available_backends(device)}")
     return backend
