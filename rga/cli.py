@@ -10,10 +10,7 @@ from pathlib import Path
 
 from . import config as C
 from .checkpoint import CheckpointError
-
-
-class UsageError(ValueError):
-    """A bad flag, flag combination or input: the CLI prints the message and exits with code 2."""
+from .engine import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
 
 
 def flag_of(name: str) -> str:
