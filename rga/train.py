@@ -141,6 +141,16 @@ def restored_model(cfg: C.RunConfig, ckpt: dict, path: Path, num_classes: int):
     return model
 
 
+def build_sampler(cfg: C.RunConfig, pids, *, rank: int = 0, world_size: int = 1) -> RandomIdentityBatchSampler:
+    """PK batches of cfg.data.batch_ids identities x batch_instances images, cfg.data.sampler's epoch."""
+    d = cfg.data
+    try:
+        return RandomIdentityBatchSampler(pids, d.batch_ids, d.batch_instances, seed=cfg.run.seed, rank=rank,
+                                          world_size=world_size, mode=d.sampler)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 @dataclass
 class TrainingParts:
     model: torch.nn.Module
@@ -160,12 +170,7 @@ def build_training_parts(cfg: C.RunConfig, rt, dataset, model, amp_dtype) -> Tra
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     criterion = ReidLoss(epsilon=o.label_smooth, margin=o.margin, id_weight=o.id_weight,
                          triplet_weight=o.triplet_weight)
-    try:
-        sampler = RandomIdentityBatchSampler([int(pid) for _, pid, _ in dataset.train], d.batch_ids,
-                                             d.batch_instances, seed=cfg.run.seed, rank=rt.rank,
-                                             world_size=rt.world_size, mode=d.sampler)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    sampler = build_sampler(cfg, [int(pid) for _, pid, _ in dataset.train], rank=rt.rank, world_size=rt.world_size)
     transform = build_train_transform(cfg.model.height, cfg.model.width, flip=d.flip_prob, crop=d.crop,
                                       crop_prob=d.crop_prob, pad=d.pad, erasing=d.erasing_prob)
     loader = build_train_loader(dataset, sampler, transform, workers=d.workers, device=rt.device)
