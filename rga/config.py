@@ -127,10 +127,10 @@ def stage_list(text) -> tuple:
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"expected stages like 1,2,3,4 or 2,3, got {text!r}")
     try:
-        stages = tuple(sorted({positive_int(s) for s in items if s != ""}))
+        stages = tuple(sorted({any_int(s) for s in items if s != ""}))
     except ValueError:
         raise ValueError(f"expected stages like 1,2,3,4 or 2,3, got {text!r}") from None
-    if not stages or any(s > 4 for s in stages):
+    if not stages or any(not 1 <= s <= 4 for s in stages):
         raise ValueError(f"expected a non-empty subset of 1,2,3,4 (for no attention use --model baseline), "
                          f"got {text!r}")
     return stages
@@ -260,7 +260,7 @@ class ModelConfig:
         """The paper-row name of this architecture (a key of MODEL_PRESETS), or VARIANT+custom; with
         '-sNN' when not every stage has a module. Used in run-folder names and logs."""
         options = {k: getattr(self, k) for k in _RGA_FIELDS}
-        name = next((n for n, row in MODEL_PRESETS.items()
+        name = next((n for n, row in model_presets().items()
                      if row["variant"] == self.variant and all(row[k] == options[k] for k in _RGA_FIELDS)),
                     f"{self.variant}+custom")
         if tuple(self.stages) != (1, 2, 3, 4) and self.variant != "baseline":
