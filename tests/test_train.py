@@ -353,3 +353,66 @@ def test_checkpoint_loading_refuses_arbitrary_objects(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="could not read checkpoint"):
         load_checkpoint(bad)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_ablation_trains_and_its_checkpoint_alone_rebuilds_it(data_root, tmp_path, capsys):
+    """The issue's 'done': an ablation row with a stage subset trains; rga.evaluate and
+    FeatureExtractor rebuild exactly that network from the run folder with no model flags."""
+    from rga import FeatureExtractor
+    from rga.checkpoint import load_model
+
+    run = tmp_path / "abl"
+    assert train(data_root, run, "--model", "rga_s_wo_ori", "--stages", "2,3", "--epochs", "1") == 0
+    ck = load(run / "checkpoint_ep0001.pth")
+    assert ck["format_version"] == 2 and ck["config"]["model"]["stages"] == [2, 3]
+    assert json.loads((run / "config.json").read_text()) == ck["config"]
+    keys = ck["model"].keys()
+    assert any(k.startswith("backbone.rga_att2.gg_spatial") for k in keys)
+    assert not any(k.startswith(("backbone.rga_att1.", "backbone.rga_att4.")) or "_channel" in k or "gx_" in k
+                   for k in keys)
+    model, info = load_model(run, with_info=True)
+    assert info.model.label() == "rga_s_wo_ori-s23" and model.stages == (2, 3)
+    assert same_weights(model.state_dict(), ck["model"])
+    capsys.readouterr()
+    out = tmp_path / "m.json"
+    assert reval.main(["--checkpoint", str(run), "--workers", "0", "--no-progress", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rga_s_wo_ori-s23 / resnet18 64x32, stages 2,3" in printed
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(ck["metrics"]["mAP"])
+    x = torch.randn(3, 3, 64, 32)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model(x), dim=1)
+    torch.testing.assert_close(FeatureExtractor(run, device="cpu")(x), expected)
+    # flags that would change the architecture are refused; dataset and evaluation ones are said out loud
+    for flags, msg in [(["--height", "128"], "height=128 differs from its height=64"),
+                       (["--model", "rga_s"], "use_original=True differs from its use_original=False"),
+                       (["--stages", "1,2,3,4"], "stages=(1, 2, 3, 4) differs")]:
+        assert reval.main(["--checkpoint", str(run), "--workers", "0", *flags]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "architecture comes from the checkpoint" in err
+    assert reval.main(["--checkpoint", str(run), "--workers", "0", "--no-progress", "--stages", "3,2",
+                       "--metric", "euclidean"]) == 0  # the checkpoint's own value is fine
+    assert "overriding the checkpoint's metric: 'euclidean' instead of the checkpoint run's 'cosine'" in \
+        capsys.readouterr().out
+    # resuming with another architecture is refused too
+    assert train(data_root, run, "--model", "rga_s_wo_ori", "--epochs", "2", "--resume", "auto") == 2
+    assert "stages (2, 3) -> (1, 2, 3, 4)" in capsys.readouterr().err
+
+
+def test_evaluate_public_checkpoint(data_root, tmp_path, capsys):
+    """rga.evaluate on a file in the public training script's layout (it names no dataset)."""
+    torch.manual_seed(0)
+    from rga import build_model
+    model = build_model("rga_sc", 751, pretrained=False)
+    path = tmp_path / "checkpoint_600.pth.tar"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 600,
+                "best_top1": 0.0, "optimizer": torch.optim.Adam(model.parameters()).state_dict()}, path)
+    common = ["--checkpoint", str(path), "--workers", "0", "--no-progress", "--threads", "1"]
+    assert reval.main(common) == 2
+    assert "does not say which dataset" in capsys.readouterr().err
+    data = ["--dataset", "synthetic", "--data-root", str(data_root)] + [f"--dataset-opt={kv}" for kv in TINY_DATA]
+    assert reval.main(common + data + ["--output", str(tmp_path / "p.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "public training script, epoch 600" in printed and "rga_sc / resnet50 256x128" in printed
+    m = json.loads((tmp_path / "p.json").read_text())
+    assert m["checkpoint_kind"] == "public training script" and 0 <= m["mAP"] <= 1
