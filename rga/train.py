@@ -237,8 +237,18 @@ def wrap_for_training(cfg: C.RunConfig, model, rt):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if cfg.run.compile or cfg.run.cuda_graphs:
-        model = torch.compile(model, mode="reduce-overhead" if cfg.run.cuda_graphs else None)
+        model = compile_for_training(model, cuda_graphs=cfg.run.cuda_graphs, fullgraph=not rt.distributed)
     return model
+
+
+def compile_for_training(model, *, cuda_graphs: bool = False, fullgraph: bool = True):
+    """--compile / --cuda-graphs: torch.compile, with CUDA graphs ("reduce-overhead") for the latter.
+
+    The fused model compiles as one graph (tests/test_compile.py); under DistributedDataParallel
+    Dynamo splits the graph at the gradient buckets, so fullgraph is off there. bench/train_step.py
+    times this same path.
+    """
+    return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, fullgraph=fullgraph)
 
 
 def open_tensorboard(cfg: C.RunConfig, out_dir: Path):
