@@ -5,7 +5,7 @@ import torch
 import rga_kernels
 from rga_kernels import relation_embed, relation_embed_reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from conftest import backend_params
 
 
 def _inputs(device, dtype=torch.float32, B=2, d=3, n=11, M=4, requires_grad=True):
@@ -15,19 +15,14 @@ def _inputs(device, dtype=torch.float32, B=2, d=3, n=11, M=4, requires_grad=True
 
 
 def _op_cases():
-    cases = []
-    for dev in DEVICES:
-        status = rga_kernels.backend_status(dev)
-        for backend, suffix in (("cpp", ""), ("cuda", ""), ("triton", "_triton")):
-            ok, why = status[backend]
-            marks = () if ok else (pytest.mark.skip(reason=f"{backend} on {dev}: {why}"),)
-            cases.append(pytest.param(dev, backend, suffix, id=f"{dev}-{backend}", marks=marks))
-    return cases
+    """The backends with custom ops of their own (the C++ ops serve cpp and cuda)."""
+    return backend_params(("cpp", "cuda", "triton"))
 
 
-@pytest.mark.parametrize("device,backend,suffix", _op_cases())
+@pytest.mark.parametrize("device,backend", _op_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_opcheck(device, backend, suffix, dtype):
+def test_opcheck(device, backend, dtype):
+    suffix = "_triton" if backend == "triton" else ""
     fwd = getattr(torch.ops.rga_kernels, "relation_fwd" + suffix).default
     bwd = getattr(torch.ops.rga_kernels, "relation_bwd" + suffix).default
     theta, phi, weight = _inputs(device, dtype)
@@ -44,16 +39,12 @@ def test_opcheck(device, backend, suffix, dtype):
 
 
 def _compile_cases():
-    cases = []
-    for dev in DEVICES:
-        status = rga_kernels.backend_status(dev)
-        for backend in ("torch", "cpp", "cuda", "triton"):
-            ok, why = status[backend]
-            if backend == "triton" and dev == "cpu":
-                ok, why = False, "Inductor compiles Triton kernels for GPUs only; interpreter runs are eager"
-            marks = () if ok else (pytest.mark.skip(reason=f"{backend} on {dev}: {why}"),)
-            cases.append(pytest.param(dev, backend, id=f"{dev}-{backend}", marks=marks))
-    return cases
+    def interpreter(dev, backend):
+        if backend == "triton" and dev == "cpu":
+            return "Inductor compiles Triton kernels for GPUs only; interpreter runs are eager"
+        return None
+
+    return backend_params(("torch", "cpp", "cuda", "triton"), extra_reason=interpreter)
 
 
 @pytest.mark.parametrize("device,backend", _compile_cases())

@@ -8,28 +8,17 @@ from torch.profiler import ProfilerActivity, profile
 import rga_kernels
 from rga_kernels import relation_embed, relation_embed_reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-FAST = [b for b in rga_kernels.BACKENDS if b != "reference"]
+from conftest import DEVICES, assert_within_torch_error, backend_params, relation_inputs
 
 
-def _cases(devices=DEVICES):
+def _cases(devices=None):
     """(device, backend) pairs: those missing here are skipped, with the reason."""
-    out = []
-    for dev in devices:
-        status = rga_kernels.backend_status(dev)
-        for b in FAST:
-            ok, why = status[b]
-            marks = () if ok else (pytest.mark.skip(reason=f"{b} on {dev}: {why}"),)
-            out.append(pytest.param(dev, b, id=f"{dev}-{b}", marks=marks))
-    return out
+    return backend_params() if devices is None else backend_params(devices=devices)
 
 
 def _inputs(B, d, n, M, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(B, d, n, generator=g, dtype=torch.float64) * scale
-    phi = torch.randn(B, d, n, generator=g, dtype=torch.float64) * scale
-    weight = torch.randn(M, 2 * n, generator=g, dtype=torch.float64) / (2 * n) ** 0.5
-    return [t.to(device=device, dtype=dtype) for t in (theta, phi, weight)]
+    theta, phi, weight = relation_inputs(B, d, n, M, dtype=torch.float64, seed=seed)
+    return [t.to(device=device, dtype=dtype) for t in (theta * scale, phi * scale, weight)]
 
 
 def _fwd_bwd(fn, inputs, grad):
@@ -52,13 +41,8 @@ def _check_against_reference(device, backend, B, d, n, M, dtype, k=3.0, seed=0, 
     ref_lp = _fwd_bwd(relation_embed_reference, inputs, grad)
     got = _fwd_bwd(lambda a, b, c: relation_embed(a, b, c, backend=backend), inputs, grad)
     for name, g, r, rl in zip(("out", "dtheta", "dphi", "dweight"), got, ref64, ref_lp):
-        assert g.dtype == dtype and g.shape == r.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
-        assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        err = (g.double() - r).abs().max().item()
-        torch_err = (rl.double() - r).abs().max().item()
-        floor = 1e-6 * r.abs().max().item() + 1e-12
-        assert err <= k * torch_err + floor, (
-            f"{backend} {name} {dtype}: error {err:.3e} > {k} x PyTorch's {torch_err:.3e} + {floor:.1e}")
+        assert g.dtype == dtype, f"{name}: {g.dtype}"
+        assert_within_torch_error(f"{backend} {name}", g, r, rl, k=k)
 
 
 @pytest.mark.parametrize("device,backend", _cases())

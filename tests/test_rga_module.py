@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rga_kernels
+from conftest import backend_params
 from rga import RGAModule
 
 C, H, W = 16, 8, 4
@@ -37,15 +38,9 @@ TRITON_SUBSET = {("sc", True), ("parallel", False), ("sc_none", True)}
 
 
 def _backends():
-    out = []
     # These tests run on CPU float64 tensors: ask for the CPU backends (on a GPU machine triton
     # is available for CUDA tensors only).
-    avail = rga_kernels.available_backends("cpu")
-    for name in ("torch", "cpp", "triton"):
-        reason = None if name in avail else rga_kernels.backend_status("cpu")[name][1]
-        marks = [pytest.mark.skipif(reason is not None, reason=f"{name} backend unavailable: {reason}")]
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
+    return backend_params(("torch", "cpp", "triton"), devices=["cpu"], with_device=False)
 
 
 def _randomize(module, seed=0):
