@@ -60,15 +60,10 @@ def _first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def load_trained_model(run, feat: str = "bn") -> nn.Module:
-    """The eval-mode model of a run folder or checkpoint written by ``rga.train``.
+    """The eval-mode model of a run folder or checkpoint (``rga.checkpoint.load_model``)."""
+    from .checkpoint import load_model
 
-    The one place this module reads checkpoints (through ``rga.extractor``'s loader), so that it
-    can move to a shared loader without touching the rest.
-    """
-    from .extractor import _model_from_checkpoint
-
-    model, _, _ = _model_from_checkpoint(run, feat, None)
-    return model.eval()
+    return load_model(run, neck_feat=feat).eval()
 
 
 class FeatureModel(nn.Module):
@@ -384,7 +379,7 @@ def check_exported(path, model: nn.Module, batch_sizes=(1, 7, 32), normalize: bo
 def default_output(run, fmt: str) -> Path:
     from .checkpoint import resolve_checkpoint
 
-    ckpt = resolve_checkpoint(run)
+    ckpt = Path(resolve_checkpoint(run))
     return ckpt.with_suffix(SUFFIXES[fmt])
 
 
