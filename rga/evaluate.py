@@ -12,8 +12,11 @@ import sys
 import torch
 
 from .checkpoint import CheckpointError, extract_model_state, load_checkpoint, resolve_checkpoint
-from .config import ConfigError, add_config_arguments, parse_args_with_config
-from .engine import UsageError, evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
+from .config import add_config_arguments, parse_args_with_config
+from .data.check import check_dataset
+from .errors import run_cli
+from .runfolder import check_output_file
+from .engine import evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
 from .train import (ARCHS, DEFAULT_WORKERS, add_runtime_arguments, check_fused_backend, fused_arg, load_dataset,
                     make_model, nonneg_int, parse_kv, positive_int)
 
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(args) -> dict:
+    if args.output:
+        check_output_file(args.output)  # before the work, not after printing the metrics
     ckpt_path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     state = extract_model_state(ckpt)
@@ -75,6 +80,7 @@ def evaluate(args) -> dict:
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and rt.device.type == "cuda")
     check_fused_backend(args.fused_rga, rt.device.type == "cuda")
     dataset = load_dataset(args)
+    check_dataset(dataset, ("query", "gallery"))  # all problems in one message, before any feature
     model = make_model(args, int(num_classes), args.feat)
     try:
         model.load_state_dict(state)
@@ -102,12 +108,7 @@ def evaluate(args) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args_with_config(parser, argv, presets={})
-    try:
-        evaluate(args)
-    except (UsageError, CheckpointError, ConfigError) as e:
-        print(f"rga.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("rga.evaluate", evaluate, args)
 
 
 if __name__ == "__main__":

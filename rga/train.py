@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -15,8 +16,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkpoint_name, extract_model_state,
-                         find_latest, list_checkpoints, load_checkpoint, prune_checkpoints, restore_rng_state)
-from .config import ConfigError, add_config_arguments, parse_args_with_config, parse_kv
+                         find_latest, load_checkpoint, prune_checkpoints, restore_rng_state)
+from .config import add_config_arguments, parse_args_with_config, parse_kv
+from .data.check import check_dataset
+from .errors import TrainingDivergedError, run_cli
+from .runfolder import acquire_run_folder, resume_checkpoint
 from .engine import (UsageError, barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model,
                      format_metrics, make_logger, resolve_amp, seed_everything, setup_runtime, train_one_epoch,
                      write_json)
@@ -164,6 +168,18 @@ def check_fused_backend(fused, on_gpu: bool) -> None:
                          f"{rga_kernels.available_backends(device)}")
 
 
+FLOAT_FLAGS = ("lr", "warmup_lr", "weight_decay", "gamma", "margin", "label_smooth", "id_weight", "triplet_weight",
+               "flip_prob", "erasing_prob")
+
+
+def check_finite(args) -> None:
+    """NaN or infinity in a numeric flag would only show up later, as a NaN loss."""
+    for name in FLOAT_FLAGS:
+        v = getattr(args, name, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+
+
 def check_args(args) -> None:
     """Flag combinations that cannot work, caught before any heavy lifting."""
     on_gpu = torch.cuda.is_available() and not str(args.device).startswith("cpu")
@@ -182,6 +198,7 @@ def check_args(args) -> None:
         raise UsageError("--flip-prob and --erasing-prob must be in [0, 1]")
     if not 0.0 <= args.label_smooth < 1.0:
         raise UsageError("--label-smooth must be in [0, 1)")
+    check_finite(args)
     if args.lr <= 0 or args.warmup_lr <= 0:
         raise UsageError("--lr and --warmup-lr must be > 0")
     if args.milestones != sorted(args.milestones):
@@ -239,24 +256,20 @@ def train(args) -> dict:
     rt = setup_runtime(args.device, args.dist_backend)
     logger = None
     writer = None
+    run_folder = None
     try:
         out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
-        if rt.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        barrier(rt)
+        # held until the end: one run per folder (rga.runfolder); also cleans leftover temp files
+        run_folder = acquire_run_folder(out_dir, rt)
         logger = make_logger(out_dir, rt.is_main)
         log = logger.info
+        for note in run_folder.notes() if run_folder is not None else []:
+            log(note)
 
-        resume_path = None
-        if args.resume == "auto":
-            resume_path = find_latest(out_dir)
-            if resume_path is None:
-                log(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
-        elif args.resume:
-            resume_path = Path(args.resume)
-        elif list_checkpoints(out_dir):
-            raise UsageError(f"{out_dir} already holds checkpoints; continue with --resume auto, "
-                             "or choose another --output-dir")
+        # the resume rule: only the folder's newest checkpoint continues in it (rga.runfolder)
+        resume_path = resume_checkpoint(out_dir, args.resume)
+        if args.resume == "auto" and resume_path is None:
+            log(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
 
         if args.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -269,6 +282,9 @@ def train(args) -> dict:
         # Rank 0 builds the dataset first (the synthetic one is generated on first use), then the others.
         if rt.is_main:
             dataset = load_dataset(args)
+            # every split non-empty, every image decodable: found now, not after the last epoch
+            checked = check_dataset(dataset)
+            log(f"dataset check: {checked['images']} images decode")
         barrier(rt)
         if not rt.is_main:
             dataset = load_dataset(args)
@@ -367,13 +383,33 @@ def train(args) -> dict:
                        workers=args.workers, amp_dtype=amp_dtype, channels_last=channels_last,
                        flip=args.flip_test, feat=args.eval_feat, metric=args.metric, rerank=args.rerank,
                        show_progress=show_progress)
+
+        def save_checkpoint(done, metrics, rng_states, prune):
+            if rt.is_main:
+                state = {"epoch": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "rng": rng_states, "config": vars(args), "num_classes": dataset.num_train_pids,
+                         "metrics": metrics, "world_size": rt.world_size,
+                         "torch_version": str(torch.__version__)}
+                path = atomic_save(state, out_dir / checkpoint_name(done))
+                if prune:
+                    prune_checkpoints(out_dir, args.keep_checkpoints)
+                log(f"saved {path}" + ("" if prune else " (with the evaluation)"))
+            barrier(rt)
+
         t_start = time.perf_counter()
         for epoch in range(start_epoch, args.epochs):
             scheduler.step(epoch)
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(train_model, loader, criterion, optimizer, device=rt.device, amp_dtype=amp_dtype,
-                                    scaler=scaler, channels_last=channels_last, show_progress=show_progress,
-                                    desc=f"epoch {epoch + 1}/{args.epochs}")
+            try:
+                stats = train_one_epoch(train_model, loader, criterion, optimizer, device=rt.device,
+                                        amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last,
+                                        show_progress=show_progress, desc=f"epoch {epoch + 1}/{args.epochs}")
+            except FloatingPointError as e:
+                kept = find_latest(out_dir)
+                raise TrainingDivergedError(f"epoch {epoch + 1}: {e}; "
+                                            + (f"{kept} is kept" if kept else "no checkpoint was written")) from e
             stats = _mean_across_ranks(rt, stats)
             lr = scheduler.get_last_lr()[0]
             log(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.2e}  loss {stats.get('loss', float('nan')):.4f} "
@@ -386,7 +422,14 @@ def train(args) -> dict:
                 writer.add_scalar("train/lr", lr, epoch + 1)
 
             done = epoch + 1
-            if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
+            do_eval = (args.eval_every and done % args.eval_every == 0) or done == args.epochs
+            do_save = done % args.ckpt_every == 0 or done == args.epochs
+            if do_save:
+                # saved before the evaluation (an evaluation failure then loses no training), and
+                # saved again with the evaluation's metrics
+                rng_states = _gather_objects(rt, capture_rng_state())
+                save_checkpoint(done, last_metrics, rng_states, prune=True)
+            if do_eval:
                 if rt.is_main:
                     metrics = evaluate_model(model, dataset, **eval_kw)
                     last_metrics = {"epoch": done, **metrics}
@@ -398,20 +441,8 @@ def train(args) -> dict:
                         for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"):
                             writer.add_scalar(f"eval/{k}", metrics[k], done)
                 barrier(rt)
-
-            if done % args.ckpt_every == 0 or done == args.epochs:
-                rng_states = _gather_objects(rt, capture_rng_state())
-                if rt.is_main:
-                    state = {"epoch": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                             "scaler": scaler.state_dict() if scaler is not None else None,
-                             "rng": rng_states, "config": vars(args), "num_classes": dataset.num_train_pids,
-                             "metrics": last_metrics, "world_size": rt.world_size,
-                             "torch_version": str(torch.__version__)}
-                    path = atomic_save(state, out_dir / checkpoint_name(done))
-                    prune_checkpoints(out_dir, args.keep_checkpoints)
-                    log(f"saved {path}")
-                barrier(rt)
+                if do_save:
+                    save_checkpoint(done, last_metrics, rng_states, prune=False)
         if args.epochs > start_epoch:
             log(f"done: {args.epochs - start_epoch} epoch(s) in {time.perf_counter() - t_start:.1f}s")
         if last_metrics:
@@ -422,21 +453,15 @@ def train(args) -> dict:
             writer.close()
         if logger is not None:
             close_logger(logger)
+        if run_folder is not None:
+            run_folder.release()
         cleanup_runtime(rt)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
-    try:
-        train(args)
-    except (UsageError, CheckpointError, ConfigError) as e:
-        print(f"rga.train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rga.train: interrupted; continue later with --resume auto", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("rga.train", train, args, interrupted_hint="continue later with --resume auto")
 
 
 if __name__ == "__main__":
