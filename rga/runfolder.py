@@ -78,6 +78,14 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+def _file_in_the_way(path: Path):
+    """The nearest existing ancestor of `path` (or path itself) when it is not a folder."""
+    for p in [path, *path.parents]:
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def clean_temp_files(folder) -> list:
     """Remove leftover temporary files of interrupted atomic writes in a run folder (and its
     metrics/ folder). Call only while holding the folder's lock. Returns the removed paths."""
@@ -115,10 +123,10 @@ class RunFolder:
             raise RunFolderError(f"run folder {self.path} exists and is not a folder; choose another --output-dir")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-        except FileExistsError as e:  # a parent is a file, or a race with a file of that name
-            raise RunFolderError(f"cannot create run folder {self.path}: {describe_os_error(e)} "
-                                 "(a file is in the way)") from e
         except OSError as e:
+            blocker = _file_in_the_way(self.path)
+            if blocker is not None:
+                raise RunFolderError(f"cannot create run folder {self.path}: {blocker} is a file, not a folder") from e
             raise RunFolderError(f"cannot create run folder {self.path}: {describe_os_error(e)}") from e
 
     def _open_lock(self) -> int:
@@ -286,5 +294,8 @@ def check_output_file(path) -> Path:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         os.unlink(probe)
     except OSError as e:
+        blocker = _file_in_the_way(path.parent)
+        if blocker is not None:
+            raise RunFolderError(f"cannot write {path}: {blocker} is a file, not a folder") from e
         raise RunFolderError(f"cannot write {path}: {describe_os_error(e)}") from e
     return path

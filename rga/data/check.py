@@ -19,7 +19,8 @@ def _check_one(path: str):
     except ImageReadError as e:
         text = str(e)
         prefix = f"{path}: "
-        return text.split(prefix, 1)[1] if prefix in text else text
+        text = text.split(prefix, 1)[1] if prefix in text else text
+        return text.replace(f" '{path}'", "")  # PIL repeats the path
     return None
 
 
@@ -56,7 +57,10 @@ def check_dataset(dataset, splits: Sequence[str] = SPLITS, *, images: bool = Tru
     n_bad = sum(len(v) for v in bad.values())
     if n_bad:
         listed = [(s, p, r) for s, items in bad.items() for p, r in items][:SHOWN]
-        text = "; ".join(f"{s}: {p} ({r})" for s, p, r in listed)
+        groups = {}
+        for s, p, r in listed:
+            groups.setdefault(s, []).append(f"{p} ({r})")
+        text = "; ".join(f"{s}: {', '.join(g)}" for s, g in groups.items())
         more = f"; and {n_bad - SHOWN} more" if n_bad > SHOWN else ""
         problems.append(f"{n_bad} unreadable image(s) of {n}: {text}{more}")
     if problems:
