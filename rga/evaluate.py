@@ -63,8 +63,8 @@ def evaluate(args) -> dict:
     for key, fallback in FROM_CHECKPOINT.items():
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, fallback))
-    if args.dataset_opt is None:
-        args.dataset_opt = list(saved.get("dataset_opt", []))
+    if args.dataset_opt is None:  # the checkpoint's dataset options, if it is the checkpoint's dataset
+        args.dataset_opt = list(saved.get("dataset_opt", [])) if args.dataset == saved.get("dataset") else []
     args.pretrained = None  # the checkpoint holds every weight
     num_classes = ckpt.get("num_classes")
     if num_classes is None:  # a bare state_dict: read the classifier size from it
