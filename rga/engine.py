@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .transforms import build_test_transform, build_train_transform
+from .transforms import build_test_transform
 
 
 class UsageError(ValueError):
@@ -133,10 +133,11 @@ def progress(iterable, *, total=None, desc="", enabled=True):
 
 # --------------------------------------------------------------------------- data
 
-def build_train_loader(dataset, sampler, *, height, width, pad, flip_prob, erasing_prob, workers, device):
+def build_train_loader(dataset, sampler, transform, *, workers, device):
+    """The training images through `transform` (rga.transforms.build_train_transform), batched by
+    `sampler` (a PK batch sampler)."""
     from .data import ImageDataset
-    tf = build_train_transform(height, width, flip=flip_prob, pad=pad, erasing=erasing_prob)
-    return DataLoader(ImageDataset(dataset.train, transform=tf), batch_sampler=sampler, num_workers=workers,
+    return DataLoader(ImageDataset(dataset.train, transform=transform), batch_sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 

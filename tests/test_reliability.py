@@ -209,7 +209,7 @@ def test_train_errors_are_one_line_with_exit_2(data_root, tmp_path, capsys, case
     extra, expected = {
         "read_only": ([], "is not writable: Permission denied (EACCES)"),
         "output_is_file": ([], "exists and is not a folder"),
-        "lr_nan": (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        "lr_nan": (["--lr", "nan"], "bad value for '--lr': expected a finite number, got 'nan'"),
         "nan_loss": (["--id-weight", "1e308"], "epoch 1: loss became inf (lower --lr, or try --amp off); no checkpoint"),
         "resume_text": (["--resume", str(text)], f"could not read checkpoint {text}: not a PyTorch checkpoint (a text file"),
         "pretrained_text": (["--pretrained", str(text)], f"could not read checkpoint {text}: not a PyTorch checkpoint"),
