@@ -241,12 +241,29 @@ def test_disk_full_while_saving_is_one_line_with_the_cause(data_root, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "train.log"]  # no temp file, no lock
 
 
-def test_data_command_over_a_foreign_folder(tmp_path, capsys):
+def test_data_command_over_a_foreign_folder(tmp_path):
     (tmp_path / "synthetic").mkdir()
     (tmp_path / "synthetic" / "mine.txt").write_text("keep me")
-    assert data_main(["synthetic", str(tmp_path)]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert "has no synthetic_config.json" in line and (tmp_path / "synthetic" / "mine.txt").exists()
+    res = subprocess.run([sys.executable, "-m", "rga.data", "synthetic", str(tmp_path)], env=ENV, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert line.startswith("rga.data: error: ") and "has no synthetic_config.json" in line
+    assert (tmp_path / "synthetic" / "mine.txt").exists()
+
+
+def test_data_command_lists_every_unreadable_image(market_copy, tmp_path, capsys):
+    root, _ = broken_copy(market_copy, tmp_path, "bad_gallery")
+    victims = sorted((root / "query").iterdir())[:2]
+    for v in victims:
+        v.write_bytes(v.read_bytes()[:100])  # truncated
+    assert data_main(["market1501", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert "3 unreadable image(s)" in one_error_line(captured.err)
+    assert "query: 2 image(s) cannot be read" in captured.out and "gallery: 1 image(s)" in captured.out
+    assert all(str(v) in captured.out for v in victims)
+    assert data_main(["market1501", str(market_copy)]) == 0
+    assert "all 50 images decode" in capsys.readouterr().out
 
 
 def test_evaluate_errors_are_one_line_with_exit_2(run2, tmp_path, capsys):
