@@ -25,7 +25,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .checkpoint import list_checkpoints
+from .checkpoint import CKPT_PATTERN, list_checkpoints
 from .errors import RunFolderError, describe_os_error
 
 LOCK_NAME = ".rga-run.lock"
@@ -270,9 +270,10 @@ def resume_checkpoint(out_dir, resume):
         same = False
     if same:
         return path
-    names = [p.name for _, p in found]
+    m = CKPT_PATTERN.match(path.name)
+    newer = [p.name for e, p in found if m is None or e > int(m.group(1))]
     in_folder = path.parent.exists() and os.path.samefile(path.parent, out_dir)
-    why = (f"{out_dir} holds newer checkpoints ({', '.join(n for n in names if n > path.name) or names[-1]}); "
+    why = (f"{out_dir} holds newer checkpoints ({', '.join(newer)}); "
            "resuming an older one here would overwrite them and leave a stale latest checkpoint"
            if in_folder else
            f"{out_dir} already holds checkpoints of another run (newest: {newest.name})")
