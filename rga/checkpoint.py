@@ -317,6 +317,11 @@ def infer_model_config(state: dict, hints: dict | None = None):
         values.setdefault("width", 128)
     else:
         values["height"], values["width"] = _public_input_size(hw, stages[0], values)
+    hinted = {k: v for k, v in hints.items() if k in ("stages", "use_relation", "use_original", "embedding")}
+    differ = [f"{k}={v!r} (the weights have {values[k]!r})" for k, v in hinted.items()
+              if (tuple(v) if k == "stages" else v) != values[k]]
+    if differ:
+        raise CheckpointError("the checkpoint's weights contradict " + ", ".join(differ))
     try:
         return replace(ModelConfig(), **values), num_classes
     except TypeError as e:

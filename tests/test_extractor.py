@@ -209,6 +209,8 @@ def test_bare_state_dict_input_size_and_bad_files(model, tmp_path):
     assert load_model(tmp_path / "tall.pth", hints={"height": 96, "width": 32}).height == 96
     with pytest.raises(CheckpointError, match="does not give"):
         load_model(tmp_path / "tall.pth", hints={"height": 64, "width": 32})
+    with pytest.raises(CheckpointError, match=r"contradict stages=\(2, 3\) \(the weights have \(1, 2, 3, 4\)\)"):
+        load_model(tmp_path / "tall.pth", hints={"height": 96, "width": 32, "stages": (2, 3)})
     # not a re-id network, a newer format, a config contradicting the weights
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a ResNet"):
