@@ -206,6 +206,47 @@ def warn_changed_options(cfg: C.RunConfig, ckpt: dict, log) -> None:
         log(f"warning: options differ from the checkpoint's run: {changed}")
 
 
+def speed_settings(cfg: C.RunConfig, rt) -> tuple:
+    """cuDNN / determinism switches; returns (autocast dtype or None, channels_last)."""
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    channels_last = cfg.run.channels_last == "on" or (cfg.run.channels_last == "auto" and rt.device.type == "cuda")
+    return resolve_amp(cfg.run.amp, rt.device), channels_last
+
+
+def place_model(cfg: C.RunConfig, model, rt, channels_last: bool, log):
+    if cfg.run.sync_bn:
+        if rt.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log("note: --sync-bn has no effect in a single process (BatchNorm already sees the whole batch)")
+    model.to(rt.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def wrap_for_training(cfg: C.RunConfig, model, rt):
+    """DistributedDataParallel under torchrun, torch.compile when asked; `model` stays the bare one."""
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.run.compile or cfg.run.cuda_graphs:
+        model = torch.compile(model, mode="reduce-overhead" if cfg.run.cuda_graphs else None)
+    return model
+
+
+def open_tensorboard(cfg: C.RunConfig, out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
 def mean_across_ranks(rt, stats: dict) -> dict:
     if not rt.distributed:
         return stats
@@ -305,14 +346,7 @@ def train(cfg: C.RunConfig) -> dict:
             log(note)
         resume_path = open_run_folder(cfg, rt, log)
 
-        if cfg.run.deterministic:
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        elif rt.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        amp_dtype = resolve_amp(cfg.run.amp, rt.device)
-        channels_last = cfg.run.channels_last == "on" or (cfg.run.channels_last == "auto"
-                                                          and rt.device.type == "cuda")
+        amp_dtype, channels_last = speed_settings(cfg, rt)
 
         # Rank 0 builds the dataset first (the synthetic one is generated on first use), then the others.
         dataset = load_dataset(cfg.data) if rt.is_main else None
@@ -329,14 +363,7 @@ def train(cfg: C.RunConfig) -> dict:
         ckpt = load_checkpoint(resume_path) if resume_path is not None else None
         model = (restored_model(cfg, ckpt, resume_path, num_classes) if ckpt is not None
                  else new_model(cfg, num_classes, log))
-        if cfg.run.sync_bn:
-            if rt.distributed:
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            else:
-                log("note: --sync-bn has no effect in a single process (BatchNorm already sees the whole batch)")
-        model.to(rt.device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+        model = place_model(cfg, model, rt, channels_last, log)
         m = cfg.model
         log(f"model {m.label()} ({m.variant}, stages {','.join(map(str, m.stages))}) / {m.backbone}: "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, input {m.height}x{m.width}, "
@@ -356,18 +383,8 @@ def train(cfg: C.RunConfig) -> dict:
         if start_epoch >= cfg.optim.epochs:
             log(f"nothing to do: the checkpoint is at epoch {start_epoch} and --epochs is {cfg.optim.epochs}")
 
-        train_model = model
-        if rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        if cfg.run.compile or cfg.run.cuda_graphs:
-            train_model = torch.compile(train_model, mode="reduce-overhead" if cfg.run.cuda_graphs else None)
-        if cfg.run.tensorboard and rt.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-            writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        train_model = wrap_for_training(cfg, model, rt)
+        writer = open_tensorboard(cfg, out_dir) if cfg.run.tensorboard and rt.is_main else None
         if rt.is_main:
             write_json(cfg.to_dict(), out_dir / "config.json")
 

@@ -175,6 +175,11 @@ def test_config_file_and_precedence(tmp_path, capsys):
         assert msg in err and str(cfg) in err and "Traceback" not in err
     assert rtrain.main(["--config", str(tmp_path / "missing.json")]) == 2
     assert "config file not found" in capsys.readouterr().err
+    # the old spelling of --model still works, on the command line and in files
+    assert rtrain.parse_config(["--arch", "rga_s"]).model.variant == "rga_s"
+    cfg.write_text(json.dumps({"arch": "rga_c", "fused_rga": "torch"}))
+    c = rtrain.parse_config(["--config", str(cfg)])
+    assert (c.model.variant, c.model.fused) == ("rga_c", "torch")
 
 
 def test_shipped_configs_parse():
