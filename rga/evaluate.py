@@ -16,9 +16,8 @@ import sys
 import torch
 
 from . import config as C
-from .checkpoint import CheckpointError, load_model
-from .cli import (UsageError, add_field_arguments, check_fused_backend, given_flags, load_dataset,
-                  section_fields)
+from .checkpoint import load_model
+from .cli import UsageError, add_field_arguments, check_fused_backend, given_flags, load_dataset
 from .data.check import check_dataset
 from .engine import evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
 from .errors import run_cli
