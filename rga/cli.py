@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 from . import config as C
-from .checkpoint import CheckpointError
 from .engine import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
 
 
@@ -96,11 +94,6 @@ def layers_from_args(ns: argparse.Namespace, cli_names) -> list:
     return layers
 
 
-def fail(prog: str, error: Exception) -> int:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    return 2
-
-
 def check_fused_backend(fused, on_gpu: bool) -> None:
     """A --fused-rga backend name that this machine cannot run is a usage error, caught up front."""
     if not isinstance(fused, str):
@@ -136,5 +129,3 @@ def find_pretrained(backbone: str) -> Path | None:
             return found[0]
     return None
 
-
-ERRORS = (UsageError, CheckpointError, C.ConfigError)

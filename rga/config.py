@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -73,9 +74,12 @@ def real(text) -> float:
     if isinstance(text, bool):
         raise ValueError(f"expected a number, got {text!r}")
     try:
-        return float(text)
+        v = float(text)
     except (TypeError, ValueError):
         raise ValueError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):  # NaN or infinity would only show up later, as a NaN loss
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return v
 
 
 def probability(text) -> float:

@@ -16,10 +16,12 @@ import sys
 import torch
 
 from . import config as C
-from .checkpoint import CheckpointError, load_model
-from .cli import (ERRORS, UsageError, add_field_arguments, check_fused_backend, fail, given_flags, load_dataset,
-                  section_fields)
+from .checkpoint import load_model
+from .cli import UsageError, add_field_arguments, check_fused_backend, given_flags, load_dataset
+from .data.check import check_dataset
 from .engine import evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
+from .errors import run_cli
+from .runfolder import check_output_file
 
 DATA_FIELDS = ("dataset", "data_root", "dataset_opt")
 EVAL_FIELDS = ("eval_feat", "metric", "rerank", "flip_test", "test_batch_size")
@@ -60,6 +62,8 @@ def plan(ns: argparse.Namespace):
     saved = base.flat()
     layer = {k: saved[k] for k in DATA_FIELDS + EVAL_FIELDS}
     overrides = C.parse_values(given_flags(ns, set(DATA_FIELDS + EVAL_FIELDS + RUNTIME_FIELDS)), "command line")
+    if overrides.get("dataset", saved["dataset"]) != saved["dataset"] and "dataset_opt" not in overrides:
+        layer["dataset_opt"] = type(saved["dataset_opt"])()  # another dataset: not the checkpoint's options
     notes = []
     if info.config is not None:
         for k in DATA_FIELDS + EVAL_FIELDS:
@@ -73,6 +77,8 @@ def plan(ns: argparse.Namespace):
 
 
 def evaluate(ns: argparse.Namespace) -> dict:
+    if ns.output:
+        check_output_file(ns.output)  # before the work, not after printing the metrics
     if getattr(ns, "threads", 0):
         torch.set_num_threads(C.nonneg_int(ns.threads))
     info, model, cfg, notes = plan(ns)
@@ -82,6 +88,7 @@ def evaluate(ns: argparse.Namespace) -> dict:
     channels_last = r.channels_last == "on" or (r.channels_last == "auto" and rt.device.type == "cuda")
     check_fused_backend(model.fused, rt.device.type == "cuda")
     dataset = load_dataset(cfg.data)
+    check_dataset(dataset, ("query", "gallery"))  # all problems in one message, before any feature
     model.to(rt.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -108,11 +115,7 @@ def evaluate(ns: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
-    try:
-        evaluate(ns)
-    except ERRORS as e:
-        return fail("rga.evaluate", e)
-    return 0
+    return run_cli("rga.evaluate", evaluate, ns)
 
 
 if __name__ == "__main__":

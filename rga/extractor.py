@@ -5,7 +5,8 @@
     feats = extract(["a.jpg", "b.jpg"])               # (2, D) float32 on the CPU, unit norm
     scores = feats @ feats.T                          # cosine similarity
 
-Inputs: file paths, PIL images, HxWx3 uint8 arrays (one, or a list), or a float tensor
+Inputs: file paths, PIL images, HxWx3 uint8 arrays (one, or a list), a uint8 tensor of pixels
+((3, H, W) or (N, 3, H, W), any size: resized and normalized like the arrays), or a float tensor
 (N, 3, H, W) already resized and normalized like the test transform.
 """
 from __future__ import annotations
@@ -65,7 +66,19 @@ class FeatureExtractor:
         self.normalize = normalize
 
     def _batch(self, inputs) -> torch.Tensor:
-        if isinstance(inputs, torch.Tensor):
+        if isinstance(inputs, torch.Tensor) and inputs.dtype == torch.uint8:
+            # raw pixels (as torchvision.io.read_image gives them): (3, H, W) or (N, 3, H, W), any
+            # size; they go through the test transform like arrays do (resize, scale, normalize)
+            if inputs.dim() == 3:
+                inputs = inputs.unsqueeze(0)
+            if inputs.dim() != 4 or inputs.shape[1] != 3:
+                raise ValueError(f"a uint8 tensor input must be (3, H, W) or (N, 3, H, W) pixels, "
+                                 f"got {tuple(inputs.shape)}")
+            inputs = [np.ascontiguousarray(t.permute(1, 2, 0).cpu().numpy()) for t in inputs]
+        elif isinstance(inputs, torch.Tensor):
+            if not inputs.is_floating_point():
+                raise TypeError(f"a tensor input must be float (a preprocessed batch) or uint8 (pixels), "
+                                f"got {inputs.dtype}")
             if inputs.dim() != 4 or inputs.shape[1] != 3 or tuple(inputs.shape[2:]) != (self.height, self.width):
                 raise ValueError(f"a tensor input must be a preprocessed batch (N, 3, {self.height}, {self.width}), "
                                  f"got {tuple(inputs.shape)}")

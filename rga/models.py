@@ -301,7 +301,9 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
         desc = os.fspath(source)
         if not os.path.isfile(desc):
             raise FileNotFoundError(f"pretrained checkpoint not found: {desc}")
-        state = torch.load(desc, map_location="cpu", weights_only=True)
+        from .checkpoint import load_checkpoint  # the safe loader, with its clear errors
+
+        state = load_checkpoint(desc)
     elif isinstance(source, Mapping):
         desc, state = "<state dict>", source
     else:

@@ -22,9 +22,12 @@ import torch
 
 from . import config as C
 from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkpoint_name, find_latest,
-                         list_checkpoints, load_checkpoint, load_model, prune_checkpoints, restore_rng_state)
-from .cli import (ERRORS, UsageError, add_field_arguments, add_layer_arguments, check_fused_backend, fail,
-                  find_pretrained, layers_from_args, load_dataset, section_fields)
+                         load_checkpoint, load_model, prune_checkpoints, restore_rng_state)
+from .cli import (UsageError, add_field_arguments, add_layer_arguments, check_fused_backend, find_pretrained,
+                  layers_from_args, load_dataset, section_fields)
+from .data.check import check_dataset
+from .errors import TrainingDivergedError, run_cli
+from .runfolder import acquire_run_folder, resume_checkpoint
 from .engine import (barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model, format_metrics,
                      make_logger, resolve_amp, seed_everything, setup_runtime, train_one_epoch, write_json)
 from .losses import ReidLoss
@@ -81,20 +84,15 @@ def check_runtime(cfg: C.RunConfig) -> None:
 
 
 def open_run_folder(cfg: C.RunConfig, rt, log) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run). A fresh run refuses a folder that
-    already holds checkpoints."""
+    """The checkpoint to resume from (None: a fresh run), by the resume rule of rga.runfolder: a
+    fresh run refuses a folder that already holds checkpoints, and only the folder's newest
+    checkpoint continues in it (an older one branches into a new folder). Call with the folder's
+    lock held."""
     out_dir = Path(cfg.run.output_dir)
-    if cfg.run.resume == "auto":
-        path = find_latest(out_dir)
-        if path is None:
-            log(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
-        return path
-    if cfg.run.resume:
-        return Path(cfg.run.resume)
-    if list_checkpoints(out_dir):
-        raise UsageError(f"{out_dir} already holds checkpoints; continue with --resume auto, "
-                         "or choose another --output-dir")
-    return None
+    path = resume_checkpoint(out_dir, cfg.run.resume)
+    if cfg.run.resume == "auto" and path is None:
+        log(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
+    return path
 
 
 def pretrained_source(cfg: C.RunConfig, log):
@@ -282,10 +280,15 @@ def gather_objects(rt, obj):
 def run_epoch(cfg, parts: TrainingParts, train_model, epoch: int, rt, amp_dtype, channels_last, log, writer):
     parts.scheduler.step(epoch)
     parts.sampler.set_epoch(epoch)
-    stats = train_one_epoch(train_model, parts.loader, parts.criterion, parts.optimizer, device=rt.device,
-                            amp_dtype=amp_dtype, scaler=parts.scaler, channels_last=channels_last,
-                            show_progress=rt.is_main and cfg.run.progress,
-                            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
+    try:
+        stats = train_one_epoch(train_model, parts.loader, parts.criterion, parts.optimizer, device=rt.device,
+                                amp_dtype=amp_dtype, scaler=parts.scaler, channels_last=channels_last,
+                                show_progress=rt.is_main and cfg.run.progress,
+                                desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
+    except FloatingPointError as e:  # a diverged loss: one error line saying what is kept
+        kept = find_latest(cfg.run.output_dir)
+        raise TrainingDivergedError(f"epoch {epoch + 1}: {e}; "
+                                    + (f"{kept} is kept" if kept else "no checkpoint was written")) from e
     stats = mean_across_ranks(rt, stats)
     lr = parts.scheduler.get_last_lr()[0]
     nan = float("nan")
@@ -342,20 +345,23 @@ def train(cfg: C.RunConfig) -> dict:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     rt = setup_runtime(cfg.run.device, cfg.run.dist_backend)
-    logger = writer = None
+    logger = writer = run_folder = None
     try:
         out_dir = Path(cfg.run.output_dir)
-        if rt.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        barrier(rt)
+        # held until the end: one run per folder (rga.runfolder); also cleans leftover temp files
+        run_folder = acquire_run_folder(out_dir, rt)
         logger = make_logger(out_dir, rt.is_main)
         log = logger.info
+        for note in run_folder.notes() if run_folder is not None else []:
+            log(note)
         resume_path = open_run_folder(cfg, rt, log)
 
         amp_dtype, channels_last = speed_settings(cfg, rt)
 
         # Rank 0 builds the dataset first (the synthetic one is generated on first use), then the others.
         dataset = load_dataset(cfg.data) if rt.is_main else None
+        if rt.is_main:  # every split non-empty, every image decodable: found now, not after the last epoch
+            log(f"dataset check: {check_dataset(dataset)['images']} images decode")
         barrier(rt)
         if not rt.is_main:
             dataset = load_dataset(cfg.data)
@@ -396,16 +402,21 @@ def train(cfg: C.RunConfig) -> dict:
         for epoch in range(start_epoch, cfg.optim.epochs):
             stats = run_epoch(cfg, parts, train_model, epoch, rt, amp_dtype, channels_last, log, writer)
             done = epoch + 1
-            if (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs:
-                if rt.is_main:
-                    last_metrics = evaluate_epoch(cfg, model, dataset, done, stats, out_dir, rt, amp_dtype,
-                                                  channels_last, log, writer)
-                barrier(rt)
-            if done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs:
+            do_eval = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs
+            do_save = done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs
+            if do_save:  # before the evaluation (its failure then loses no training), again after it
                 rng_states = gather_objects(rt, capture_rng_state())
                 if rt.is_main:
                     path = save_checkpoint(cfg, parts, done, num_classes, last_metrics, rng_states, out_dir, rt)
                     log(f"saved {path}")
+                barrier(rt)
+            if do_eval:
+                if rt.is_main:
+                    last_metrics = evaluate_epoch(cfg, model, dataset, done, stats, out_dir, rt, amp_dtype,
+                                                  channels_last, log, writer)
+                    if do_save:
+                        save_checkpoint(cfg, parts, done, num_classes, last_metrics, rng_states, out_dir, rt)
+                        log(f"saved {path} (with the evaluation)")
                 barrier(rt)
         if cfg.optim.epochs > start_epoch:
             log(f"done: {cfg.optim.epochs - start_epoch} epoch(s) in {time.perf_counter() - t_start:.1f}s")
@@ -417,19 +428,14 @@ def train(cfg: C.RunConfig) -> dict:
             writer.close()
         if logger is not None:
             close_logger(logger)
+        if run_folder is not None:
+            run_folder.release()
         cleanup_runtime(rt)
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_config(argv)
-        train(cfg)
-    except ERRORS as e:
-        return fail("rga.train", e)
-    except KeyboardInterrupt:
-        print("rga.train: interrupted; continue later with --resume auto", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("rga.train", lambda: train(parse_config(argv)),
+                   interrupted_hint="continue later with --resume auto")
 
 
 if __name__ == "__main__":

@@ -276,5 +276,5 @@ def test_check_command(tmp_path, capsys):
     assert main(["market1501", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "badname.jpg" in out and "2 file names did not parse" in out and "gallery" in out
-    assert main(["msmt17", str(tmp_path)]) == 1
+    assert main(["msmt17", str(tmp_path)]) == 2
     assert "Expected MSMT17 layout" in capsys.readouterr().err

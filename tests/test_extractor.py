@@ -98,6 +98,23 @@ def test_bad_input(model, images, tmp_path):
         FeatureExtractor(tmp_path)
 
 
+def test_uint8_tensor_is_pixels_and_gets_normalized(model, images):
+    """A uint8 tensor (as torchvision.io.read_image gives) is raw pixels: resized, scaled and
+    normalized like an array, never fed to the model as 0..255 values."""
+    arrays, _ = images
+    extract = FeatureExtractor(model, device="cpu")
+    same_size = [np.ascontiguousarray(a[:H, :W]) for a in arrays]
+    pixels = torch.from_numpy(np.stack(same_size)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+    torch.testing.assert_close(extract(pixels), extract(same_size))
+    torch.testing.assert_close(extract(pixels[1]), extract(same_size[1]))  # one (3, H, W) image
+    other = torch.from_numpy(arrays[2]).permute(2, 0, 1)  # any size, like arrays
+    torch.testing.assert_close(extract(other), extract(arrays[2]))
+    with pytest.raises(TypeError, match="float .* or uint8"):
+        extract(pixels.long())
+    with pytest.raises(ValueError, match="uint8 tensor input must be"):
+        extract(pixels[:, :1])
+
+
 # ---------------------------------------------------------------------------------------------
 # rga.checkpoint.load_model: every checkpoint layout FeatureExtractor and rga.evaluate accept
 # ---------------------------------------------------------------------------------------------

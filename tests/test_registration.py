@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import rga_kernels
 from rga_kernels import relation_embed, relation_embed_reference
 
 from conftest import backend_params

@@ -88,6 +88,13 @@ def test_reuse_and_regenerate_on_config_change(tmp_path, monkeypatch):
     assert len(calls) == 1 and ds.num_train_pids == 5
     assert json.loads(marker.read_text())["num_train_ids"] == 5
     assert not list(tmp_path.glob(".synthetic.tmp-*"))
+    # a generation killed midway leaves its temporary folder: removed by the next call, which
+    # reuses the dataset as it is
+    left = tmp_path / ".synthetic.tmp-999999"
+    (left / "query").mkdir(parents=True)
+    (left / "query" / "x.jpg").write_bytes(b"x" * 100)
+    build_dataset("synthetic", tmp_path, verbose=False, **{**SMALL, "num_train_ids": 5})
+    assert not left.exists() and len(calls) == 1
 
 
 def test_bad_options(tmp_path):

@@ -11,12 +11,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .datasets import (CUHK03_LAYOUT, MARKET_LAYOUT, MSMT17_LAYOUT, DatasetLayoutError, Item,
                        ReidDataset, load_cuhk03, load_market1501, load_msmt17, parse_market_name,
                        relabel_items)
+from .check import check_dataset, find_bad_images
+from .images import ImageReadError, UnsupportedImageError, read_image, to_rgb8
 from .synthetic import SyntheticConfig, build_synthetic, generate_synthetic, mask_path
 
 __all__ = [
     "build_dataset", "DATASETS", "ImageDataset", "ImageReadError", "read_image", "ReidDataset",
     "DatasetLayoutError", "load_market1501", "load_cuhk03", "load_msmt17", "build_synthetic",
     "generate_synthetic", "SyntheticConfig", "mask_path", "parse_market_name", "relabel_items",
+    "check_dataset", "find_bad_images", "to_rgb8", "UnsupportedImageError",
 ]
 
 
@@ -52,21 +55,6 @@ def build_dataset(name: str = "synthetic", root: str = "data", verbose: bool = T
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     return DATASETS[key](root, verbose=verbose, **kw)
-
-
-class ImageReadError(OSError):
-    """An image could not be read; the message names the file."""
-
-
-def read_image(path):
-    """The image at path as a PIL RGB image; any failure is an ImageReadError naming the file."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 try:  # a torch Dataset when torch is there; the class works without it too

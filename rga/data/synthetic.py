@@ -533,12 +533,16 @@ def build_synthetic(root="data", verbose: bool = True, **kw):
     def up_to_date() -> bool:
         return marker.exists() and marker.read_text() == wanted
 
-    if not up_to_date():
+    leftovers = list(root.glob(f".{DIRNAME}.tmp-*")) if root.is_dir() else []
+    if not up_to_date() or leftovers:
         root.mkdir(parents=True, exist_ok=True)
         # several processes (e.g. distributed ranks) may get here at once: one generates, the
         # others wait for the lock and then find the dataset ready
         with open(root / f".{DIRNAME}.lock", "w") as lock:
             _lock(lock)
+            # with the lock held nobody is generating: a temporary folder is a killed run's leftover
+            for old in root.glob(f".{DIRNAME}.tmp-*"):
+                shutil.rmtree(old, ignore_errors=True)
             if not up_to_date():
                 if target.exists() and not marker.exists():
                     raise FileExistsError(

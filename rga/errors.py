@@ -1,0 +1,109 @@
+"""User-facing failures and the one place that turns them into `PROG: error: ...` and exit code 2.
+
+The command lines (rga.train, rga.evaluate, python -m rga.data) call :func:`run_cli`. A failure the
+user can fix (a bad flag, a missing or unreadable file, a full disk, a folder in use, a diverged
+loss) prints one line on stderr that keeps the root cause, and the command exits with code 2.
+Anything else is a bug: it keeps its traceback (exit 1). ``RGA_TRACEBACK=1`` in the environment
+shows the traceback of the handled failures too.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class ReidError(Exception):
+    """Base of this package's user-facing errors: the message says what is wrong and why."""
+
+
+class RunFolderError(ReidError):
+    """The run folder cannot be used: not a folder, not writable, in use by another run, or a
+    resume that would overwrite newer checkpoints."""
+
+
+class DatasetCheckError(ReidError, ValueError):
+    """The dataset cannot be trained or evaluated on: an empty split, unreadable images."""
+
+
+class TrainingDivergedError(ReidError, FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def find_os_error(exc: BaseException):
+    """The first OSError in `exc` and its chain (__cause__, then __context__), or None.
+
+    torch.save reports a failed write (disk full, file too large) as a RuntimeError ("unexpected
+    pos ...") whose context holds the OSError that says why."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(e: OSError) -> str:
+    """'No space left on device (ENOSPC): /path' style text for an OSError."""
+    if e.strerror:
+        code = errno.errorcode.get(e.errno, "")
+        text = f"{e.strerror} ({code})" if code else e.strerror
+        if e.filename is not None:
+            text += f": {e.filename}"
+        if getattr(e, "filename2", None) is not None:
+            text += f" -> {e.filename2}"
+        return text
+    return str(e) or type(e).__name__
+
+
+def _message(text) -> str:
+    """The message as written, except an error re-raised by a DataLoader worker (its text is the
+    worker's traceback), which is cut down to its last line: the original exception."""
+    text = str(text).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and any(ln.startswith("Original Traceback") for ln in lines):
+        return lines[-1]
+    return text
+
+
+def user_message(exc: BaseException):
+    """The one-line message for a failure the user can act on, or None for a bug."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .engine import UsageError
+
+    if isinstance(exc, (ReidError, UsageError, CheckpointError, ConfigError)):
+        return _message(exc.args[0] if exc.args else type(exc).__name__)
+    if isinstance(exc, FloatingPointError):  # a diverged loss
+        return _message(exc)
+    if isinstance(exc, OSError):
+        # our own OSError subclasses (ImageReadError, DatasetLayoutError) carry a full message
+        if exc.strerror is None and exc.args:
+            return _message(exc.args[0])
+        return describe_os_error(exc)
+    os_err = find_os_error(exc)
+    if os_err is not None:  # e.g. torch.save's RuntimeError over a full disk
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"{describe_os_error(os_err)} (while: {first[:200]})"
+    return None
+
+
+def run_cli(prog: str, fn, *args, interrupted_hint: str = "", **kwargs) -> int:
+    """Call fn(*args, **kwargs); return 0, or print `PROG: error: ...` and return 2 for a failure
+    the user can fix (130 on Ctrl-C). Bugs propagate with their traceback."""
+    try:
+        fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        msg = user_message(e)
+        if msg is None or os.environ.get("RGA_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0

@@ -1,0 +1,281 @@
+"""Issue 9, end to end on tiny runs (ResNet-18 RGA-SC at 64x32, CPU, one thread): one run per
+folder, the resume rule, the dataset checked before the first epoch, the final checkpoint saved
+before the final evaluation, and one `error:` line with exit code 2 for each user-facing failure."""
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import rga.train as rtrain
+from rga import evaluate as reval
+from rga.data.__main__ import main as data_main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = ["num_train_ids=8", "num_test_ids=4", "num_cameras=2", "min_cams_per_id=2", "max_cams_per_id=2",
+             "min_imgs_per_cam=2", "max_imgs_per_cam=2", "num_distractors=2", "height=64", "width=32"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from rga.data import build_dataset
+    root = tmp_path_factory.mktemp("data")
+    build_dataset("synthetic", str(root), verbose=False, **{k: int(v) for k, v in (kv.split("=") for kv in TINY_DATA)})
+    return root
+
+
+def args_for(data_root, out, *extra, dataset="synthetic"):
+    args = ["--data-root", str(data_root), "--output-dir", str(out), "--backbone", "resnet18", "--dataset", dataset,
+            "--height", "64", "--width", "32", "--batch-ids", "4", "--batch-instances", "2", "--workers", "0",
+            "--threads", "1", "--eval-every", "0", "--warmup-epochs", "1", "--test-batch-size", "32", "--no-progress"]
+    if dataset == "synthetic":
+        for kv in TINY_DATA:
+            args += ["--dataset-opt", kv]
+    return args + list(extra)
+
+
+def train(data_root, out, *extra, **kw):
+    return rtrain.main(args_for(data_root, out, *extra, **kw))
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert ": error: " in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run2(data_root, tmp_path_factory):
+    """A finished 2-epoch run keeping both checkpoints."""
+    out = tmp_path_factory.mktemp("run2") / "E"
+    assert train(data_root, out, "--epochs", "2", "--keep-checkpoints", "0") == 0
+    return out
+
+
+# --------------------------------------------------------------------------- 2: one run per folder
+
+def test_second_run_into_a_busy_folder_is_refused_then_a_killed_run_is_taken_over(data_root, tmp_path, capsys):
+    out = tmp_path / "D"
+    first = subprocess.Popen([sys.executable, "-m", "rga.train", *args_for(data_root, out, "--epochs", "500")],
+                             env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".rga-run.lock").exists() or not (out / ".rga-run.lock").read_text().strip():
+            assert first.poll() is None, first.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the first run took no lock in 120 s"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "rga.train", *args_for(data_root, out, "--epochs", "500")],
+                                env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = one_error_line(second.stderr)
+        assert f"{out} is in use by another run: PID {first.pid}" in line and "--output-dir" in line
+        assert first.poll() is None  # the first run goes on
+        while not list(out.glob("checkpoint_ep*.pth")):
+            assert first.poll() is None, first.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+        first.stderr.close()
+    # killed: its lock file stays, as would a half-written checkpoint's temporary file
+    leftover = out / ".checkpoint_ep0099.pth.12345-dead.tmp"
+    leftover.write_bytes(b"x" * 1000)
+    assert (out / ".rga-run.lock").exists()
+    capsys.readouterr()
+    assert train(data_root, out, "--epochs", "1", "--resume", "auto") == 0  # nothing left to train
+    log = (out / "train.log").read_text()
+    assert f"took over the lock of a run that ended without releasing it (PID {first.pid}" in log
+    assert "leftover temporary file(s) of an interrupted write" in log and leftover.name in log
+    assert not leftover.exists() and not list(out.glob(".*.tmp"))
+    assert not (out / ".rga-run.lock").exists()  # released at the end
+    assert log.count("took over the lock") == 1 and "in use by another run" not in log
+
+
+# --------------------------------------------------------------------------- 3: the resume rule
+
+def test_resuming_an_older_checkpoint_is_refused_and_branches_into_a_new_folder(data_root, run2, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")}
+    assert sorted(before) == ["checkpoint_ep0001.pth", "checkpoint_ep0002.pth"]
+    ep1 = run2 / "checkpoint_ep0001.pth"
+    capsys.readouterr()
+    assert train(data_root, run2, "--epochs", "2", "--keep-checkpoints", "1", "--resume", str(ep1)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "holds newer checkpoints (checkpoint_ep0002.pth)" in line and f"--output-dir NEW_FOLDER --resume {ep1}" in line
+    assert {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")} == before  # nothing touched
+    # the branch: a new folder, resumed from ep1, replays ep2 exactly; the old folder is untouched
+    branch = tmp_path / "F"
+    assert train(data_root, branch, "--epochs", "2", "--keep-checkpoints", "1", "--resume", str(ep1)) == 0
+    assert sorted(p.name for p in branch.glob("checkpoint_ep*.pth")) == ["checkpoint_ep0002.pth"]
+    a = torch.load(branch / "checkpoint_ep0002.pth", weights_only=False)["model"]
+    b = torch.load(run2 / "checkpoint_ep0002.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")} == before
+    # the newest, by path, continues in place like --resume auto
+    assert train(data_root, branch, "--epochs", "2", "--resume", str(branch / "checkpoint_ep0002.pth")) == 0
+
+
+# --------------------------------------------------------------------------- 4: the dataset, before the first epoch
+
+@pytest.fixture(scope="module")
+def market_copy(data_root, tmp_path_factory):
+    src = Path(data_root) / "synthetic"
+    dst = tmp_path_factory.mktemp("market") / "clean"
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        shutil.copytree(src / split, dst / split)
+    return dst
+
+
+def broken_copy(market_copy, tmp_path, how):
+    root = tmp_path / how
+    shutil.copytree(market_copy, root)
+    if how == "empty_query":
+        for p in (root / "query").iterdir():
+            p.unlink()
+        return root, "empty split(s): query"
+    split = "bounding_box_test" if how == "bad_gallery" else "bounding_box_train"
+    victim = sorted((root / split).iterdir())[3]
+    victim.write_bytes(b"this is not a JPEG")
+    return root, f"{victim} (UnidentifiedImageError: cannot identify image file)"
+
+
+@pytest.mark.parametrize("how", ["empty_query", "bad_gallery", "bad_train"])
+def test_dataset_problems_stop_the_run_before_the_first_epoch(market_copy, tmp_path, capsys, monkeypatch, how):
+    root, expected = broken_copy(market_copy, tmp_path, how)
+    epochs, real = [], rtrain.train_one_epoch
+    monkeypatch.setattr(rtrain, "train_one_epoch", lambda *a, **kw: epochs.append(1) or real(*a, **kw))
+    capsys.readouterr()
+    assert train(root, tmp_path / "run", "--epochs", "1", dataset="market1501") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "dataset market1501: " in line and expected in line
+    assert not epochs and not list((tmp_path / "run").glob("checkpoint_*"))
+
+
+def test_evaluate_checks_query_and_gallery_first(market_copy, run2, tmp_path, capsys):
+    root, expected = broken_copy(market_copy, tmp_path, "bad_gallery")
+    assert reval.main(["--checkpoint", str(run2), "--dataset", "market1501", "--data-root", str(root), "--workers",
+                       "0", "--threads", "1", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert expected in one_error_line(captured.err) and "R1" not in captured.out
+
+
+def test_final_checkpoint_is_saved_before_the_final_evaluation(data_root, tmp_path, capsys, monkeypatch):
+    from rga.data import ImageReadError
+
+    def failing_eval(*a, **kw):
+        raise ImageReadError("cannot read image /x/0001_c1s1_000001_00.jpg: OSError: disk went away")
+
+    monkeypatch.setattr(rtrain, "evaluate_model", failing_eval)
+    capsys.readouterr()
+    assert train(data_root, tmp_path / "run", "--epochs", "1") == 2
+    assert "cannot read image /x/0001_c1s1_000001_00.jpg" in one_error_line(capsys.readouterr().err)
+    ck = torch.load(tmp_path / "run" / "checkpoint_ep0001.pth", weights_only=True)  # the epoch is not lost
+    assert ck["epoch"] == 1
+
+
+def test_final_checkpoint_still_holds_the_final_metrics(run2):
+    """Saved before the evaluation, then again with its metrics."""
+    ck = torch.load(run2 / "checkpoint_ep0002.pth", weights_only=True)
+    assert ck["epoch"] == 2 and ck["metrics"]["epoch"] == 2 and 0 <= ck["metrics"]["mAP"] <= 1
+    assert "saved" in (run2 / "train.log").read_text()
+
+
+# --------------------------------------------------------------------------- 7 and 8: one error line, exit 2
+
+def read_only_folder(tmp_path):
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    return "/sys/kernel"  # root ignores permission bits; sysfs refuses new files even to root
+
+
+TEXT = "hello, I am not a checkpoint\n"
+
+
+@pytest.mark.parametrize("case", ["read_only", "output_is_file", "lr_nan", "nan_loss", "resume_text", "pretrained_text"])
+def test_train_errors_are_one_line_with_exit_2(data_root, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    text = tmp_path / "notes.pth"
+    text.write_text(TEXT)
+    extra, expected = {
+        "read_only": ([], "is not writable: Permission denied (EACCES)"),
+        "output_is_file": ([], "exists and is not a folder"),
+        "lr_nan": (["--lr", "nan"], "bad value for '--lr': expected a finite number, got 'nan'"),
+        "nan_loss": (["--id-weight", "1e308"], "epoch 1: loss became inf (lower --lr, or try --amp off); no checkpoint"),
+        "resume_text": (["--resume", str(text)], f"could not read checkpoint {text}: not a PyTorch checkpoint (a text file"),
+        "pretrained_text": (["--pretrained", str(text)], f"could not read checkpoint {text}: not a PyTorch checkpoint"),
+    }[case]
+    if case == "read_only":
+        out = read_only_folder(tmp_path)
+    elif case == "output_is_file":
+        out = tmp_path / "a_file"
+        out.write_text("x")
+    capsys.readouterr()
+    assert train(data_root, out, "--epochs", "1", *extra) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
+
+
+def test_disk_full_while_saving_is_one_line_with_the_cause(data_root, tmp_path):
+    """A checkpoint write that runs out of room (RLIMIT_FSIZE: the same failure path as a full
+    disk) in a real `python -m rga.train` process: one line naming the file and the reason."""
+    out = tmp_path / "run"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, resource.RLIM_INFINITY))
+
+    res = subprocess.run([sys.executable, "-m", "rga.train", *args_for(data_root, out, "--epochs", "1")], env=ENV,
+                         cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = one_error_line(res.stderr)
+    assert f"could not write checkpoint {out / 'checkpoint_ep0001.pth'}: File too large (EFBIG)" in line
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "train.log"]  # no temp file, no lock
+
+
+def test_data_command_over_a_foreign_folder(tmp_path):
+    (tmp_path / "synthetic").mkdir()
+    (tmp_path / "synthetic" / "mine.txt").write_text("keep me")
+    res = subprocess.run([sys.executable, "-m", "rga.data", "synthetic", str(tmp_path)], env=ENV, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert line.startswith("rga.data: error: ") and "has no synthetic_config.json" in line
+    assert (tmp_path / "synthetic" / "mine.txt").exists()
+
+
+def test_data_command_lists_every_unreadable_image(market_copy, tmp_path, capsys):
+    root, _ = broken_copy(market_copy, tmp_path, "bad_gallery")
+    victims = sorted((root / "query").iterdir())[:2]
+    for v in victims:
+        v.write_bytes(v.read_bytes()[:100])  # truncated
+    assert data_main(["market1501", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert "3 unreadable image(s)" in one_error_line(captured.err)
+    assert "query: 2 image(s) cannot be read" in captured.out and "gallery: 1 image(s)" in captured.out
+    assert all(str(v) in captured.out for v in victims)
+    assert data_main(["market1501", str(market_copy)]) == 0
+    assert "all 50 images decode" in capsys.readouterr().out
+
+
+def test_evaluate_errors_are_one_line_with_exit_2(run2, tmp_path, capsys):
+    common = ["--workers", "0", "--threads", "1", "--no-progress"]
+    (tmp_path / "a_file").write_text("x")
+    unwritable = tmp_path / "a_file" / "m.json"
+    assert reval.main(["--checkpoint", str(run2), "--output", str(unwritable), *common]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot write {unwritable}: {tmp_path / 'a_file'} is a file, not a folder" in one_error_line(captured.err)
+    assert "R1" not in captured.out  # refused before the work, not after printing the metrics
+    text = tmp_path / "notes.pth"
+    text.write_text(TEXT)
+    assert reval.main(["--checkpoint", str(text), *common]) == 2
+    assert "not a PyTorch checkpoint (a text file" in one_error_line(capsys.readouterr().err)
