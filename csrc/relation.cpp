@@ -14,8 +14,8 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(rga_kernels, m) {
   m.def("relation_fwd(Tensor theta, Tensor phi, Tensor weight) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "relation_bwd(Tensor grad_out, Tensor theta, Tensor phi, Tensor weight, Tensor p, "
-      "Tensor q) -> (Tensor, Tensor, Tensor)");
+      "relation_bwd(Tensor grad_out, Tensor theta, Tensor phi, Tensor weight, Tensor pt, "
+      "Tensor qt) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rga_kernels, CPU, m) {

@@ -34,21 +34,23 @@ inline void check_relation_inputs(const at::Tensor& theta, const at::Tensor& phi
               "relation_embed: expected floating point tensors, got ", theta.scalar_type());
 }
 
-// Returns (out (B, M, n), p = A phi^T (B, M, d), q = B theta^T (B, M, d)), all in the input dtype;
-// p and q are saved for the backward. The GEMMs run in the input dtype (cuBLAS and the CPU BLAS
+// Returns (out (B, M, n), p^T = phi A^T (B, d, M), q^T = theta B^T (B, d, M)), all in the input
+// dtype; p^T and q^T are saved for the backward. The GEMMs run in the input dtype (cuBLAS and the CPU BLAS
 // accumulate fp16/bf16 products in fp32): no upcast copies of the inputs.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_fwd(const at::Tensor& theta,
                                                                    const at::Tensor& phi,
                                                                    const at::Tensor& weight) {
   check_relation_inputs(theta, phi, weight);
-  const int64_t B = theta.size(0), n = theta.size(2), M = weight.size(0);
-  // the weight halves broadcast over the batch (stride 0, no copy); theta/phi read in place
-  const at::Tensor a = weight.narrow(1, 0, n).expand({B, M, n});
-  const at::Tensor b = weight.narrow(1, n, n).expand({B, M, n});
-  at::Tensor p = a.bmm(phi.transpose(1, 2));
-  at::Tensor q = b.bmm(theta.transpose(1, 2));
-  at::Tensor out = at::baddbmm(q.bmm(phi), p, theta);
-  return {out, p, q};
+  const int64_t n = theta.size(2);
+  const at::Tensor a = weight.narrow(1, 0, n);
+  const at::Tensor b = weight.narrow(1, n, n);
+  // P^T = phi A^T and Q^T = theta Bw^T: (B, d, n) @ (n, M), which matmul folds into one GEMM over
+  // B*d rows (a batched GEMM with a broadcast weight would copy the weight once per sample on
+  // the CPU). They are returned as they come, contiguous (B, d, M); bmm reads their transposes.
+  at::Tensor pt = phi.matmul(a.t());
+  at::Tensor qt = theta.matmul(b.t());
+  at::Tensor out = at::baddbmm(qt.transpose(1, 2).bmm(phi), pt.transpose(1, 2), theta);
+  return {out, pt, qt};
 }
 
 // A (B, d, n) tensor as a (B*d, n) matrix: a view when the batch is dense, else one copy.
@@ -59,20 +61,20 @@ inline at::Tensor fold_batch(const at::Tensor& t) {
 // Gradients of relation_fwd's first output: (dtheta, dphi, dweight), in the input dtypes.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_bwd(
     const at::Tensor& grad_out, const at::Tensor& theta, const at::Tensor& phi,
-    const at::Tensor& weight, const at::Tensor& p, const at::Tensor& q) {
+    const at::Tensor& weight, const at::Tensor& pt, const at::Tensor& qt) {
   check_relation_inputs(theta, phi, weight);
   const int64_t B = theta.size(0), d = theta.size(1), n = theta.size(2), M = weight.size(0);
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == M &&
                   grad_out.size(2) == n,
               "relation_embed backward: grad_out must be (", B, ", ", M, ", ", n, "), got ",
               grad_out.sizes());
-  TORCH_CHECK(p.sizes() == q.sizes() && p.dim() == 3 && p.size(0) == B && p.size(1) == M &&
-                  p.size(2) == d,
-              "relation_embed backward: saved p, q must be (", B, ", ", M, ", ", d, ")");
+  TORCH_CHECK(pt.sizes() == qt.sizes() && pt.dim() == 3 && pt.size(0) == B && pt.size(1) == d &&
+                  pt.size(2) == M,
+              "relation_embed backward: saved p^T, q^T must be (", B, ", ", d, ", ", M, ")");
   const auto dtype = theta.scalar_type();
   const at::Tensor g = grad_out.scalar_type() == dtype ? grad_out : grad_out.to(dtype);
-  const at::Tensor pd = p.scalar_type() == dtype ? p : p.to(dtype);
-  const at::Tensor qd = q.scalar_type() == dtype ? q : q.to(dtype);
+  const at::Tensor ptd = pt.scalar_type() == dtype ? pt : pt.to(dtype);
+  const at::Tensor qtd = qt.scalar_type() == dtype ? qt : qt.to(dtype);
   const at::Tensor a = weight.narrow(1, 0, n);
   const at::Tensor b = weight.narrow(1, n, n);
 
@@ -82,9 +84,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_bwd(
   // dtheta = V^T Bw + P^T G, dphi = U^T A + Q^T G      (B, d, n)
   // (B, d, M) @ (M, n): matmul folds the batch of the contiguous U^T / V^T into one GEMM
   at::Tensor dtheta = vt.matmul(b);
-  dtheta.baddbmm_(pd.transpose(1, 2), g);
+  dtheta.baddbmm_(ptd, g);
   at::Tensor dphi = ut.matmul(a);
-  dphi.baddbmm_(qd.transpose(1, 2), g);
+  dphi.baddbmm_(qtd, g);
   // dA = sum_b U_b phi_b, dBw = sum_b V_b theta_b: one GEMM each with the batch folded into K,
   // written straight into the two halves of dweight (no concatenation).
   at::Tensor dweight = at::empty({M, 2 * n}, weight.options());

@@ -173,10 +173,18 @@ def _batch_norm_group(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], counted: b
 def _gemm(weight: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     """weight (k, D) applied to every sample of inp (B, D, n) -> (B, k, n).
 
-    A 1x1 convolution: one op forward and one (convolution_backward, both gradients) backward,
-    where a matmul with a broadcast weight costs a GEMM per gradient plus a batch reduction.
+    With a backward ahead: a 1x1 convolution, one op forward and one (convolution_backward, both
+    gradients) backward, where a matmul with a broadcast weight costs a GEMM per gradient plus a
+    batch reduction. Without one (inference): a GEMM, which the CPU runs about 1.5-3x faster
+    than the equivalent convolution (torch.matmul folds the batch into one GEMM when inp's
+    transpose is contiguous, the channel branch's view; otherwise a batched GEMM with a
+    broadcast weight reads inp without copying it).
     """
-    return F.conv1d(inp, weight.unsqueeze(-1))
+    if torch.is_grad_enabled() and (weight.requires_grad or inp.requires_grad):
+        return F.conv1d(inp, weight.unsqueeze(-1))
+    if inp.mT.is_contiguous():
+        return torch.matmul(weight, inp)
+    return torch.bmm(weight.expand(inp.shape[0], *weight.shape), inp)
 
 
 def _linear_bn(weight: torch.Tensor, bns: Sequence[nn.BatchNorm2d], apply, counted: bool = False) -> torch.Tensor:

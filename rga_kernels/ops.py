@@ -9,8 +9,9 @@ Ops in the ``rga_kernels`` torch.library namespace:
 * ``rga_kernels::relation_fwd_triton`` / ``rga_kernels::relation_bwd_triton``: the Triton kernels
   (``rga_kernels/_triton.py``) as ``torch.library.triton_op``.
 
-``p = A·phiᵀ`` and ``q = B·thetaᵀ`` (B, M, d) are the small products the backward reuses
-(the gradient formulas in csrc/relation.h); they are returned by the forward ops and hidden by
+``p = A·phiᵀ`` and ``q = B·thetaᵀ`` are the small products the backward reuses (the gradient
+formulas in csrc/relation.h); they are returned by the forward ops, each op in the layout its own
+backward reads (the Triton ops as (B, M, d), the C++ ops transposed, (B, d, M)), and hidden by
 :func:`relation_embed`.
 """
 from __future__ import annotations
@@ -71,7 +72,10 @@ def _fake_fwd(theta: Tensor, phi: Tensor, weight: Tensor, acc_dtype: bool = Fals
     B, d, n = theta.shape
     M = weight.shape[0]
     out = theta.new_empty((B, M, n))
-    return out, theta.new_empty((B, M, d), dtype=dtype), theta.new_empty((B, M, d), dtype=dtype)
+    if acc_dtype:  # Triton: p, q (B, M, d)
+        return out, theta.new_empty((B, M, d), dtype=dtype), theta.new_empty((B, M, d), dtype=dtype)
+    # C++: their transposes p^T, q^T (B, d, M)
+    return out, theta.new_empty((B, d, M), dtype=dtype), theta.new_empty((B, d, M), dtype=dtype)
 
 
 def _fake_fwd_triton(theta: Tensor, phi: Tensor, weight: Tensor):
