@@ -10,7 +10,7 @@ Like ``RGAModule``'s ``keep_attention`` switch, setting ``module.keep_attention 
 next forward store its (detached) attention in ``module.last_attention``: a dict with
 ``"spatial"`` (B, 1, H, W) and/or ``"channel"`` (B, C, 1, 1) for the gating designs (values in
 (0, 1), the multiplicative mask), ``"context"`` (B, 1, H, W) for SNL (its softmax pooling weights,
-which sum to 1 over the positions). NL keeps nothing by default (its attention is (B, N, N));
+which sum to 1 over the positions). NL keeps nothing (an empty dict; its attention is (B, N, N));
 :meth:`NonLocal.relation` returns it.
 
 Parameter counts: the paper's Table 3 (751 classes, ResNet-50, 256×128) gives baseline 25.1 M,
@@ -66,7 +66,7 @@ class _Attention(nn.Module):
         self.in_channels = in_channels
         self.spatial_size = None if spatial_size is None else (int(spatial_size[0]), int(spatial_size[1]))
         self.keep_attention = False
-        self.last_attention = None
+        self.last_attention: dict[str, torch.Tensor] = {}
 
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
