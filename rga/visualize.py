@@ -535,7 +535,7 @@ def cmd_attention(args) -> dict:
     if args.dataset:
         paths += dataset_images(args.dataset, args.data_root, args.split, args.limit)
     if not paths:
-        raise SystemExit("rga.visualize attention: give image files or --dataset")
+        raise ValueError("give image files or --dataset")
     summary = {"images": len(paths), "runs": []}
     runs, ratios = [], []
     show_orig = None
@@ -547,7 +547,7 @@ def cmd_attention(args) -> dict:
                 maps.setdefault(stage, []).append(m)
         maps = {stage: torch.cat(v) for stage, v in maps.items()}
         if not maps:
-            raise SystemExit(f"rga.visualize attention: {_label(model)} has no spatial attention map "
+            raise ValueError(f"{_label(model)} has no spatial attention map "
                              "(channel-only or non-local designs); use an S, SC, CS or S//C model")
         label = _label(model)
         entry = {"run": model.run_name, "variant": model.variant, "stages": {}}
@@ -590,7 +590,7 @@ def _parse_targets(texts):
         try:
             r, c = (int(v) for v in t.split(","))
         except ValueError:
-            raise SystemExit(f"rga.visualize relation: --targets wants ROW,COL, got {t!r}") from None
+            raise ValueError(f"--targets wants ROW,COL, got {t!r}") from None
         out.append((r, c))
     return out
 
