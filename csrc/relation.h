@@ -2,21 +2,19 @@
 //
 // Shared by the CPU and the CUDA registrations: the same device-generic ATen code, so the
 // path that the CPU tests exercise is the path the GPU runs. Nothing here allocates an n x n
-// (or B x n x n) tensor. Low-precision inputs are computed with fp32 intermediates and fp32
-// accumulation; float64 stays float64 (gradcheck).
+// (or B x n x n) tensor. Every GEMM runs in the input dtype with the BLAS's accumulation (fp32
+// for fp16/bf16 on cuBLAS and the CPU); float64 stays float64 (gradcheck).
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
 #include <tuple>
 
 namespace rga_kernels {
-
-inline at::ScalarType accumulate_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline void check_relation_inputs(const at::Tensor& theta, const at::Tensor& phi,
                                   const at::Tensor& weight) {
@@ -36,28 +34,29 @@ inline void check_relation_inputs(const at::Tensor& theta, const at::Tensor& phi
               "relation_embed: expected floating point tensors, got ", theta.scalar_type());
 }
 
-// Returns (out (B, M, n) in the input dtype, p = A phi^T (B, M, d), q = B theta^T (B, M, d)),
-// p and q in the accumulation dtype; they are saved for the backward.
+// Returns (out (B, M, n), p = A phi^T (B, M, d), q = B theta^T (B, M, d)), all in the input dtype;
+// p and q are saved for the backward. The GEMMs run in the input dtype (cuBLAS and the CPU BLAS
+// accumulate fp16/bf16 products in fp32): no upcast copies of the inputs.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_fwd(const at::Tensor& theta,
                                                                    const at::Tensor& phi,
                                                                    const at::Tensor& weight) {
   check_relation_inputs(theta, phi, weight);
-  const auto acc = accumulate_type(theta.scalar_type());
-  const int64_t n = theta.size(2);
-  const at::Tensor th = theta.to(acc);
-  const at::Tensor ph = phi.to(acc);
-  const at::Tensor w = weight.to(acc);
-  const at::Tensor a = w.narrow(1, 0, n);
-  const at::Tensor b = w.narrow(1, n, n);
-  // (M, n) @ (B, n, d): matmul folds the batch into one GEMM.
-  at::Tensor p = a.matmul(ph.transpose(1, 2));
-  at::Tensor q = b.matmul(th.transpose(1, 2));
-  at::Tensor out = p.bmm(th);
-  out.baddbmm_(q, ph);
-  return {out.to(theta.scalar_type()), p, q};
+  const int64_t B = theta.size(0), n = theta.size(2), M = weight.size(0);
+  // the weight halves broadcast over the batch (stride 0, no copy); theta/phi read in place
+  const at::Tensor a = weight.narrow(1, 0, n).expand({B, M, n});
+  const at::Tensor b = weight.narrow(1, n, n).expand({B, M, n});
+  at::Tensor p = a.bmm(phi.transpose(1, 2));
+  at::Tensor q = b.bmm(theta.transpose(1, 2));
+  at::Tensor out = at::baddbmm(q.bmm(phi), p, theta);
+  return {out, p, q};
 }
 
-// Gradients of relation_fwd's first output: (dtheta, dphi, dweight).
+// A (B, d, n) tensor as a (B*d, n) matrix: a view when the batch is dense, else one copy.
+inline at::Tensor fold_batch(const at::Tensor& t) {
+  return t.reshape({t.size(0) * t.size(1), t.size(2)});
+}
+
+// Gradients of relation_fwd's first output: (dtheta, dphi, dweight), in the input dtypes.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_bwd(
     const at::Tensor& grad_out, const at::Tensor& theta, const at::Tensor& phi,
     const at::Tensor& weight, const at::Tensor& p, const at::Tensor& q) {
@@ -70,31 +69,30 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_bwd(
   TORCH_CHECK(p.sizes() == q.sizes() && p.dim() == 3 && p.size(0) == B && p.size(1) == M &&
                   p.size(2) == d,
               "relation_embed backward: saved p, q must be (", B, ", ", M, ", ", d, ")");
-  const auto acc = accumulate_type(theta.scalar_type());
-  const at::Tensor g = grad_out.to(acc);
-  const at::Tensor th = theta.to(acc);
-  const at::Tensor ph = phi.to(acc);
-  const at::Tensor w = weight.to(acc);
-  const at::Tensor pa = p.to(acc);
-  const at::Tensor qa = q.to(acc);
-  const at::Tensor a = w.narrow(1, 0, n);
-  const at::Tensor b = w.narrow(1, n, n);
+  const auto dtype = theta.scalar_type();
+  const at::Tensor g = grad_out.scalar_type() == dtype ? grad_out : grad_out.to(dtype);
+  const at::Tensor pd = p.scalar_type() == dtype ? p : p.to(dtype);
+  const at::Tensor qd = q.scalar_type() == dtype ? q : q.to(dtype);
+  const at::Tensor a = weight.narrow(1, 0, n);
+  const at::Tensor b = weight.narrow(1, n, n);
 
-  const at::Tensor u = g.bmm(th.transpose(1, 2));  // (B, M, d)
-  const at::Tensor v = g.bmm(ph.transpose(1, 2));  // (B, M, d)
-  // dtheta = P^T G + V^T Bw, dphi = Q^T G + U^T A      (B, d, n)
-  at::Tensor dtheta = pa.transpose(1, 2).bmm(g);
-  dtheta.add_(v.transpose(1, 2).matmul(b));
-  at::Tensor dphi = qa.transpose(1, 2).bmm(g);
-  dphi.add_(u.transpose(1, 2).matmul(a));
-  // dA = sum_b U_b phi_b, dBw = sum_b V_b theta_b: one GEMM each with the batch folded into K.
-  const at::Tensor u2 = u.transpose(0, 1).reshape({M, B * d});
-  const at::Tensor v2 = v.transpose(0, 1).reshape({M, B * d});
-  const at::Tensor da = u2.mm(ph.reshape({B * d, n}));
-  const at::Tensor db = v2.mm(th.reshape({B * d, n}));
-  at::Tensor dweight = at::cat({da, db}, 1);
-  return {dtheta.to(theta.scalar_type()), dphi.to(phi.scalar_type()),
-          dweight.to(weight.scalar_type())};
+  // U^T = theta G^T, V^T = phi G^T     (B, d, M), contiguous
+  const at::Tensor ut = theta.bmm(g.transpose(1, 2));
+  const at::Tensor vt = phi.bmm(g.transpose(1, 2));
+  // dtheta = V^T Bw + P^T G, dphi = U^T A + Q^T G      (B, d, n)
+  // (B, d, M) @ (M, n): matmul folds the batch of the contiguous U^T / V^T into one GEMM
+  at::Tensor dtheta = vt.matmul(b);
+  dtheta.baddbmm_(pd.transpose(1, 2), g);
+  at::Tensor dphi = ut.matmul(a);
+  dphi.baddbmm_(qd.transpose(1, 2), g);
+  // dA = sum_b U_b phi_b, dBw = sum_b V_b theta_b: one GEMM each with the batch folded into K,
+  // written straight into the two halves of dweight (no concatenation).
+  at::Tensor dweight = at::empty({M, 2 * n}, weight.options());
+  at::Tensor da = dweight.narrow(1, 0, n);
+  at::Tensor db = dweight.narrow(1, n, n);
+  at::mm_out(da, fold_batch(ut).t(), fold_batch(phi));
+  at::mm_out(db, fold_batch(vt).t(), fold_batch(theta));
+  return {dtheta, dphi, dweight};
 }
 
 }  // namespace rga_kernels

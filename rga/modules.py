@@ -59,10 +59,22 @@ def _check_positive_int(name: str, value) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Batch norm helpers for the fused path
+#
+# On a GPU an eager RGA step is bound by the number of operator launches, so the fused path keeps
+# bookkeeping ops out of the step: the running statistics of the BNs that are normalised together
+# (θ, φ and g of a branch) are views into one flat buffer ("tied"), which one batch_norm call
+# updates in place (no concatenation, no copy back), and every num_batches_tracked counter of the
+# module is incremented by one foreach op per forward.
 # ----------------------------------------------------------------------------------------------
 
 def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
+
+
+def _plain_bn(bn) -> bool:
+    """A BatchNorm2d whose forward the fused path may replace by F.batch_norm (not a subclass such
+    as SyncBatchNorm, which must run its own forward)."""
+    return type(bn) is nn.BatchNorm2d
 
 
 def _same_config(bns: Sequence[nn.BatchNorm2d]) -> bool:
@@ -74,42 +86,83 @@ def _same_config(bns: Sequence[nn.BatchNorm2d]) -> bool:
     )
 
 
-def _batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """nn.BatchNorm's forward on a (B, k, L) tensor (same statistics as BatchNorm2d on (B, k, H, W))."""
-    if type(bn) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm after convert_sync_batchnorm: its own forward
+def _momentum_factor(bn: nn.BatchNorm2d) -> float:
+    """exponential_average_factor of nn.BatchNorm (num_batches_tracked already incremented)."""
+    if not (bn.training and bn.track_running_stats):
+        return 0.0
+    if bn.momentum is None:  # cumulative moving average
+        return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum
+
+
+def _flat_base(tensors: Sequence[torch.Tensor]):
+    """The 1-D tensor of which ``tensors`` are consecutive whole pieces, in order, or None."""
+    base = tensors[0]._base
+    if base is None or base.dim() != 1:
+        return None
+    offset = base.storage_offset()
+    for t in tensors:
+        if t._base is not base or t.dim() != 1 or t.storage_offset() != offset or t.stride(0) != 1:
+            return None
+        offset += t.numel()
+    return base if offset == base.storage_offset() + base.numel() else None
+
+
+def _tie_running_stats(bns: Sequence[nn.BatchNorm2d]) -> None:
+    """Make the running_mean / running_var buffers of ``bns`` views of one flat buffer each."""
+    if len(bns) < 2 or not all(_plain_bn(b) and b.track_running_stats and b.running_mean is not None
+                               for b in bns):
+        return
+    for name in ("running_mean", "running_var"):
+        parts = [getattr(b, name) for b in bns]
+        if _flat_base(parts) is not None:
+            continue
+        if len({(p.device, p.dtype) for p in parts}) != 1:
+            return
+        flat = torch.cat([p.detach() for p in parts])
+        for b, piece in zip(bns, flat.split([p.numel() for p in parts])):
+            b._buffers[name] = piece
+
+
+def _batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d, counted: bool = False) -> torch.Tensor:
+    """nn.BatchNorm's forward on a (B, k, L) tensor (same statistics as BatchNorm2d on (B, k, H, W)).
+
+    counted: num_batches_tracked was already incremented for this call (see RGAModule._count_batches).
+    """
+    if not _plain_bn(bn):  # e.g. SyncBatchNorm after convert_sync_batchnorm: its own forward
         return bn(y.unsqueeze(-1)).squeeze(-1)
-    factor = 0.0
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None and not counted:
         bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     track = not bn.training or bn.track_running_stats
     return F.batch_norm(
         y, bn.running_mean if track else None, bn.running_var if track else None,
-        bn.weight, bn.bias, _bn_uses_batch_stats(bn), factor, bn.eps,
+        bn.weight, bn.bias, _bn_uses_batch_stats(bn), _momentum_factor(bn), bn.eps,
     )
 
 
-def _batch_norm_group(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
+def _batch_norm_group(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], counted: bool = False) -> torch.Tensor:
     """Batch norm of (B, sum k_i, L) by the modules ``bns`` (channel blocks in order), one pass."""
     if len(bns) == 1:
-        return _batch_norm(y, bns[0])
-    sizes = [b.num_features for b in bns]
+        return _batch_norm(y, bns[0], counted)
     b0 = bns[0]
-    plain = all(type(b) is nn.BatchNorm2d for b in bns)
-    if not (plain and _same_config(bns) and b0.affine and b0.track_running_stats):
-        return torch.cat([_batch_norm(part, b) for part, b in zip(y.split(sizes, 1), bns)], 1)
-    factor = 0.0
-    if b0.training:
+    if not (all(_plain_bn(b) for b in bns) and _same_config(bns) and b0.affine and b0.track_running_stats):
+        sizes = [b.num_features for b in bns]
+        return torch.cat([_batch_norm(part, b, counted) for part, b in zip(y.split(sizes, 1), bns)], 1)
+    if b0.training and not counted:
         for b in bns:
             b.num_batches_tracked.add_(1)
-        factor = 1.0 / float(b0.num_batches_tracked) if b0.momentum is None else b0.momentum
+    running_mean = None if torch.compiler.is_compiling() else _flat_base([b.running_mean for b in bns])
+    running_var = None if running_mean is None else _flat_base([b.running_var for b in bns])
+    gamma_beta = torch.cat([b.weight for b in bns] + [b.bias for b in bns])
+    gamma, beta = gamma_beta.chunk(2)
+    if running_var is not None:  # tied buffers: batch_norm updates every module's statistics in place
+        return F.batch_norm(y, running_mean, running_var, gamma, beta, b0.training, _momentum_factor(b0), b0.eps)
+    # untied (buffers replaced from outside, or under torch.compile): concatenate and write back
+    sizes = [b.num_features for b in bns]
     running_mean = torch.cat([b.running_mean for b in bns])
     running_var = torch.cat([b.running_var for b in bns])
-    out = F.batch_norm(
-        y, running_mean, running_var, torch.cat([b.weight for b in bns]), torch.cat([b.bias for b in bns]),
-        b0.training, factor, b0.eps,
-    )
-    if b0.training:  # F.batch_norm updated the concatenated copies: write them back
+    out = F.batch_norm(y, running_mean, running_var, gamma, beta, b0.training, _momentum_factor(b0), b0.eps)
+    if b0.training:
         with torch.no_grad():
             for b, m, v in zip(bns, running_mean.split(sizes), running_var.split(sizes)):
                 b.running_mean.copy_(m)
@@ -118,27 +171,34 @@ def _batch_norm_group(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
 
 
 def _gemm(weight: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-    """weight (k, D) applied to every sample of inp (B, D, n) -> (B, k, n), without copying inp.
+    """weight (k, D) applied to every sample of inp (B, D, n) -> (B, k, n).
 
-    torch.matmul folds the batch into one GEMM when inp's transpose is contiguous (the channel
-    branch's view); otherwise it would copy inp, so a batched GEMM with a broadcast weight is used.
+    A 1x1 convolution: one op forward and one (convolution_backward, both gradients) backward,
+    where a matmul with a broadcast weight costs a GEMM per gradient plus a batch reduction.
     """
-    if inp.mT.is_contiguous():
-        return torch.matmul(weight, inp)
-    return torch.bmm(weight.expand(inp.shape[0], *weight.shape), inp)
+    return F.conv1d(inp, weight.unsqueeze(-1))
 
 
-def _linear_bn(weight: torch.Tensor, bns: Sequence[nn.BatchNorm2d], apply) -> torch.Tensor:
+def _linear_bn(weight: torch.Tensor, bns: Sequence[nn.BatchNorm2d], apply, counted: bool = False) -> torch.Tensor:
     """BN(apply(weight)) where ``apply`` is linear in ``weight`` (rows = output channels).
 
     With batch statistics: one batch_norm call over the group. With running statistics (eval): the
     affine BN is folded into the weight rows and a bias, so no separate normalisation pass.
     """
-    if any(_bn_uses_batch_stats(b) or type(b) is not nn.BatchNorm2d for b in bns) or not all(b.affine for b in bns):
-        return _batch_norm_group(apply(weight), bns)
+    if any(_bn_uses_batch_stats(b) or not _plain_bn(b) for b in bns) or not all(b.affine for b in bns):
+        return _batch_norm_group(apply(weight), bns, counted)
     scale = torch.cat([b.weight * torch.rsqrt(b.running_var + b.eps) for b in bns])
     shift = torch.cat([b.bias for b in bns]) - torch.cat([b.running_mean for b in bns]) * scale
     return apply(weight * scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _untie_state_dict(module, state_dict, prefix, local_metadata):
+    """state_dict() hands out independent tensors: the tied running statistics are views of one
+    buffer, which some savers (safetensors) refuse."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and isinstance(value, torch.Tensor) and value._base is not None:
+            state_dict[key] = value.clone()
+    return state_dict
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +295,44 @@ class RGAModule(nn.Module):
                 setattr(self, f"gg_{branch}", _conv_bn_relu(2 * nodes, rel_red))
             width = int(self.use_original) + (rel_red if self.use_relation else 0)
             setattr(self, f"W_{branch}", _attention_mlp(width, max(1, width // down_ratio)))
+        self.keep_attention = False
+        self.last_attention: dict[str, torch.Tensor] = {}
+        self._tie_buffers()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._tie_buffers())
+        self._register_state_dict_hook(_untie_state_dict)
+
+    # -- tied BN statistics (fused path) ----------------------------------------------------------
+    def _embedding_bns(self, branch: str) -> list:
+        """The BNs of θ, φ and g of a branch, in the order the fused path normalises them."""
+        return [getattr(self, f"{name}_{branch}")[1] for name in self._embedding_names()
+                if hasattr(self, f"{name}_{branch}")]
+
+    def _embedding_names(self) -> list:
+        names = []
+        if self.use_relation and self.embedding != "none":
+            names.append("theta")
+            if self.embedding == "asymmetric":
+                names.append("phi")
+        if self.use_original:
+            names.append("gx")
+        return names
+
+    def _tie_buffers(self) -> None:
+        for branch in ("spatial", "channel"):
+            _tie_running_stats(self._embedding_bns(branch))
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .double() give every buffer its own new tensor: tie them again
+        super()._apply(fn, recurse)
+        self._tie_buffers()
+        return self
+
+    def _count_batches(self) -> None:
+        """num_batches_tracked += 1 for every plain BN of the module that tracks statistics, in one op."""
+        counters = [m.num_batches_tracked for m in self.modules()
+                    if _plain_bn(m) and m.training and m.track_running_stats and m.num_batches_tracked is not None]
+        if counters:
+            torch._foreach_add_(counters, 1)
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -364,6 +462,8 @@ class RGAModule(nn.Module):
     # Fused path ----------------------------------------------------------------------------------
     def _forward_fused(self, x):
         b, c, h, w = x.shape
+        if self.training:
+            self._count_batches()
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             # (B, H, W, C) in memory: a (B, C, HW) view with the channels fastest, no copy; the
             # output keeps the channels_last layout
@@ -384,40 +484,31 @@ class RGAModule(nn.Module):
         return self._combine(x3, spatial, channel).reshape(b, c, h, w)
 
     def _branch_fused(self, branch: str, inp: torch.Tensor) -> torch.Tensor:
-        """inp: (B, D, n) with nodes along the last axis (a view is fine). Returns logits (B, 1, n)."""
-        names = []
-        if self.use_relation and self.embedding != "none":
-            names.append("theta")
-            if self.embedding == "asymmetric":
-                names.append("phi")
-        if self.use_original:
-            names.append("gx")
+        """inp: (B, D, n) with nodes along the last axis (a view is fine). Returns logits (B, 1, n).
+
+        Every BN here has had its num_batches_tracked incremented by _count_batches already.
+        """
+        names = self._embedding_names()
         seqs = [getattr(self, f"{name}_{branch}") for name in names]
         emb = {}
         if seqs:  # θ, φ and g: one GEMM, one batch norm, one ReLU
-            weight = torch.cat([s[0].weight.flatten(1) for s in seqs])
-            t = F.relu(_linear_bn(weight, [s[1] for s in seqs], lambda wt: _gemm(wt, inp)))
+            weight = seqs[0][0].weight.flatten(1) if len(seqs) == 1 else \
+                torch.cat([s[0].weight.flatten(1) for s in seqs])
+            t = F.relu(_linear_bn(weight, [s[1] for s in seqs], lambda wt: _gemm(wt, inp), counted=True))
             emb = dict(zip(names, t.split([s[0].out_channels for s in seqs], 1)))
 
-        z = gm = None
+        parts = []
+        if self.use_original:
+            parts.append(emb["gx"].mean(1, keepdim=True))  # (B, 1, n)
         if self.use_relation:
             theta = emb.get("theta", inp)
             phi = emb.get("phi", theta)
             gg = getattr(self, f"gg_{branch}")
-            z = F.relu(_linear_bn(
-                gg[0].weight.flatten(1), [gg[1]], lambda wt: _relation_embed(theta, phi, wt, self.backend)
-            ))
-        if self.use_original:
-            gm = emb["gx"].mean(1, keepdim=True)  # (B, 1, n)
+            parts.append(F.relu(_linear_bn(
+                gg[0].weight.flatten(1), [gg[1]], lambda wt: _relation_embed(theta, phi, wt, self.backend),
+                counted=True)))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # [mean(g), z]
 
         mlp = getattr(self, f"W_{branch}")
-
-        def first(wt):  # W1 · [gm, z] without building the concatenation
-            if z is None:
-                return wt * gm
-            if gm is None:
-                return _gemm(wt, z)
-            return _gemm(wt[:, 1:], z) + wt[:, :1] * gm
-
-        hidden = F.relu(_linear_bn(mlp[0].weight.flatten(1), [mlp[1]], first))
-        return _linear_bn(mlp[3].weight.flatten(1), [mlp[4]], lambda wt: _gemm(wt, hidden))
+        hidden = F.relu(_linear_bn(mlp[0].weight.flatten(1), [mlp[1]], lambda wt: _gemm(wt, y), counted=True))
+        return _linear_bn(mlp[3].weight.flatten(1), [mlp[4]], lambda wt: _gemm(wt, hidden), counted=True)

@@ -147,12 +147,14 @@ if TRITON_AVAILABLE:
         row_ok = rows < MM
         col_ok = cols < NN
 
+        # tl.dot's out_dtype must equal the accumulator's dtype (Triton 3.6 asserts it; its default
+        # is float32, which breaks fp64 accumulation unless given explicitly)
         if ACC_FP64:
-            acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+            ACC_DTYPE: tl.constexpr = tl.float64
         else:
-            acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            ACC_DTYPE: tl.constexpr = tl.float32
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
 
         if REDUCE_BATCH:
             b_lo = 0
@@ -183,19 +185,19 @@ if TRITON_AVAILABLE:
 
                 x = tl.load(px11 + k64 * x11_sc, mask=x_ok, other=0.0)
                 y = tl.load(py11 + k64 * y11_sr, mask=y_ok, other=0.0)
-                acc1 = tl.dot(x.to(y.dtype), y, acc1, input_precision=PRECISION)
+                acc1 = tl.dot(x.to(y.dtype), y, acc1, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 if NUM_TERMS == 2:
                     x = tl.load(px12 + k64 * x12_sc, mask=x_ok, other=0.0)
                     y = tl.load(py12 + k64 * y12_sr, mask=y_ok, other=0.0)
-                    acc1 = tl.dot(x.to(y.dtype), y, acc1, input_precision=PRECISION)
+                    acc1 = tl.dot(x.to(y.dtype), y, acc1, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 if NUM_OUT == 2:
                     x = tl.load(px21 + k64 * x21_sc, mask=x_ok, other=0.0)
                     y = tl.load(py21 + k64 * y21_sr, mask=y_ok, other=0.0)
-                    acc2 = tl.dot(x.to(y.dtype), y, acc2, input_precision=PRECISION)
+                    acc2 = tl.dot(x.to(y.dtype), y, acc2, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                     if NUM_TERMS == 2:
                         x = tl.load(px22 + k64 * x22_sc, mask=x_ok, other=0.0)
                         y = tl.load(py22 + k64 * y22_sr, mask=y_ok, other=0.0)
-                        acc2 = tl.dot(x.to(y.dtype), y, acc2, input_precision=PRECISION)
+                        acc2 = tl.dot(x.to(y.dtype), y, acc2, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
         out_ok = row_ok[:, None] & col_ok[None, :]
         po1 = _tile_ptrs(o1, o1_off, pid_b, o1_sb, o1_sr, o1_sc, rows, cols)

@@ -60,12 +60,22 @@ def _ext_has_cuda() -> bool:
         return False
 
 
-def _fake_fwd(theta: Tensor, phi: Tensor, weight: Tensor):
-    acc = torch.float64 if theta.dtype == torch.float64 else torch.float32
+def _fake_fwd(theta: Tensor, phi: Tensor, weight: Tensor, acc_dtype: bool = False):
+    """Shapes of (out, p, q). p and q are in the input dtype (C++ ops), or with ``acc_dtype`` in the
+    accumulation dtype, float32 for fp16/bf16 inputs (the Triton kernels)."""
+    torch._check(theta.dim() == 3 and theta.shape == phi.shape, lambda: "theta and phi must be (B, d, n)")
+    torch._check(weight.dim() == 2 and weight.shape[1] == 2 * theta.shape[2], lambda: "weight must be (M, 2n)")
+    dtype = theta.dtype
+    if acc_dtype and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     B, d, n = theta.shape
     M = weight.shape[0]
     out = theta.new_empty((B, M, n))
-    return out, theta.new_empty((B, M, d), dtype=acc), theta.new_empty((B, M, d), dtype=acc)
+    return out, theta.new_empty((B, M, d), dtype=dtype), theta.new_empty((B, M, d), dtype=dtype)
+
+
+def _fake_fwd_triton(theta: Tensor, phi: Tensor, weight: Tensor):
+    return _fake_fwd(theta, phi, weight, acc_dtype=True)
 
 
 def _fake_bwd(grad_out, theta, phi, weight, p, q):
@@ -79,6 +89,7 @@ def _setup_context(ctx, inputs, output):
     _, p, q = output
     ctx.save_for_backward(theta, phi, weight, p, q)
     ctx.mark_non_differentiable(p, q)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused p, q outputs
 
 
 def _make_backward(bwd_op: Callable):
@@ -147,7 +158,7 @@ if _TRITON_SPEC and hasattr(torch.library, "triton_op"):
         # Under the interpreter, tracing the op's body on fake tensors would execute the kernels
         # on them: give shape propagation explicit fake kernels instead. On GPUs triton_op's own
         # fake (the body, with wrap_triton recording the launches) is kept.
-        _relation_fwd_triton.register_fake(_fake_fwd)
+        _relation_fwd_triton.register_fake(_fake_fwd_triton)
         _relation_bwd_triton.register_fake(_fake_bwd)
     _relation_fwd_triton.register_autograd(_make_backward(_relation_bwd_triton), setup_context=_setup_context)
     _TRITON_REGISTERED = True
