@@ -227,6 +227,11 @@ class RGAModule(nn.Module):
             (relations of the raw features, no θ/φ parameters), Table 4.
         fused: False for the reference path; True (backend "auto") or a backend name for the fused
             path through ``rga_kernels.relation_embed``. Settable after construction.
+
+    Attention maps: set ``module.keep_attention = True`` and after each forward
+    ``module.last_attention`` holds the detached maps, ``"spatial"`` (B, 1, H, W) and/or
+    ``"channel"`` (B, C, 1, 1), the same on both paths (for figures and analysis; off by default).
+    With order "cs" the spatial map is the one computed from the channel-gated input.
     """
 
     def __init__(
@@ -390,12 +395,20 @@ class RGAModule(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if not torch.compiler.is_compiling() and x.shape[0] == 0:  # no samples: nothing to attend to (and batch statistics would be undefined)
+            return x.clone()
         if self._fused is False:
             return self._forward_reference(x)
         return self._forward_fused(x)
 
+    def _record(self, name: str, a: torch.Tensor, shape) -> None:
+        if self.keep_attention:
+            self.last_attention[name] = a.detach().reshape(shape)
+
     def _combine(self, x, spatial, channel):
         """Apply the branches in the configured order; spatial/channel map x to its gated version."""
+        if self.keep_attention:
+            self.last_attention = {}
         if not self.use_channel:
             return spatial(x)[0]
         if not self.use_spatial:
@@ -444,6 +457,7 @@ class RGAModule(nn.Module):
             return torch.cat((R.transpose(1, 2).reshape(b, n, h, w), R.reshape(b, n, h, w)), 1)
 
         a = torch.sigmoid(self._attention_input_reference("spatial", x, relation))  # (b, 1, h, w)
+        self._record("spatial", a, (b, 1, h, w))
         return a * x, a
 
     def _channel_reference(self, x):
@@ -457,6 +471,7 @@ class RGAModule(nn.Module):
 
         logits = self._attention_input_reference("channel", xc, relation)  # (b, 1, c, 1)
         a = torch.sigmoid(logits.reshape(b, c, 1, 1))
+        self._record("channel", a, (b, c, 1, 1))
         return a * x, a
 
     # Fused path ----------------------------------------------------------------------------------
@@ -474,11 +489,13 @@ class RGAModule(nn.Module):
         # the attention keeps the input's dtype (an eval-mode folded BN shift would promote it)
         def spatial(t):
             a = torch.sigmoid(self._branch_fused("spatial", t)).to(t.dtype)  # (b, 1, n)
+            self._record("spatial", a, (b, 1, h, w))
             return t * a, a
 
         def channel(t):
             a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2)  # (b, c, 1)
             a = a.to(t.dtype)
+            self._record("channel", a, (b, c, 1, 1))
             return t * a, a
 
         return self._combine(x3, spatial, channel).reshape(b, c, h, w)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .reference import relation_embed_factorized, relation_embed_reference
+from .reference import relation_embed_backward_factorized, relation_embed_factorized, relation_embed_reference
 
 BACKENDS = ("reference", "torch", "cpp", "cuda", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -97,7 +97,13 @@ def _make_backward(bwd_op: Callable):
         theta, phi, weight, p, q = ctx.saved_tensors
         if grad_out is None:
             return None, None, None
-        dtheta, dphi, dweight = bwd_op(grad_out, theta, phi, weight, p, q)
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the kernels' backward has no derivative of its own, so
+            # the gradients are built from differentiable ops (same formulas, exact double backward)
+            dtheta, dphi, dweight = relation_embed_backward_factorized(
+                grad_out.to(theta.dtype), theta, phi, weight)
+        else:
+            dtheta, dphi, dweight = bwd_op(grad_out, theta, phi, weight, p, q)
         need = ctx.needs_input_grad
         return (dtheta if need[0] else None, dphi if need[1] else None,
                 dweight if need[2] else None)
@@ -225,8 +231,10 @@ def _is_exporting() -> bool:
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
-    if backend == "auto":
-        backend = os.environ.get("RGA_KERNELS_BACKEND", "auto")
+    source = f"backend {backend!r}"
+    if backend == "auto" and os.environ.get("RGA_KERNELS_BACKEND", "auto") != "auto":
+        backend = os.environ["RGA_KERNELS_BACKEND"]
+        source = f"RGA_KERNELS_BACKEND={backend!r} (environment variable)"
     if backend == "auto" and _is_exporting():
         # torch.export: plain aten ops, so the exported program runs without this package.
         return "torch"
@@ -237,10 +245,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                 return name
         return "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        raise ValueError(f"unknown {source}; expected 'auto' or one of {BACKENDS}")
     ok, why = _cached_status(device.type)[backend]
     if not ok:
-        raise ValueError(f"backend {backend!r} is not available for {device.type} tensors on this machine: {why}. "
+        raise ValueError(f"{source} is not available for {device.type} tensors on this machine: {why}. "
                          f"Available here: {available_backends(device)}")
     return backend
 
@@ -263,7 +271,8 @@ def _check_inputs(theta, phi, weight) -> None:
     if weight.dim() != 2 or weight.shape[1] != 2 * n:
         raise ValueError(f"relation_embed: weight must be (M, 2n) = (M, {2 * n}) for n = {n} nodes, "
                          f"got shape {tuple(weight.shape)}")
-    if min(B, d, n, weight.shape[0]) < 1:
+    # (under torch.compile / export the batch stays symbolic: no Python comparison on it)
+    if not torch.compiler.is_compiling() and min(B, d, n, weight.shape[0]) < 1:
         raise ValueError(f"relation_embed: empty input: theta/phi {tuple(theta.shape)}, weight {tuple(weight.shape)}; "
                          "B, d, n and M must all be >= 1")
     if not (theta.device == phi.device == weight.device):

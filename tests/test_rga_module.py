@@ -476,3 +476,93 @@ def test_bad_spatial_size_argument():
         RGAModule(C, 32)
     with pytest.raises(ValueError):
         RGAModule(C, (0, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Double backward, export, attention maps, tied statistics, empty batches
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", _backends())
+def test_gradient_penalty_fused_equals_reference(backend):
+    """A gradient penalty on the input (create_graph=True) gives the reference's parameter gradients."""
+    ref, fus = _pair(backend)
+    x = _x(b=2)
+    grads = []
+    for m in (ref, fus):
+        xi = x.clone().requires_grad_()
+        gx, = torch.autograd.grad(m(xi).pow(2).sum(), xi, create_graph=True)
+        gx.pow(2).sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g2, g1, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("config", ["sc", "cs", "parallel", "s", "c"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_keep_attention_same_maps_on_both_paths(config, train):
+    ref, fus = _pair("torch", **CONFIGS[config])
+    x = _x()
+    maps = []
+    for m in (ref, fus):
+        m.train(train)
+        m.keep_attention = True
+        m(x)
+        maps.append(dict(m.last_attention))
+    assert set(maps[0]) == set(maps[1]) == {k for k, on in (("spatial", ref.use_spatial),
+                                                              ("channel", ref.use_channel)) if on}
+    for k in maps[0]:
+        want = (3, 1, H, W) if k == "spatial" else (3, C, 1, 1)
+        assert maps[0][k].shape == want and not maps[0][k].requires_grad
+        torch.testing.assert_close(maps[1][k], maps[0][k], rtol=1e-10, atol=1e-10)
+    fus.keep_attention = False
+    fus.last_attention = {}
+    fus(x)
+    assert fus.last_attention == {}
+
+
+@pytest.mark.parametrize("fused", [False, "torch"], ids=["reference", "fused"])
+def test_empty_batch_returns_empty(fused):
+    m = RGAModule(C, (H, W), **SMALL, fused=fused).double()
+    for train in (True, False):
+        m.train(train)
+        out = m(torch.zeros(0, C, H, W, dtype=torch.float64))
+        assert out.shape == (0, C, H, W)
+
+
+def test_tied_running_statistics_survive_to_load_and_save():
+    """The fused path's θ/φ/g BN statistics are views of one buffer; .to(), load_state_dict and
+    state_dict keep the module correct (and state_dict hands out independent tensors)."""
+    ref, fus = _pair("torch")
+    fus = fus.float().double()  # _apply replaces every buffer: they must be tied again
+    bns = fus._embedding_bns("spatial")
+    base = bns[0].running_mean._base
+    assert base is not None and all(b.running_mean._base is base for b in bns)
+    sd = fus.state_dict()
+    assert all(v._base is None for v in sd.values()), "state_dict must not hand out views"
+    fus.load_state_dict(ref.state_dict())
+    assert bns[0].running_mean._base is base, "load_state_dict copies in place: still tied"
+    _assert_same(ref, fus, _x(), steps=2)
+    # buffers replaced from outside (untied): the fused path still updates each module's statistics
+    for b in bns:
+        b.running_mean = b.running_mean.clone()
+    ref2, fus2 = copy.deepcopy(ref), copy.deepcopy(fus)
+    for b in fus2._embedding_bns("spatial"):
+        b.running_var = b.running_var.clone()
+    _assert_same(ref2, fus2, _x(seed=3), steps=2)
+
+
+@pytest.mark.parametrize("dim", ["bounded", "auto"])
+def test_export_dynamic_batch_fused_model(dim):
+    from torch.export import Dim
+
+    from rga import build_model
+
+    torch.manual_seed(0)
+    model = build_model("rga_sc", 10, height=64, width=32, fused=True, backbone="resnet18", pretrained=False).eval()
+    spec = Dim("batch", max=64) if dim == "bounded" else Dim.AUTO
+    ep = torch.export.export(model, (torch.randn(8, 3, 64, 32),), dynamic_shapes={"x": {0: spec}})
+    for b in (1, 3, 64):
+        x = torch.randn(b, 3, 64, 32)
+        got, want = ep.module()(x), model(x)
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
