@@ -82,7 +82,8 @@ def load_model(spec, *, device="cpu", fused=None, backbone: str = "resnet18", he
             model.load_state_dict(extract_model_state(ckpt))
         except RuntimeError as e:
             raise CheckpointError(f"{path} does not fit the model its config describes: {e}") from e
-        model.run_name = Path(spec).name if Path(spec).is_dir() else path.parent.name
+        name = Path(spec).name if Path(spec).is_dir() else path.parent.name
+        model.run_name = f"{name} ep{ckpt['epoch']}" if ckpt.get("epoch") is not None else name
     if fused is not None:
         model.fused = fused
     if not hasattr(model, "run_name"):
@@ -289,7 +290,7 @@ def relation_maps(model, image: torch.Tensor, stage: int, targets) -> tuple[np.n
         if not module.use_relation:
             raise ValueError("this RGA module was built without relations (use_relation=False)")
         theta, phi = module._embed_reference("spatial", x, b)
-        rel, what = theta.transpose(1, 2) @ phi, "RGA-S: R(i, j) = θ_iᵀφ_j"
+        rel, what = theta.transpose(1, 2) @ phi, "RGA spatial branch: R(i, j) = θ_iᵀφ_j"
     module.last_attention = {}
     out = []
     for r, c in targets:
@@ -508,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("image")
     r.add_argument("--targets", nargs="+", metavar="ROW,COL", help="target cells on the stage's feature grid")
     r.add_argument("--stage", type=int, default=1, help="stage (default 1, the finest grid)")
+    r.add_argument("--dataset", help="also average the position invariance over this dataset's query images")
+    r.add_argument("--data-root", default="data")
+    r.add_argument("--limit", type=int, default=50, help="images for the --dataset average (default 50)")
     _model_args(r)
     g = sub.add_parser("gradcam", help="Grad-CAM of the final stage for two models side by side (Fig. 5)")
     g.add_argument("run")
@@ -609,9 +613,18 @@ def cmd_relation(args) -> dict:
         maps, what = relation_maps(model, batch, args.stage, targets)
         inv = position_invariance(maps)
         rows.append((_label(model), maps, inv))
-        summary["runs"].append({"run": model.run_name, "variant": model.variant, "what": what, "invariance": inv})
+        entry = {"run": model.run_name, "variant": model.variant, "what": what, "invariance": inv}
         print(f"{_label(model)}: {what}; position invariance (mean correlation between the targets' maps, "
               f"1.0 = the same map for every target) {inv:.3f}")
+        if args.dataset:
+            paths = dataset_images(args.dataset, args.data_root, "query", args.limit)
+            _, many, _ = load_images(paths, model.height, model.width)
+            invs = np.array([position_invariance(relation_maps(model, many[i:i + 1], args.stage, targets)[0])
+                             for i in range(len(paths))])
+            entry["dataset_invariance"] = {"mean": float(np.nanmean(invs)), "std": float(np.nanstd(invs)),
+                                           "n": int(np.isfinite(invs).sum())}
+            print(f"  over {len(paths)} {args.dataset} query images: {np.nanmean(invs):.3f} ± {np.nanstd(invs):.3f}")
+        summary["runs"].append(entry)
     summary["targets"] = targets
     out = Path(args.out)
     summary["figure"] = str(relation_figure(original, rows, targets, grid, out / "relation.png"))
