@@ -376,7 +376,7 @@ def gradcam_figure(originals, runs, path, ratios=None) -> Path:
     """Rows: images; columns: the image, then each run's Grad-CAM. runs: [(label, (B, H, W))]."""
     plt = _plt()
     n = len(originals)
-    fig, axes = plt.subplots(n, 1 + len(runs), figsize=(1.4 * (1 + len(runs)), 2.4 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(n, 1 + len(runs), figsize=(1.9 * (1 + len(runs)), 2.4 * n + 0.4), squeeze=False)
     for i, img in enumerate(originals):
         axes[i, 0].imshow(img)
         axes[i, 0].axis("off")
@@ -516,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gradcam", help="Grad-CAM of the final stage for two models side by side (Fig. 5)")
     g.add_argument("run")
     g.add_argument("images", nargs="+")
+    g.add_argument("--show", type=int, default=6, help="images drawn in gradcam.png (default 6; the ratio uses all)")
     _model_args(g)
     k = sub.add_parser("ranks", help="query + top-k gallery sheet (green: same identity, red: not) and cmc.png")
     k.add_argument("run")
@@ -639,7 +640,7 @@ def cmd_gradcam(args) -> dict:
     originals = None
     for model in models:
         originals, batch, masks = load_images(args.images, model.height, model.width)
-        cams = gradcam_maps(model, batch)  # (B, h, w) at the model's input size
+        cams = np.concatenate([gradcam_maps(model, batch[s:s + 32]) for s in range(0, len(batch), 32)])
         big = [F.interpolate(torch.from_numpy(c)[None, None], size=o.shape[:2], mode="bilinear",
                              align_corners=False)[0, 0].numpy() for c, o in zip(cams, originals)]
         rt = [float(foreground_ratio(torch.from_numpy(b)[None, None] + 1e-12, torch.from_numpy(m)[None, None]))
@@ -651,7 +652,9 @@ def cmd_gradcam(args) -> dict:
         print(f"{_label(model)}: Grad-CAM foreground ratio mean {np.mean(v):.3f} over {len(v)} images" if v
               else f"{_label(model)}: no masks")
     out = Path(args.out)
-    summary["figure"] = str(gradcam_figure(originals, runs, out / "gradcam.png", ratios=ratios))
+    k = args.show
+    summary["figure"] = str(gradcam_figure(originals[:k], [(label, cams[:k]) for label, cams in runs],
+                                           out / "gradcam.png", ratios=[r[:k] for r in ratios]))
     (out / "gradcam.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {summary['figure']}")
     return summary
