@@ -223,7 +223,7 @@ def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path
                 continue
             a = runs[r][1][s][i, 0].numpy()
             ax.imshow(overlay(img, a))  # colours span this map's own range, printed in the title
-            title = f"{label}\nstage {s}\n" if i == 0 else ""
+            title = f"{label.replace(' (', chr(10) + '(')}\nstage {s}\n" if i == 0 else ""
             title += f"[{a.min():.2f}, {a.max():.2f}]"
             if ratios is not None and s in ratios[r][1]:
                 title += f"\nfg {float(ratios[r][1][s][i]):.2f}"
