@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
 _TARGETS: dict[tuple[str, str], float] = {}
+_LAUNCHES: dict[str, dict[str, int]] = defaultdict(dict)
 
 
 def sync(device: str) -> None:
@@ -99,6 +100,24 @@ def bench_record(benchmark):
     return run
 
 
+@pytest.fixture
+def launch_record(benchmark):
+    """Count the kernel-launching ops of fn (rga_kernels.launches) after one warm-up call, and
+    record them for the launch table; pytest-benchmark times the counted run (it includes the
+    profiler's overhead: the time column of that row means nothing, the count does)."""
+    from rga_kernels.launches import count_launches
+
+    def run(group: str, variant: str, fn):
+        fn()
+        benchmark.group = "launches: " + group
+        counts = []
+        benchmark.pedantic(lambda: counts.append(count_launches(fn)), rounds=1, iterations=1)
+        _LAUNCHES[group][variant] = counts[-1]
+        benchmark.extra_info["launches"] = counts[-1]
+
+    return run
+
+
 def _missed_targets() -> list[str]:
     missed = []
     for (group, variant), target in _TARGETS.items():
@@ -116,9 +135,16 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if _LAUNCHES:
+        tr.section("operator launches per call (rga_kernels.launches), against the reference path")
+        for group, variants in _LAUNCHES.items():
+            base = variants.get("reference")
+            row = "  ".join(f"{v} {n}" + (f" ({n / base:.2f}x)" if base and v != "reference" else "")
+                            for v, n in variants.items())
+            tr.write_line(f"{group:<40} {row}")
     if not _RESULTS:
         return
-    tr = terminalreporter
     tr.section("speed and peak memory against the baseline, measured side by side in this run")
     tr.write_line(f"{'group':<44} {'variant':<12} {'median':>10} {'speedup':>9} {'peak MiB':>10} {'mem ratio':>9}  target")
     for group, variants in _RESULTS.items():

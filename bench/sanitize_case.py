@@ -2,11 +2,16 @@
 
 Odd sizes so that every masked edge of the kernels is exercised. Usage: python bench/sanitize_case.py BACKEND
 """
+import os
 import sys
 
-import torch
+# `python bench/sanitize_case.py` puts bench/, not the repository, on sys.path: import the
+# in-place build of the repository this file belongs to
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import rga_kernels
+import torch  # noqa: E402
+
+import rga_kernels  # noqa: E402
 
 
 def main(backend: str) -> int:

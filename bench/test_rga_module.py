@@ -74,6 +74,43 @@ def test_module_fwd_bwd(bench_record, variant, stage, impl):
     bench_record(group, impl, step, DEVICE, rounds=ROUNDS, target=target)
 
 
+LAUNCH_BACKENDS = ["reference", "torch", "cpp", "cuda", "triton"]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("backend", LAUNCH_BACKENDS)
+def test_module_launches(launch_record, backend, stage, bf16):
+    """Launches of one RGA-SC forward+backward per backend (training, batch statistics). The count
+    does not depend on the batch or the device, so it is taken at batch 2 on the device at hand;
+    on the CPU, `cpp` runs the same C++ code as `cuda` and counts for it, and `triton` runs
+    under the interpreter (each kernel launch is one event)."""
+    import rga_kernels
+
+    fused = False if backend == "reference" else backend
+    if fused and backend not in rga_kernels.available_backends(DEVICE):
+        pytest.skip(f"{backend}: {rga_kernels.backend_status(DEVICE)[backend][1]}")
+    if DEVICE == "cpu" and stage != 3 and not FULL:
+        pytest.skip("on the CPU one stage is counted (the count does not depend on the shape: "
+                    "RGA_BENCH_FULL=1 counts all four)")
+    if backend == "triton" and DEVICE == "cpu" and bf16:
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter")
+    C, H, W = STAGES[stage]
+    torch.manual_seed(0)
+    module = RGAModule(C, (H, W), fused=fused).to(DEVICE).train()
+    x = torch.randn(2, C, H, W, device=DEVICE, requires_grad=True)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def step():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=dtype, enabled=bf16):
+            out = module(x)
+        out.float().sum().backward()
+
+    launch_record(f"rga_sc stage{stage} {'bf16' if bf16 else 'fp32'}", backend, step)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the full ResNet-50 training step (batch 64, bf16) is a GPU benchmark")
 @pytest.mark.parametrize("impl", ["resnet50", "reference", "fused"])
 def test_train_step_resnet50_rga_sc(bench_record, impl):

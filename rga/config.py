@@ -1,32 +1,476 @@
-"""Config files and presets for the command lines.
+"""The typed run configuration: one source for the CLI flags, config files, presets and checkpoints.
 
-Precedence, lowest first: the parser's defaults (the paper's recipe) < --preset < --config file <
-flags given on the command line. A config file is JSON (or YAML when PyYAML is installed) holding
-a flat object whose keys are flag names, with dashes or underscores: {"epochs": 120, "batch-ids": 8}.
-An unknown key or a value outside a flag's choices is an error, never silently ignored.
+A run is a :class:`RunConfig` of five sections, each a dataclass whose fields are the flags:
+
+* :class:`ModelConfig`  the network (variant, backbone, input size, stages with attention, the RGA
+  options) plus how to start and run it (ImageNet weights, the fused relation path);
+* :class:`DataConfig`   dataset, PK sampling, augmentation, loader;
+* :class:`OptimConfig`  losses, Adam, the learning-rate schedule, epochs;
+* :class:`EvalConfig`   the evaluation during training;
+* :class:`RuntimeConfig` run folder, checkpoints, logging, device and speed.
+
+Field names are unique across sections, so a flag (``--batch-ids``), a key of a flat config
+file (``"batch_ids"``) and a field (``cfg.data.batch_ids``) are the same name. Values come from,
+lowest priority first: the field defaults (the paper's recipe, on the synthetic dataset) < a run
+preset (``--preset``) < a config file (``--config``: JSON, or YAML with PyYAML; flat, or nested by
+section as checkpoints store it) < the command line. ``model`` (``--model NAME``) is a shortcut
+that sets the variant and every RGA option to one row of the paper's tables (MODEL_PRESETS); the
+other keys of the same source then override single fields. Unknown keys and bad values are
+errors that name the key, the source and what was expected.
+
+A checkpoint stores ``RunConfig.to_dict()`` (and FORMAT_VERSION); ``RunConfig.from_dict`` reads it
+back, and :func:`from_legacy` reads the flat argparse dicts of checkpoints written before this.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+FORMAT_VERSION = 2  # of the checkpoint layout; 1 = the flat argparse config of earlier versions
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a flag, preset, config file or checkpoint config."""
+
+
+# ------------------------------------------------------------------------------------ value parsers
+# Each takes a string (a flag, a YAML/JSON string) or an already-typed value and returns the typed
+# value, or raises ValueError saying what was expected.
+
+_TRUE = ("true", "on", "yes", "1")
+_FALSE = ("false", "off", "no", "0")
+
+
+def _int(text, minimum):
+    if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+        raise ValueError(f"expected an integer, got {text!r}")
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {text!r}") from None
+    if v < minimum:
+        raise ValueError(f"must be >= {minimum}, got {v}")
+    return v
+
+
+def positive_int(text) -> int:
+    return _int(text, 1)
+
+
+def nonneg_int(text) -> int:
+    return _int(text, 0)
+
+
+def any_int(text) -> int:
+    return _int(text, -(2 ** 63))
+
+
+def real(text) -> float:
+    if isinstance(text, bool):
+        raise ValueError(f"expected a number, got {text!r}")
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
+def probability(text) -> float:
+    v = real(text)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {v}")
+    return v
+
+
+def boolean(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def string(text) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {text!r}")
+    return text
+
+
+def optional_path(text):
+    """A path, or None for 'none' / '' / null."""
+    if text is None or (isinstance(text, str) and text.lower() in ("", "none", "null")):
+        return None
+    return string(text)
+
+
+def fused_arg(text):
+    """on/off (or true/false, ...) -> bool; 'auto' -> True; anything else is a backend name."""
+    if isinstance(text, bool):
+        return text
+    low = string(text).lower()
+    if low in _TRUE + ("auto",):
+        return True
+    if low in _FALSE:
+        return False
+    return text
+
+
+def stage_list(text) -> tuple:
+    """'1,2,3,4' / '2,3' / [2, 3] -> a sorted tuple of distinct stages in 1..4."""
+    items = text.replace(" ", "").split(",") if isinstance(text, str) else text
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"expected stages like 1,2,3,4 or 2,3, got {text!r}")
+    try:
+        stages = tuple(sorted({any_int(s) for s in items if s != ""}))
+    except ValueError:
+        raise ValueError(f"expected stages like 1,2,3,4 or 2,3, got {text!r}") from None
+    if not stages or any(not 1 <= s <= 4 for s in stages):
+        raise ValueError(f"expected a non-empty subset of 1,2,3,4 (for no attention use --model baseline), "
+                         f"got {text!r}")
+    return stages
+
+
+def int_list(text) -> list:
+    """[80, 120] / '80,120' / '80 120' -> a list of ints >= 0."""
+    items = text.replace(",", " ").split() if isinstance(text, str) else text
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"expected a list of integers, got {text!r}")
+    return [nonneg_int(v) for v in items]
+
+
+def parse_kv(text: str):
+    """'key=value' -> (key, value); the value is read as JSON when it can be (numbers, true, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    key, value = text.split("=", 1)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return key.strip(), value
+
+
+def kv_dict(value) -> dict:
+    """{'k': v} / ['k=v', ...] / [('k', v), ...] -> dict (extra keywords for build_dataset)."""
+    if isinstance(value, dict):
+        return {string(k): v for k, v in value.items()}
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected KEY=VALUE strings or an object, got {value!r}")
+    out = {}
+    for item in value:
+        if isinstance(item, str):
+            try:
+                item = parse_kv(item)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(str(e)) from None
+        if not (isinstance(item, (list, tuple)) and len(item) == 2):
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        out[string(item[0])] = item[1]
+    return out
+
+
+def choice(*options):
+    def parse(text):
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(map(str, options))}; got {text!r}")
+        return text
+    parse.choices = options
+    return parse
+
+
+# ---------------------------------------------------------------------------------- field declarations
+
+def opt(default, help: str, parse, *, flag: str | None = None, metavar: str | None = None, arch: bool = False):
+    """A config field: its default, help text, value parser, CLI flag (default --field-name) and
+    whether it is part of the network's architecture (checked when a checkpoint is loaded)."""
+    meta = dict(help=help, parse=parse, flag=flag, metavar=metavar, arch=arch)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _model_names():
+    from .models import VARIANTS
+    return tuple(VARIANTS)
+
+
+def _backbones():
+    from .models import BACKBONES
+    return tuple(BACKBONES)
+
+
+def _variant(text):
+    names = _model_names()
+    if text not in names:
+        raise ValueError(f"expected one of {', '.join(names)}; got {text!r}")
+    return text
+
+
+def _backbone(text):
+    names = _backbones()
+    if text not in names:
+        raise ValueError(f"expected one of {', '.join(names)}; got {text!r}")
+    return text
+
+
+DEFAULT_MILESTONES = [80, 120, 160, 200, 240, 280, 320, 360]
+
+
+@dataclass
+class ModelConfig:
+    variant: str = opt("rga_sc", "attention design, a row of rga.models.VARIANTS (usually set with --model)",
+                       _variant, arch=True)
+    backbone: str = opt("resnet50", "backbone", _backbone, arch=True)
+    height: int = opt(256, "input height (the RGA modules are built for it)", positive_int, arch=True)
+    width: int = opt(128, "input width", positive_int, arch=True)
+    stages: tuple = opt((1, 2, 3, 4), "ResNet stages followed by an attention module, e.g. 2,3 (paper: 1,2,3,4)",
+                        stage_list, metavar="1,2,3,4", arch=True)
+    use_relation: bool = opt(True, "RGA: relation features in the attention input (off: Table 1 'w/o Rel.')",
+                             boolean, arch=True)
+    use_original: bool = opt(True, "RGA: the pooled feature itself in the attention input (off: 'w/o Ori.')",
+                             boolean, arch=True)
+    embedding: str = opt("asymmetric", "RGA: theta/phi embedding of the relations (Table 4)",
+                         choice("asymmetric", "symmetric", "none"), arch=True)
+    cha_ratio: int = opt(8, "RGA: channel reduction s1 (lower it for small inputs)", positive_int, arch=True)
+    spa_ratio: int = opt(8, "RGA: spatial reduction s1 (lower it for small inputs)", positive_int, arch=True)
+    down_ratio: int = opt(8, "RGA: reduction s2 of the attention MLP", positive_int, arch=True)
+    pretrained: object = opt("auto", "ImageNet weights for the backbone: a local torchvision file, 'auto' (the "
+                             "torchvision file in ./pretrained or the torch hub cache if there is one, else random "
+                             "init with a warning) or 'none' (random init)", optional_path, metavar="PATH|auto|none")
+    fused: object = opt(False, "run the RGA modules through the fused relation path (optionally name a backend)",
+                        fused_arg, flag="--fused-rga", metavar="BACKEND")
+
+    def arch_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["arch"]}
+
+    def rga_options(self) -> dict:
+        """The RGA options that differ from rga.models.RGA_OPTIONS (what build_model needs)."""
+        from .models import RGA_OPTIONS
+        return {k: getattr(self, k) for k, v in RGA_OPTIONS.items() if getattr(self, k) != v}
+
+    def label(self) -> str:
+        """The paper-row name of this architecture (a key of MODEL_PRESETS), or VARIANT+custom; with
+        '-sNN' when not every stage has a module. Used in run-folder names and logs."""
+        options = {k: getattr(self, k) for k in _RGA_FIELDS}
+        name = next((n for n, row in model_presets().items()
+                     if row["variant"] == self.variant and all(row[k] == options[k] for k in _RGA_FIELDS)),
+                    f"{self.variant}+custom")
+        if tuple(self.stages) != (1, 2, 3, 4) and self.variant != "baseline":
+            name += "-s" + "".join(map(str, self.stages))
+        return name
+
+    def build(self, num_classes: int, *, pretrained=False, neck_feat: str = "bn", fused=None):
+        """The network this config describes (random init unless `pretrained` says otherwise)."""
+        from .models import build_model
+        return build_model(self.variant, int(num_classes), height=self.height, width=self.width,
+                           backbone=self.backbone, stages=tuple(self.stages), pretrained=pretrained,
+                           fused=self.fused if fused is None else fused, neck_feat=neck_feat, **self.rga_options())
+
+
+_RGA_FIELDS = ("use_relation", "use_original", "embedding", "cha_ratio", "spa_ratio", "down_ratio")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("synthetic", "dataset: synthetic (generated under --data-root on first use), market1501, "
+                       "cuhk03, msmt17", string)
+    data_root: str = opt("data", "folder holding the datasets", string)
+    dataset_opt: dict = opt({}, "extra keyword for rga.data.build_dataset, repeatable (e.g. variant=detected)",
+                            kv_dict, metavar="KEY=VALUE")
+    sampler: str = opt("one_group", "PK epoch: one_group (one group of K per identity per epoch, the public code's "
+                       "and the paper's) or all_groups (every image once, torchreid's: 2-4x more batches)",
+                       choice("one_group", "all_groups"))
+    batch_ids: int = opt(16, "P: identities per batch (per process)", positive_int)
+    batch_instances: int = opt(4, "K: images per identity in a batch", positive_int)
+    crop: str = opt("random2d", "random crop: random2d (enlarge 1.125x and crop back with probability --crop-prob, "
+                    "the public code's), pad (zero-pad --pad px, crop back), none", choice("random2d", "pad", "none"))
+    crop_prob: float = opt(0.5, "probability of the random2d crop", probability)
+    pad: int = opt(10, "padding of the 'pad' crop, in pixels", nonneg_int)
+    flip_prob: float = opt(0.5, "horizontal flip probability", probability)
+    erasing_prob: float = opt(0.5, "random erasing probability", probability)
+    workers: int = opt(min(4, os.cpu_count() or 1), "DataLoader worker processes per process", nonneg_int)
+    test_batch_size: int = opt(128, "batch size for feature extraction", positive_int)
+
+
+@dataclass
+class OptimConfig:
+    label_smooth: float = opt(0.1, "label smoothing epsilon of the ID loss", real)
+    margin: float = opt(0.3, "batch-hard triplet margin", real)
+    id_weight: float = opt(1.0, "weight of the ID (cross-entropy) loss", real)
+    triplet_weight: float = opt(1.0, "weight of the triplet loss", real)
+    lr: float = opt(8e-4, "Adam learning rate after warm-up", real)
+    weight_decay: float = opt(5e-4, "Adam weight decay", real)
+    warmup_epochs: int = opt(20, "linear warm-up length in epochs", nonneg_int)
+    warmup_lr: float = opt(8e-6, "learning rate at epoch 0 of the warm-up", real)
+    milestones: list = opt(DEFAULT_MILESTONES, "epochs at which the learning rate is multiplied by --gamma",
+                           int_list)
+    gamma: float = opt(0.5, "learning-rate decay factor at each milestone", real)
+    epochs: int = opt(600, "total training epochs", positive_int)
+
+
+@dataclass
+class EvalConfig:
+    eval_every: int = opt(40, "evaluate every N epochs (0: only after the last epoch, which is always evaluated)",
+                          nonneg_int)
+    eval_feat: str = opt("bn", "feature used for retrieval: after the BN neck (bn) or before it (pool)",
+                         choice("bn", "pool"))
+    metric: str = opt("cosine", "retrieval distance", choice("cosine", "euclidean"))
+    rerank: bool = opt(False, "k-reciprocal re-ranking (off in the paper)", boolean)
+    flip_test: bool = opt(False, "average the features of each test image and its mirror", boolean)
+
+
+@dataclass
+class RuntimeConfig:
+    output_dir: object = opt(None, "run folder (default runs/DATASET-MODEL-BACKBONE)", optional_path)
+    seed: int = opt(0, "random seed (sampler, augmentation, initialisation)", any_int)
+    resume: object = opt(None, "continue from a checkpoint file, or 'auto': the latest in --output-dir "
+                         "(starts fresh if none)", optional_path, metavar="PATH|auto")
+    ckpt_every: int = opt(1, "write a checkpoint every N epochs (and at the end)", positive_int)
+    keep_checkpoints: int = opt(2, "keep only the newest N checkpoints (0: keep all)", nonneg_int)
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)", boolean)
+    progress: bool = opt(True, "progress bars (only on a terminal, rank 0)", boolean)
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:N", string)
+    amp: str = opt("auto", "mixed precision: auto = bf16 (or fp16) on a GPU, off on CPU",
+                   choice("auto", "bf16", "fp16", "off"))
+    channels_last: str = opt("auto", "channels-last memory format (auto: on for GPU, off on CPU)",
+                             choice("auto", "on", "off"))
+    threads: int = opt(0, "CPU threads for torch ops per process (0: torch's default); on a busy CPU 1 is "
+                       "often much faster", nonneg_int)
+    compile: bool = opt(False, "torch.compile the training model", boolean)
+    cuda_graphs: bool = opt(False, "GPU only: torch.compile(mode='reduce-overhead'), CUDA graphs for the step",
+                            boolean)
+    sync_bn: bool = opt(False, "SyncBatchNorm across processes (GPU, with torchrun)", boolean)
+    dist_backend: str = opt("auto", "process-group backend under torchrun (auto: nccl on GPU, gloo on CPU)",
+                            choice("auto", "nccl", "gloo"))
+    deterministic: bool = opt(False, "torch.use_deterministic_algorithms(True)", boolean)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig,
+            "run": RuntimeConfig}
+#: field name -> (section, dataclasses.Field)
+FIELDS = {f.name: (sec, f) for sec, cls in SECTIONS.items() for f in fields(cls)}
+ARCH_FIELDS = tuple(n for n, (_, f) in FIELDS.items() if f.metadata["arch"])
+#: old names still read in config files and legacy checkpoints
+ALIASES = {"arch": "model", "fused_rga": "fused"}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        """Nested plain values (tuples as lists), as stored in checkpoints and config.json."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def flat(self) -> dict:
+        return {name: getattr(getattr(self, sec), name) for name, (sec, _) in FIELDS.items()}
+
+    @classmethod
+    def from_flat(cls, values: dict) -> "RunConfig":
+        parts = {sec: {} for sec in SECTIONS}
+        for name, value in values.items():
+            parts[FIELDS[name][0]][name] = value
+        cfg = cls(**{sec: SECTIONS[sec](**kw) for sec, kw in parts.items()})
+        cfg.model.stages = tuple(cfg.model.stages)
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
+        """From to_dict()'s layout (or a flat one). Every key must be known."""
+        return resolve([(source, data)])
+
+    def validate(self) -> "RunConfig":
+        """Cross-field checks that do not need a device; ConfigError saying what was expected."""
+        m, o = self.model, self.optim
+        if not 0.0 <= o.label_smooth < 1.0:
+            raise ConfigError(f"label_smooth must be in [0, 1), got {o.label_smooth}")
+        if o.lr <= 0 or o.warmup_lr <= 0:
+            raise ConfigError(f"lr and warmup_lr must be > 0, got {o.lr} and {o.warmup_lr}")
+        if o.milestones != sorted(o.milestones):
+            raise ConfigError(f"milestones must be increasing, got {o.milestones}")
+        if m.variant == "baseline":
+            changed = {k: getattr(m, k) for k in _RGA_FIELDS if getattr(m, k) != getattr(ModelConfig, k)}
+            if changed or tuple(m.stages) != (1, 2, 3, 4):
+                raise ConfigError(f"the baseline has no attention modules, so "
+                                  f"{dict(changed, **({'stages': m.stages} if tuple(m.stages) != (1, 2, 3, 4) else {}))}"
+                                  " would have no effect; choose an RGA model (--model)")
+        if not (m.use_relation or m.use_original):
+            raise ConfigError("an RGA module needs use_relation or use_original (both are off)")
+        return self
+
+
+# ------------------------------------------------------------------------------ presets
+
+def _row(variant, **options):
+    row = {"variant": variant}
+    row.update({k: getattr(ModelConfig, k) for k in _RGA_FIELDS})
+    row.update(options)
+    return row
+
+
+#: --model NAME: the variant and every RGA option, as in the paper's Tables 1 and 4. Each attention
+#: design in rga.models.VARIANTS is also a row under its own name (added below), so a design
+#: added there is reachable as --model NAME with no change here.
+MODEL_PRESETS = {
+    # Table 1
+    "baseline": _row("baseline"),
+    "rga_s_wo_rel": _row("rga_s", use_relation=False),
+    "rga_s_wo_ori": _row("rga_s", use_original=False),
+    "rga_s": _row("rga_s"),
+    "rga_c_wo_rel": _row("rga_c", use_relation=False),
+    "rga_c_wo_ori": _row("rga_c", use_original=False),
+    "rga_c": _row("rga_c"),
+    "rga_s_par_c": _row("rga_s_par_c"),
+    "rga_cs": _row("rga_cs"),
+    "rga_sc": _row("rga_sc"),
+    # Table 4 (RGA-SC with each embedding of the relations; "asymmetric" is rga_sc itself)
+    "wo_embedding": _row("rga_sc", embedding="none"),
+    "symmetric": _row("rga_sc", embedding="symmetric"),
+    "asymmetric": _row("rga_sc", embedding="asymmetric"),
+}
+
+
+def model_presets() -> dict:
+    out = dict(MODEL_PRESETS)
+    for name in _model_names():
+        out.setdefault(name, _row(name))
+    return out
+
+
+#: --preset NAME: a named set of values applied below --config and the command line
 PRESETS = {
-    # The paper's recipe: exactly the parser defaults.
+    # The paper's recipe, as the public code runs it: exactly the field defaults (RGA-SC, ResNet-50,
+    # 256x128, one group of K per identity per epoch, Random2DTranslation, ImageNet weights when a
+    # torchvision file is found, 600 epochs). Only the dataset is yours to choose.
     "paper": {},
     # The README quick start: small backbone, small images, few epochs, on the synthetic data.
-    # Sized to finish in about 6 minutes on an idle 2-core CPU (well under 15). Random weights (no
-    # ImageNet weights offline) and ~500 steps: no warm-up, no random erasing, a translation
-    # scaled to the 64x32 input, so that the short run learns fast.
+    # About 3 minutes on an idle 2-core CPU. Random weights (no ImageNet weights offline) and ~500
+    # steps: every image each epoch (all_groups), no warm-up, no random erasing, a pad-crop scaled
+    # to the 64x32 input, so that the short run learns fast.
     "quick": {
         "dataset": "synthetic",
-        "arch": "rga_sc",
+        "model": "rga_sc",
         "backbone": "resnet18",
+        "pretrained": None,
         "height": 64,
         "width": 32,
+        "sampler": "all_groups",
         "batch_ids": 8,
         "batch_instances": 4,
         "epochs": 14,
+        "crop": "pad",
         "pad": 4,
         "erasing_prob": 0.0,
         "warmup_epochs": 0,
@@ -41,8 +485,51 @@ PRESETS = {
 }
 
 
-class ConfigError(ValueError):
-    pass
+# ------------------------------------------------------------------------------ resolution
+
+def _flatten(data: dict, source: str) -> list:
+    """[(key, value)] from a flat or section-nested dict, in order, 'model' presets first."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected an object of option names to values, got {type(data).__name__}")
+    items = []
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in SECTIONS and isinstance(value, dict):
+            items += [(f"{name}.{k}", str(k).lstrip("-").replace("-", "_"), v) for k, v in value.items()]
+        else:
+            items.append((key, name, value))
+    items.sort(key=lambda it: ALIASES.get(it[1], it[1]) != "model")  # the model row first
+    return items
+
+
+def parse_values(data: dict, source: str) -> dict:
+    """A flat {field: typed value} from one source (flag dict, preset, file, checkpoint config)."""
+    presets = model_presets()
+    out = {}
+    for key, name, value in _flatten(data, source):
+        name = ALIASES.get(name, name)
+        if name in ("config", "preset"):
+            raise ConfigError(f"{source}: '{key}' cannot be set inside a config")
+        if name == "model":
+            if value not in presets:
+                raise ConfigError(f"{source}: unknown model {value!r}; choose one of {', '.join(presets)}")
+            out.update(presets[value])
+            continue
+        if name not in FIELDS:
+            raise ConfigError(f"{source}: unknown option '{key}'")
+        try:
+            out[name] = FIELDS[name][1].metadata["parse"](value)
+        except ValueError as e:
+            raise ConfigError(f"{source}: bad value for '{key}': {e}") from None
+    return out
+
+
+def resolve(layers) -> RunConfig:
+    """[(source name, dict)] lowest priority first -> a validated RunConfig."""
+    values = {}
+    for source, data in layers:
+        values.update(parse_values(data or {}, source))
+    return RunConfig.from_flat(values).validate()
 
 
 def load_config_file(path) -> dict:
@@ -68,72 +555,31 @@ def load_config_file(path) -> dict:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a flat object of flag names to values")
+        raise ConfigError(f"{path} must hold an object of option names to values")
     return data
 
 
-def _normalise(parser: argparse.ArgumentParser, values: dict, source: str) -> dict:
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
-    out = {}
-    for key, value in values.items():
-        dest = key.lstrip("-").replace("-", "_")
-        if dest in ("config", "preset"):
-            raise ConfigError(f"{source}: '{key}' cannot be set inside a config")
-        if dest not in actions:
-            raise ConfigError(f"{source}: unknown option '{key}' (not a flag of this command)")
-        action = actions[dest]
-        if action.choices is not None and value is not None:
-            vals = value if isinstance(value, list) else [value]
-            bad = [v for v in vals if v not in action.choices]
-            if bad:
-                raise ConfigError(f"{source}: '{key}' must be one of {sorted(map(str, action.choices))}, got {bad}")
-        if action.type is not None and value is not None and callable(action.type) and not isinstance(value, bool):
-            try:
-                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"{source}: bad value for '{key}': {value!r} ({e})") from e
-        out[dest] = value
-    return out
+# ------------------------------------------------------------------------------ legacy checkpoints
+
+#: keys of the flat argparse config that checkpoints held before FORMAT_VERSION 2 and that have
+#: no field now (they were flags of the command, not of the run)
+_LEGACY_DROPPED = ("config", "preset")
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv=None, presets=PRESETS) -> argparse.Namespace:
-    """Parse argv, filling defaults from --preset and --config first (flags win)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    pre.add_argument("--preset")
-    known, _ = pre.parse_known_args(argv)
-    defaults = {}
-    try:
-        if known.preset is not None:
-            if known.preset not in presets:
-                raise ConfigError(f"unknown preset '{known.preset}'; choose from {sorted(presets)}")
-            defaults.update(_normalise(parser, presets[known.preset], f"preset '{known.preset}'"))
-        if known.config is not None:
-            defaults.update(_normalise(parser, load_config_file(known.config), known.config))
-    except ConfigError as e:
-        parser.error(str(e))
-    parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, presets=PRESETS) -> None:
-    parser.add_argument("--config", metavar="FILE",
-                        help="JSON (or YAML) file of flag values; flags on the command line override it")
-    if not presets:
-        return
-    parser.add_argument("--preset", choices=sorted(presets),
-                        help="named set of flag values applied before --config: "
-                             + "; ".join(f"{k}: {v if v else 'the paper recipe (the defaults)'}"
-                                         for k, v in presets.items()))
-
-
-def parse_kv(text: str):
-    """'key=value' -> (key, value); the value is read as JSON when it can be (numbers, true, lists)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
-    key, value = text.split("=", 1)
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    return key.strip(), value
+def from_legacy(flat: dict) -> RunConfig:
+    """The RunConfig of a checkpoint written before FORMAT_VERSION 2 (``vars(args)`` of rga.train)."""
+    values = {}
+    for key, value in flat.items():
+        if key in _LEGACY_DROPPED:
+            continue
+        if key == "no_progress":
+            key, value = "progress", not value
+        values[key] = value
+    pad = values.get("pad", 10)
+    values["crop"] = "pad" if pad else "none"  # the crop of those versions: zero-pad and crop back
+    values["sampler"] = "all_groups"  # the only sampler of those versions
+    values.setdefault("pretrained", None)
+    unknown = [k for k in values if ALIASES.get(k, k) not in FIELDS and k != "arch"]
+    for k in unknown:
+        values.pop(k)
+    return resolve([("legacy checkpoint config", values)])

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .transforms import build_test_transform, build_train_transform
+from .transforms import build_test_transform
 
 
 class UsageError(ValueError):
@@ -133,10 +133,11 @@ def progress(iterable, *, total=None, desc="", enabled=True):
 
 # --------------------------------------------------------------------------- data
 
-def build_train_loader(dataset, sampler, *, height, width, pad, flip_prob, erasing_prob, workers, device):
+def build_train_loader(dataset, sampler, transform, *, workers, device):
+    """The training images through `transform` (rga.transforms.build_train_transform), batched by
+    `sampler` (a PK batch sampler)."""
     from .data import ImageDataset
-    tf = build_train_transform(height, width, flip=flip_prob, pad=pad, erasing=erasing_prob)
-    return DataLoader(ImageDataset(dataset.train, transform=tf), batch_sampler=sampler, num_workers=workers,
+    return DataLoader(ImageDataset(dataset.train, transform=transform), batch_sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
@@ -240,7 +241,7 @@ def evaluate_model(model, dataset, *, device, height, width, batch_size=128, wor
         return float(cmc[k - 1]) if len(cmc) >= k else float(cmc[-1]) if len(cmc) else 0.0
 
     return {"R1": rank(1), "R5": rank(5), "R10": rank(10), "R20": rank(20), "mAP": float(res["mAP"]),
-            "mINP": float(res["mINP"]), "num_valid_queries": int(res["num_valid_queries"]),
+            "mINP": float(res["mINP"]), "cmc": [float(v) for v in cmc], "num_valid_queries": int(res["num_valid_queries"]),
             "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
             "num_test_ids": len(set(int(p) for p in q_pids)),
             "feat": feat, "metric": metric, "rerank": bool(rerank), "flip": bool(flip),

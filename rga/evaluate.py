@@ -1,112 +1,124 @@
-"""Evaluate a checkpoint: `python -m rga.evaluate --checkpoint runs/x/checkpoint_ep0600.pth [flags]`.
+"""Evaluate a checkpoint: `python -m rga.evaluate --checkpoint RUN_FOLDER_OR_FILE [flags]`.
 
-The model (arch, backbone, input size, number of classes) and the dataset are read from the
-checkpoint's saved training config unless given as flags. Prints CMC R1/R5/R10/R20, mAP and mINP,
-and writes them as JSON with --output.
+The network is rebuilt from the checkpoint alone (rga.checkpoint.load_model): a run folder or
+checkpoint of rga.train (either checkpoint format), or a file of the public RGA training script
+(``state_dict``, optionally ``module.``-prefixed). The dataset and the evaluation options default
+to the checkpoint's run; flags override them, and the command says so. Architecture flags
+(--model, --height, --stages, the RGA options, ...) are refused when they contradict a checkpoint
+that records its architecture; for public files they fill in what the weights cannot say.
+Prints CMC R1/R5/R10/R20, mAP and mINP, and writes them as JSON with --output.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, extract_model_state, load_checkpoint, resolve_checkpoint
-from .config import ConfigError, add_config_arguments, parse_args_with_config
-from .engine import UsageError, evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
-from .train import (ARCHS, DEFAULT_WORKERS, add_runtime_arguments, check_fused_backend, fused_arg, load_dataset,
-                    make_model, nonneg_int, parse_kv, positive_int)
+from . import config as C
+from .checkpoint import CheckpointError, load_model
+from .cli import (ERRORS, UsageError, add_field_arguments, check_fused_backend, fail, given_flags, load_dataset,
+                  section_fields)
+from .engine import evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
 
-# model/data flags whose default comes from the checkpoint's config when not given
-FROM_CHECKPOINT = {"dataset": "synthetic", "data_root": "data", "arch": "rga_sc", "backbone": "resnet50",
-                   "height": 256, "width": 128}
+DATA_FIELDS = ("dataset", "data_root", "dataset_opt")
+EVAL_FIELDS = ("eval_feat", "metric", "rerank", "flip_test", "test_batch_size")
+RUNTIME_FIELDS = ("workers", "device", "amp", "channels_last", "threads", "progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rga.evaluate", description=__doc__.split("\n")[0])
-    add_config_arguments(p, presets={})
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="checkpoint file written by rga.train, or a run folder (its latest checkpoint)")
-    p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
-    p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--dataset-opt", action="append", type=parse_kv, default=None, metavar="KEY=VALUE",
-                   help="extra keyword for rga.data.build_dataset, repeatable (default: the checkpoint's)")
-    p.add_argument("--arch", choices=ARCHS, help="model (default: the checkpoint's)")
-    p.add_argument("--backbone", help="backbone (default: the checkpoint's)")
-    p.add_argument("--height", type=positive_int, help="input height (default: the checkpoint's)")
-    p.add_argument("--width", type=positive_int, help="input width (default: the checkpoint's)")
-    p.add_argument("--fused-rga", type=fused_arg, nargs="?", const=True, default=False, metavar="BACKEND",
-                   help="run the RGA modules through the fused relation path")
-    p.add_argument("--feat", choices=("bn", "pool"), default="bn",
-                   help="retrieval feature: after the BN neck (bn) or the pooled one before it (pool)")
-    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine", help="retrieval distance")
-    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    p.add_argument("--flip", action="store_true", help="average features of each image and its mirror (off by default)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="feature extraction batch size")
-    p.add_argument("--workers", type=nonneg_int, default=DEFAULT_WORKERS, help="DataLoader worker processes")
+                   help="a run folder of rga.train (its newest checkpoint), a checkpoint file of rga.train, or a "
+                        "file of the public RGA training script")
+    add_field_arguments(p, DATA_FIELDS, title="data (default: the checkpoint's)")
+    g = p.add_argument_group("architecture (default: the checkpoint's; refused if they contradict it; for public "
+                             "files: what the weights cannot say, e.g. --model rga_cs, --height/--width)")
+    g.add_argument("--model", metavar="NAME", default=argparse.SUPPRESS, help="a row name, as in rga.train")
+    add_field_arguments(g, C.ARCH_FIELDS)
+    add_field_arguments(p, ["fused"], title="speed")
+    add_field_arguments(p, EVAL_FIELDS, title="evaluation (default: the checkpoint's run's)")
+    # the short names this command has always had
+    p.add_argument("--feat", dest="eval_feat", choices=("bn", "pool"), default=argparse.SUPPRESS,
+                   help="same as --eval-feat")
+    p.add_argument("--flip", dest="flip_test", action="store_true", default=argparse.SUPPRESS,
+                   help="same as --flip-test")
+    p.add_argument("--batch-size", dest="test_batch_size", default=argparse.SUPPRESS, help="same as --test-batch-size")
+    add_field_arguments(p, RUNTIME_FIELDS, title="device")
     p.add_argument("--output", metavar="JSON", help="also write the metrics to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars even on a terminal")
-    add_runtime_arguments(p)
     return p
 
 
-def evaluate(args) -> dict:
-    ckpt_path = resolve_checkpoint(args.checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    state = extract_model_state(ckpt)
-    saved = ckpt.get("config", {}) or {}
-    for key, fallback in FROM_CHECKPOINT.items():
-        if getattr(args, key) is None:
-            setattr(args, key, saved.get(key, fallback))
-    if args.dataset_opt is None:
-        args.dataset_opt = list(saved.get("dataset_opt", []))
-    args.pretrained = None  # the checkpoint holds every weight
-    num_classes = ckpt.get("num_classes")
-    if num_classes is None:  # a bare state_dict: read the classifier size from it
-        cls = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
-        if not cls:
-            raise CheckpointError(f"cannot tell the number of classes from {ckpt_path}")
-        num_classes = cls[-1].shape[0]
+def plan(ns: argparse.Namespace):
+    """(ModelCheckpoint info, model, RunConfig for data/eval/runtime, notes) from the parsed flags."""
+    hint_names = set(C.ARCH_FIELDS)
+    hints = C.parse_values(given_flags(ns, hint_names), "command line")
+    hints = {k: v for k, v in hints.items() if k in hint_names}
+    fused = C.fused_arg(ns.fused) if hasattr(ns, "fused") else None
+    model, info = load_model(ns.checkpoint, fused=fused, hints=hints, with_info=True)
+    base = info.config if info.config is not None else C.RunConfig()
+    saved = base.flat()
+    layer = {k: saved[k] for k in DATA_FIELDS + EVAL_FIELDS}
+    overrides = C.parse_values(given_flags(ns, set(DATA_FIELDS + EVAL_FIELDS + RUNTIME_FIELDS)), "command line")
+    notes = []
+    if info.config is not None:
+        for k in DATA_FIELDS + EVAL_FIELDS:
+            if k in overrides and overrides[k] != saved[k]:
+                notes.append(f"{k}: {overrides[k]!r} instead of the checkpoint run's {saved[k]!r}")
+    elif "dataset" not in overrides:
+        raise UsageError(f"{info.path} ({info.kind}) does not say which dataset it was trained on: pass --dataset "
+                         "(and --data-root)")
+    cfg = C.resolve([("checkpoint", {**layer, **{k: v for k, v in overrides.items()}})])
+    return info, model, cfg, notes
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rt = setup_runtime(args.device, "auto")
-    amp_dtype = resolve_amp(args.amp, rt.device)
-    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and rt.device.type == "cuda")
-    check_fused_backend(args.fused_rga, rt.device.type == "cuda")
-    dataset = load_dataset(args)
-    model = make_model(args, int(num_classes), args.feat)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt_path} does not fit model {args.arch}/{args.backbone}: {e}") from e
+
+def evaluate(ns: argparse.Namespace) -> dict:
+    if getattr(ns, "threads", 0):
+        torch.set_num_threads(C.nonneg_int(ns.threads))
+    info, model, cfg, notes = plan(ns)
+    r, e = cfg.run, cfg.eval
+    rt = setup_runtime(r.device, "auto")
+    amp_dtype = resolve_amp(r.amp, rt.device)
+    channels_last = r.channels_last == "on" or (r.channels_last == "auto" and rt.device.type == "cuda")
+    check_fused_backend(model.fused, rt.device.type == "cuda")
+    dataset = load_dataset(cfg.data)
     model.to(rt.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    print(f"evaluating {ckpt_path} (epoch {ckpt.get('epoch', '?')}) on {args.dataset}: {args.arch}/{args.backbone} "
-          f"{args.height}x{args.width}, feat={args.feat}, metric={args.metric}, rerank={args.rerank}, "
-          f"flip={args.flip}, device {rt.device}", flush=True)
-    metrics = evaluate_model(model, dataset, device=rt.device, height=args.height, width=args.width,
-                             batch_size=args.batch_size, workers=args.workers, amp_dtype=amp_dtype,
-                             channels_last=channels_last, flip=args.flip, feat=args.feat, metric=args.metric,
-                             rerank=args.rerank, show_progress=not args.no_progress)
-    metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "dataset": args.dataset, **metrics}
+    m = info.model
+    for note in notes:
+        print(f"note: overriding the checkpoint's {note}", flush=True)
+    print(f"evaluating {info.path} ({info.kind}, epoch {info.epoch if info.epoch is not None else '?'}) on "
+          f"{cfg.data.dataset}: {m.label()} / {m.backbone} {m.height}x{m.width}, stages "
+          f"{','.join(map(str, m.stages))}, feat={e.eval_feat}, metric={e.metric}, rerank={e.rerank}, "
+          f"flip={e.flip_test}, device {rt.device}", flush=True)
+    metrics = evaluate_model(model, dataset, device=rt.device, height=m.height, width=m.width,
+                             batch_size=cfg.data.test_batch_size, workers=cfg.data.workers, amp_dtype=amp_dtype,
+                             channels_last=channels_last, flip=e.flip_test, feat=e.eval_feat, metric=e.metric,
+                             rerank=e.rerank, show_progress=r.progress)
+    metrics = {"checkpoint": str(info.path), "checkpoint_kind": info.kind, "epoch": info.epoch,
+               "dataset": cfg.data.dataset, "model": m.label(), **metrics}
     print(format_metrics(metrics))
     print("\n".join(f"  {k:<5} {100 * metrics[k]:6.2f}%" for k in ("R1", "R5", "R10", "R20", "mAP", "mINP")))
-    if args.output:
-        write_json(metrics, args.output)
-        print(f"wrote {args.output}")
+    if ns.output:
+        write_json(metrics, ns.output)
+        print(f"wrote {ns.output}")
+        try:  # the CMC curve beside the JSON, when matplotlib (the [vis] extra) is installed
+            from .visualize import plot_cmc
+            cmc_png = plot_cmc(metrics["cmc"], Path(ns.output).with_name("cmc.png"), label=m.label())
+            print(f"wrote {cmc_png}")
+        except ImportError:
+            print('note: no cmc.png (needs matplotlib: pip install -e ".[vis]")')
     return metrics
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parse_args_with_config(parser, argv, presets={})
+    ns = build_parser().parse_args(argv)
     try:
-        evaluate(args)
-    except (UsageError, CheckpointError, ConfigError) as e:
-        print(f"rga.evaluate: error: {e}", file=sys.stderr)
-        return 2
+        evaluate(ns)
+    except ERRORS as e:
+        return fail("rga.evaluate", e)
     return 0
 
 

@@ -12,12 +12,12 @@ order with R1, mAP, mINP, parameters and training time, and the paper's publishe
 CUHK03 (labeled) and Market-1501 beside ours. Rows not run yet show as "pending".
 
 Everything after ``--`` goes to ``rga.train`` unchanged (e.g. ``-- --epochs 6 --milestones 4``); the
-flags that define a row (``--arch`` and the RGA options) come from the table.
+row itself is rga.train's ``--model NAME`` (a row of ``rga.config.model_presets()``: the Table 1
+and Table 4 rows and every design of ``rga.models.VARIANTS``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import re
@@ -37,6 +37,23 @@ class Row:
     options: dict = field(default_factory=dict)  # RGA options (use_relation, use_original, embedding)
     group: str = ""           # the paper's row group (Spatial, Channel, Both)
     paper: tuple | None = None  # (CUHK03-L R1, mAP, Market-1501 R1, mAP), the paper's numbers in %
+
+    @property
+    def model(self) -> str:
+        """The row as rga.train's --model (a key of rga.config.model_presets())."""
+        if not self.options:
+            return self.arch
+        from .config import model_presets
+        for name, row in model_presets().items():
+            if row["variant"] == self.arch and all(row.get(k) == v for k, v in self.options.items()) \
+                    and all(row.get(k) == d for k, d in _rga_defaults().items() if k not in self.options):
+                return name
+        raise ValueError(f"no rga.train --model preset for {self.arch} with {self.options}")
+
+
+def _rga_defaults() -> dict:
+    from .models import RGA_OPTIONS
+    return dict(RGA_OPTIONS)
 
 
 BASE = Row("baseline", "Baseline", "baseline", group="Baseline", paper=(73.8, 69.0, 94.2, 83.7))
@@ -89,39 +106,9 @@ TABLES = {
 EPOCH_LINE = re.compile(r"epoch \d+/\d+ .* (\d+) batches in ([0-9.]+)s")
 
 
-@contextlib.contextmanager
-def _rga_options(options: dict):
-    """Make rga.train build its model with these RGA options (rga.train has no flags for them yet)."""
-    from . import train as T
-
-    if not options:
-        yield
-        return
-    original = T.make_model
-
-    def make_model(args, num_classes, neck_feat):
-        from .engine import UsageError
-        from .models import build_model
-        try:
-            return build_model(args.arch, num_classes, height=args.height, width=args.width, fused=args.fused_rga,
-                               pretrained=args.pretrained or False, backbone=args.backbone, neck_feat=neck_feat,
-                               **options)
-        except (KeyError, ValueError, FileNotFoundError, TypeError) as e:
-            raise UsageError(f"could not build model '{args.arch}' with {options}: {e}") from e
-
-    T.make_model = make_model
-    try:
-        yield
-    finally:
-        T.make_model = original
-
-
-def train_args(row: Row, run_dir: Path, preset: str | None, dataset: str | None, data_root: str | None,
-               extra: list[str]) -> argparse.Namespace:
-    """The rga.train namespace of one row: preset, then dataset, then the extra flags; arch from the row."""
-    from . import train as T
-    from .config import parse_args_with_config
-
+def train_argv(row: Row, run_dir: Path, preset: str | None, dataset: str | None, data_root: str | None,
+               extra: list[str]) -> list[str]:
+    """rga.train's command line for one row: preset, dataset, the extra flags, then the row's --model."""
     argv = []
     if preset:
         argv += ["--preset", preset]
@@ -129,10 +116,8 @@ def train_args(row: Row, run_dir: Path, preset: str | None, dataset: str | None,
         argv += ["--dataset", dataset]
     if data_root:
         argv += ["--data-root", data_root]
-    argv += list(extra) + ["--output-dir", str(run_dir), "--resume", "auto", "--no-progress"]
-    args = parse_args_with_config(T.build_parser(), argv)
-    args.arch = row.arch  # set after parsing: rga.train's --arch choices do not list the Table 2 designs
-    return args
+    return argv + list(extra) + ["--model", row.model, "--output-dir", str(run_dir), "--resume", "auto",
+                                 "--no-progress"]
 
 
 def train_seconds(run_dir: Path) -> tuple[float, int]:
@@ -154,25 +139,26 @@ def run_row(row: Row, out: Path, *, preset, dataset, data_root, extra, log=print
     from .models import count_parameters
 
     run_dir = out / "runs" / row.slug
-    args = train_args(row, run_dir, preset, dataset, data_root, extra)
-    log(f"== {row.label} ({row.slug}): {row.arch} {row.options or ''} -> {run_dir}")
+    argv = train_argv(row, run_dir, preset, dataset, data_root, extra)
+    cfg = T.parse_config(argv)
+    log(f"== {row.label} ({row.slug}): python -m rga.train {' '.join(argv)}")
     t0 = time.perf_counter()
-    with _rga_options(row.options):
-        metrics = T.train(args)
+    metrics = T.train(cfg)
     wall = time.perf_counter() - t0
     if not metrics:
         raise RuntimeError(f"{row.slug}: training returned no metrics (see {run_dir / 'train.log'})")
     ckpt = load_checkpoint(find_latest(run_dir))
-    params = count_parameters(row.arch, int(ckpt["num_classes"]), height=args.height, width=args.width,
-                              backbone=args.backbone, **row.options)
+    m = cfg.model
+    params = count_parameters(row.arch, int(ckpt["num_classes"]), height=m.height, width=m.width,
+                              backbone=m.backbone, **row.options)
     secs, epochs = train_seconds(run_dir)
     result = {"slug": row.slug, "label": row.label, "arch": row.arch, "options": row.options,
               "R1": metrics["R1"], "R5": metrics["R5"], "mAP": metrics["mAP"], "mINP": metrics["mINP"],
               "num_query": metrics.get("num_query"), "num_test_ids": metrics.get("num_test_ids"),
               "epoch": metrics.get("epoch"), "params": params, "train_seconds": secs, "epochs_logged": epochs,
               "last_call_wall_seconds": wall, "run_dir": str(run_dir),
-              "dataset": args.dataset, "backbone": args.backbone, "input": f"{args.height}x{args.width}",
-              "preset": preset, "extra_args": list(extra), "fused_rga": args.fused_rga}
+              "dataset": cfg.data.dataset, "backbone": m.backbone, "input": f"{m.height}x{m.width}",
+              "preset": preset, "extra_args": list(extra), "fused_rga": m.fused, "train_argv": argv}
     path = out / "rows" / f"{row.slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -255,9 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .engine import UsageError
+    from .cli import ERRORS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
@@ -289,7 +273,7 @@ def main(argv=None) -> int:
         try:
             res = run_row(row, out, preset=args.preset or None, dataset=args.dataset, data_root=args.data_root,
                           extra=extra)
-        except (UsageError, CheckpointError, ConfigError) as e:
+        except ERRORS as e:
             print(f"rga.experiments: error in row {row.slug}: {e}", file=sys.stderr)
             return 2
         print(f"== {row.label}: R1 {_pct(res['R1'])}%  mAP {_pct(res['mAP'])}%  mINP {_pct(res['mINP'])}%  "

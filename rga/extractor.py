@@ -17,58 +17,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_model_state, load_checkpoint, resolve_checkpoint
+from .checkpoint import load_model
 from .data import read_image
 from .transforms import build_test_transform
-
-
-def _model_from_checkpoint(path, feat: str, fused):
-    from .models import build_model
-
-    path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(path)
-    state = extract_model_state(ckpt)
-    cfg = ckpt.get("config") or {}
-    num_classes = ckpt.get("num_classes")
-    if num_classes is None:
-        raise CheckpointError(f"{path} is not a checkpoint of rga.train (no num_classes); build the model with "
-                              "rga.build_model, load its weights and pass the model instead")
-    height, width = int(cfg.get("height", 256)), int(cfg.get("width", 128))
-    model = build_model(cfg.get("arch", "rga_sc"), int(num_classes), height=height, width=width,
-                        fused=cfg.get("fused_rga", False) if fused is None else fused, pretrained=False,
-                        backbone=cfg.get("backbone", "resnet50"), neck_feat=feat)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the model its config describes: {e}") from e
-    return model, height, width
 
 
 class FeatureExtractor:
     """Re-id features from a trained model.
 
     Args:
-        model: a run folder or checkpoint file written by ``rga.train``, or a model from
-            ``rga.build_model`` (then height and width default to the model's).
+        model: a run folder or checkpoint file written by ``rga.train`` or the public RGA training
+            script (the network is rebuilt from it by ``rga.checkpoint.load_model``), or a model
+            from ``rga.build_model``; height and width default to the model's.
         device: where to run (default: CUDA when available, else CPU).
         feat: "bn" (the BN-neck feature, the default for retrieval) or "pool".
         fused: override the checkpoint's RGA path (True, False or a backend name).
+        hints: architecture fields for checkpoint files that do not record them (public files),
+            e.g. ``{"height": 384, "width": 128}``; see ``rga.checkpoint.infer_model_config``.
         batch_size: images per forward pass.
         normalize: L2-normalize the features (default True).
     """
 
     def __init__(self, model, *, device=None, feat: str = "bn", fused=None, height: int | None = None,
-                 width: int | None = None, batch_size: int = 64, normalize: bool = True):
+                 width: int | None = None, batch_size: int = 64, normalize: bool = True, hints: dict | None = None):
         if feat not in ("bn", "pool"):
             raise ValueError(f"feat must be 'bn' or 'pool', got {feat!r}")
         if isinstance(model, (str, Path)):
-            model, h, w = _model_from_checkpoint(model, feat, fused)
+            model = load_model(model, fused=fused, neck_feat=feat, hints=hints)
         elif isinstance(model, nn.Module):
-            h, w = getattr(model, "height", None), getattr(model, "width", None)
             if fused is not None and hasattr(model, "fused"):
                 model.fused = fused
         else:
             raise TypeError(f"model must be a checkpoint path, a run folder or an nn.Module, got {type(model).__name__}")
+        h, w = getattr(model, "height", None), getattr(model, "width", None)
         self.height, self.width = height or h, width or w
         if not (self.height and self.width):
             raise ValueError("this model does not say its input size: pass height= and width=")

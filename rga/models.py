@@ -16,10 +16,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .attention import DESIGNS, build_design
+from .attention import DESIGNS
 from .modules import RGAModule
 
-# name -> RGAModule branch switches (None: no RGA modules)
+# The model table. A variant names an attention design and the options it fixes:
+#   name -> None (no attention module: the baseline), or a dict of options; the key "attention"
+#   (default "rga") picks the module class from ATTENTIONS, the other keys are its options.
+# To add another design (CBAM, SE, non-local, ...): add its class to ATTENTIONS (a module
+# class(in_channels, spatial_size, **options) that keeps the shape of a (B, C, H, W) map) and a
+# row here, e.g. "cbam_s": dict(attention="cbam", use_channel=False). It is then a model for
+# build_model, ResNetRGA, `--model` of rga.train and the checkpoints' config.
 VARIANTS = {
     "baseline": None,
     "rga_s": dict(use_spatial=True, use_channel=False),
@@ -28,12 +34,17 @@ VARIANTS = {
     "rga_cs": dict(order="cs"),
     "rga_s_par_c": dict(order="parallel"),
 }
-ALIASES = {"rga": "rga_sc", "rgasc": "rga_sc", "rgas": "rga_s", "rgac": "rga_c", "rgacs": "rga_cs"}
-# The other attention designs of the paper's Table 2 (rga/attention.py), placed where RGA is placed:
-# name -> the paper's row label. They take no RGA options; `fused` is accepted and touches only RGA.
+# attention name -> module class(in_channels, spatial_size, **options)
+ATTENTIONS = {"rga": RGAModule}
+# The other attention designs of the paper's Table 2 (rga/attention.py), one row each, placed where
+# RGA is placed: name -> the paper's row label. They take no RGA options; `fused` touches only RGA.
+ATTENTIONS.update({name: cls for name, (cls, _label) in DESIGNS.items()})
 ATTENTION_VARIANTS = {name: label for name, (_cls, label) in DESIGNS.items()}
+VARIANTS.update({name: dict(attention=name) for name in DESIGNS})
+ALIASES = {"rga": "rga_sc", "rgasc": "rga_sc", "rgas": "rga_s", "rgac": "rga_c", "rgacs": "rga_cs"}
 RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8, down_ratio=8)
 NECK_FEATS = ("bn", "pool")
+STAGES = (1, 2, 3, 4)  # the ResNet stages that can get an attention module (the paper: all four)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +90,8 @@ class Bottleneck(nn.Module):
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
-ARCHS = {"resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet18": (BasicBlock, (2, 2, 2, 2))}
+BACKBONES = {"resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet18": (BasicBlock, (2, 2, 2, 2))}
+ARCHS = BACKBONES  # the former name of BACKBONES, kept for existing imports
 
 
 def stage_sizes(height: int, width: int) -> list[tuple[int, int]]:
@@ -101,11 +113,15 @@ def stage_sizes(height: int, width: int) -> list[tuple[int, int]]:
 
 
 class RGABackbone(nn.Module):
-    """Torchvision-named ResNet trunk (no fc) with last stride 1 and ``rga_att{1..4}`` after the stages."""
+    """Torchvision-named ResNet trunk (no fc) with last stride 1 and ``rga_att{1..4}`` after the stages.
 
-    def __init__(self, arch: str, spatial_sizes, rga_kwargs: dict | None, design: str | None = None):
+    ``make_attention(channels, spatial_size)`` builds the module placed after each stage in
+    ``stages``; the other stages get ``nn.Identity`` (no parameters). None: no modules at all.
+    """
+
+    def __init__(self, arch: str, spatial_sizes, make_attention=None, stages=STAGES):
         super().__init__()
-        block, layers = ARCHS[arch]
+        block, layers = BACKBONES[arch]
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -123,10 +139,8 @@ class RGABackbone(nn.Module):
                 nn.init.zeros_(m.bias)
         self.out_channels = 512 * block.expansion
         for i, (planes, size) in enumerate(zip((64, 128, 256, 512), spatial_sizes), start=1):
-            if design is not None:  # a Table 2 design (rga/attention.py) in RGA's place
-                att = build_design(design, planes * block.expansion, size)
-            else:
-                att = nn.Identity() if rga_kwargs is None else RGAModule(planes * block.expansion, size, **rga_kwargs)
+            use = make_attention is not None and i in stages
+            att = make_attention(planes * block.expansion, size) if use else nn.Identity()
             setattr(self, f"rga_att{i}", att)
 
     def _make_layer(self, block, planes, blocks, stride):
@@ -158,37 +172,50 @@ class ResNetRGA(nn.Module):
     """
 
     def __init__(self, num_classes: int, variant: str = "rga_sc", *, arch: str = "resnet50", height: int = 256,
-                 width: int = 128, fused: bool | str = False, neck_feat: str = "bn", **rga_options):
+                 width: int = 128, fused: bool | str = False, neck_feat: str = "bn", stages=STAGES,
+                 **rga_options):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         variant = ALIASES.get(variant, variant)
-        if variant not in VARIANTS and variant not in ATTENTION_VARIANTS:
-            raise ValueError(f"unknown model {variant!r}; choose one of {sorted(VARIANTS) + sorted(ATTENTION_VARIANTS)}")
-        if arch not in ARCHS:
-            raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(ARCHS)}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown model {variant!r}; choose one of {sorted(VARIANTS)}")
+        if arch not in BACKBONES:
+            raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(BACKBONES)}")
+        stages = tuple(sorted(set(stages))) if isinstance(stages, (tuple, list, set)) else stages
+        if not isinstance(stages, tuple) or not stages or any(s not in STAGES for s in stages):
+            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages!r}")
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 16:
                 raise ValueError(f"{name} must be an int >= 16, got {value!r}")
         unknown = set(rga_options) - set(RGA_OPTIONS)
         if unknown:
             raise TypeError(f"unknown RGA option(s) {sorted(unknown)}; valid: {sorted(RGA_OPTIONS)}")
-        branches = VARIANTS.get(variant)
-        if branches is None:
+        spec = VARIANTS[variant]
+        if spec is None:
             # `fused` is accepted (the same model either way); options that change RGA modules are not
             changed = {k: v for k, v in rga_options.items() if v != RGA_OPTIONS[k]}
             if changed:
-                raise ValueError(f"the {variant} model has no RGA modules, so {changed} has no effect")
-            rga_kwargs = None
+                raise ValueError(f"the baseline has no RGA modules, so {changed} has no effect")
+            if stages != STAGES:
+                raise ValueError(f"the baseline has no attention modules, so stages={stages} has no effect")
+            make_attention = None
         else:
-            rga_kwargs = dict(RGA_OPTIONS, **rga_options, **branches, fused=fused)
+            spec = dict(spec)
+            attention = ATTENTIONS[spec.pop("attention", "rga")]
+            if attention is RGAModule:
+                spec = dict(RGA_OPTIONS, **rga_options, **spec, fused=fused)
+            elif rga_options:
+                raise ValueError(f"{variant} has no RGA modules, so {rga_options} has no effect")
 
-        self.variant, self.arch = variant, arch
+            def make_attention(channels, size):
+                return attention(channels, size, **spec)
+
+        self.variant, self.arch, self.stages = variant, arch, stages
         self.height, self.width = height, width
         self.num_classes = num_classes
         self.spatial_sizes = stage_sizes(height, width)
-        self.backbone = RGABackbone(arch, self.spatial_sizes, rga_kwargs,
-                                    design=variant if variant in ATTENTION_VARIANTS else None)
+        self.backbone = RGABackbone(arch, self.spatial_sizes, make_attention, stages)
         self.feature_dim = self.backbone.out_channels
         self.feat_bn = nn.BatchNorm1d(self.feature_dim)
         self.feat_bn.bias.requires_grad_(False)  # BN neck with a frozen (zero) bias
@@ -196,7 +223,7 @@ class ResNetRGA(nn.Module):
         nn.init.normal_(self.cls.weight, std=0.001)
         self.neck_feat = neck_feat
         hint = f"; the model was built for {height}x{width} images"
-        for m in self.rga_modules() + self.attention_modules():
+        for m in self.attention_modules():
             m._size_hint = hint
 
     @property
@@ -230,7 +257,7 @@ class ResNetRGA(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"variant={self.variant!r}, arch={self.arch!r}, input={self.height}x{self.width}, "
-                f"neck_feat={self.neck_feat!r}")
+                f"stages={self.stages}, neck_feat={self.neck_feat!r}")
 
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
@@ -310,15 +337,17 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
 
 
 def build_model(name: str, num_classes: int, *, height: int = 256, width: int = 128, fused: bool | str = False,
-                pretrained=None, backbone: str = "resnet50", neck_feat: str = "bn", **rga_options) -> ResNetRGA:
+                pretrained=None, backbone: str = "resnet50", neck_feat: str = "bn", stages=STAGES,
+                **rga_options) -> ResNetRGA:
     """Build a re-id model by name: baseline, rga_s, rga_c, rga_sc, rga_cs, rga_s_par_c.
 
     ``pretrained``: path to a local torchvision ResNet checkpoint (or a state dict, or True to use
     the torch hub cache); None: random init with a warning; False: random init, no warning.
+    ``stages``: the stages (a subset of 1..4) followed by an attention module; the paper: all four.
     ``rga_options``: use_relation, use_original, embedding, cha_ratio, spa_ratio, down_ratio.
     """
     model = ResNetRGA(num_classes, name, arch=backbone, height=height, width=width, fused=fused,
-                      neck_feat=neck_feat, **rga_options)
+                      neck_feat=neck_feat, stages=stages, **rga_options)
     if pretrained is None:
         warnings.warn(
             f"build_model({name!r}): no ImageNet weights given, the {backbone} backbone is randomly initialised; "
@@ -378,7 +407,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rga.models", description="Facts about the models of rga.build_model.")
     p.add_argument("--params", action="store_true", help="print every model's parameter count next to the paper's Table 3")
     p.add_argument("--num-classes", type=int, default=751, help="classifier size (751: Market-1501, as in Table 3)")
-    p.add_argument("--backbone", default="resnet50", choices=sorted(ARCHS))
+    p.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES))
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=128)
     args = p.parse_args(argv)

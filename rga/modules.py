@@ -486,15 +486,20 @@ class RGAModule(nn.Module):
         else:
             x3 = x.reshape(b, c, h * w)
 
-        # the attention keeps the input's dtype (an eval-mode folded BN shift would promote it)
+        # the output keeps the input's dtype: a wider attention (an eval-mode folded BN shift
+        # promotes it) is cast down; a narrower one (bf16 under autocast) is promoted by the
+        # multiplication itself, with no separate cast launch
+        def _like(a, t):
+            return a if torch.promote_types(a.dtype, t.dtype) == t.dtype else a.to(t.dtype)
+
         def spatial(t):
-            a = torch.sigmoid(self._branch_fused("spatial", t)).to(t.dtype)  # (b, 1, n)
+            a = _like(torch.sigmoid(self._branch_fused("spatial", t)), t)  # (b, 1, n)
             self._record("spatial", a, (b, 1, h, w))
             return t * a, a
 
         def channel(t):
             a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2)  # (b, c, 1)
-            a = a.to(t.dtype)
+            a = _like(a, t)
             self._record("channel", a, (b, c, 1, 1))
             return t * a, a
 

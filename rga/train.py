@@ -1,7 +1,12 @@
-"""Train a re-id model: `python -m rga.train [--preset quick] [--config FILE] [flags]`.
+"""Train a re-id model: `python -m rga.train [--preset paper|quick] [--config FILE] [--model NAME] [flags]`.
 
-The defaults are the paper's recipe (Section 4.1); see docs/training.md. Under torchrun every
-process trains on its own PK batches (disjoint identities per step) with DistributedDataParallel.
+The defaults are the paper's recipe as the public code runs it (Section 4.1; see docs/training.md),
+on the synthetic dataset unless --dataset names another. Under torchrun every process trains on
+its own PK batches (disjoint identities per step) with DistributedDataParallel.
+
+`train(cfg)` reads as the recipe: open the run folder (and find the checkpoint to resume), load
+the data, build or restore the model, build the training parts, then per epoch: one epoch of
+training, an evaluation every `eval_every` epochs, a checkpoint every `ckpt_every` epochs.
 """
 from __future__ import annotations
 
@@ -10,216 +15,251 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkpoint_name, extract_model_state,
-                         find_latest, list_checkpoints, load_checkpoint, prune_checkpoints, restore_rng_state)
-from .config import ConfigError, add_config_arguments, parse_args_with_config, parse_kv
-from .engine import (UsageError, barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model,
-                     format_metrics, make_logger, resolve_amp, seed_everything, setup_runtime, train_one_epoch,
-                     write_json)
+from . import config as C
+from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkpoint_name, find_latest,
+                         list_checkpoints, load_checkpoint, load_model, prune_checkpoints, restore_rng_state)
+from .cli import (ERRORS, UsageError, add_field_arguments, add_layer_arguments, check_fused_backend, fail,
+                  find_pretrained, layers_from_args, load_dataset, section_fields)
+from .engine import (barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model, format_metrics,
+                     make_logger, resolve_amp, seed_everything, setup_runtime, train_one_epoch, write_json)
 from .losses import ReidLoss
 from .samplers import RandomIdentityBatchSampler
-from .schedulers import DEFAULT_MILESTONES, WarmupMultiStepLR
+from .schedulers import WarmupMultiStepLR
+from .transforms import build_train_transform
 
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
-ARCHS = ("baseline", "rga_s", "rga_c", "rga_sc", "rga_cs", "rga_s_par_c")
-
-
-def fused_arg(text: str):
-    low = text.lower()
-    if low in ("true", "on", "yes", "1", "auto"):
-        return True
-    if low in ("false", "off", "no", "0"):
-        return False
-    return text  # a backend name, passed to build_model(fused=...)
+SECTION_TITLES = {"model": "model", "data": "data, sampling and augmentation", "optim": "loss and optimisation",
+                  "eval": "evaluation during training", "run": "run folder, checkpoints, device and speed"}
 
 
-def positive_int(text):
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def nonneg_int(text):
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic",
-                   help="synthetic (default; generated under --data-root on first use), market1501, cuhk03, msmt17")
-    g.add_argument("--data-root", default="data", help="folder holding the datasets")
-    g.add_argument("--dataset-opt", action="append", type=parse_kv, default=[], metavar="KEY=VALUE",
-                   help="extra keyword for rga.data.build_dataset, repeatable (e.g. a CUHK03 split option)")
-    g.add_argument("--height", type=positive_int, default=256, help="input height")
-    g.add_argument("--width", type=positive_int, default=128, help="input width")
-    g.add_argument("--workers", type=nonneg_int, default=DEFAULT_WORKERS,
-                   help="DataLoader worker processes per process (default here: min(4, CPU count))")
-    g.add_argument("--test-batch-size", type=positive_int, default=128, help="batch size for feature extraction")
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=ARCHS, default="rga_sc", help="model (rga_sc is the paper's RGA-SC)")
-    g.add_argument("--backbone", default="resnet50", help="backbone")
-    g.add_argument("--pretrained", metavar="PATH",
-                   help="local torchvision ResNet checkpoint to start the backbone from (the paper uses ImageNet "
-                        "weights; without this flag the backbone starts from random weights)")
-    g.add_argument("--fused-rga", type=fused_arg, nargs="?", const=True, default=False, metavar="BACKEND",
-                   help="run the RGA modules through the fused relation path (optionally name a backend)")
-
-
-def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("device and speed")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed precision: auto = bf16 (or fp16) on a GPU, off on CPU")
-    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="channels-last memory format (auto: on for GPU, off on CPU)")
-    g.add_argument("--threads", type=nonneg_int, default=0,
-                   help="CPU threads for torch ops per process (0: torch's default). On a busy or small CPU, "
-                        "1 is often much faster than oversubscribing")
-
+# ------------------------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rga.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(p)
-    add_data_arguments(p)
-    add_model_arguments(p)
-    g = p.add_argument_group("sampling and augmentation")
-    g.add_argument("--batch-ids", type=positive_int, default=16, help="P: identities per batch (per process)")
-    g.add_argument("--batch-instances", type=positive_int, default=4, help="K: images per identity in a batch")
-    g.add_argument("--pad", type=nonneg_int, default=10, help="random translation: pad by this many pixels, crop back")
-    g.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability")
-    g.add_argument("--erasing-prob", type=float, default=0.5, help="random erasing probability")
-    g = p.add_argument_group("loss and optimisation")
-    g.add_argument("--label-smooth", type=float, default=0.1, help="label smoothing epsilon of the ID loss")
-    g.add_argument("--margin", type=float, default=0.3, help="batch-hard triplet margin")
-    g.add_argument("--id-weight", type=float, default=1.0, help="weight of the ID (cross-entropy) loss")
-    g.add_argument("--triplet-weight", type=float, default=1.0, help="weight of the triplet loss")
-    g.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate after warm-up")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="Adam weight decay")
-    g.add_argument("--warmup-epochs", type=nonneg_int, default=20, help="linear warm-up length in epochs")
-    g.add_argument("--warmup-lr", type=float, default=8e-6, help="learning rate at epoch 0 of the warm-up")
-    g.add_argument("--milestones", type=nonneg_int, nargs="*", default=list(DEFAULT_MILESTONES),
-                   help="epochs at which the learning rate is multiplied by --gamma")
-    g.add_argument("--gamma", type=float, default=0.5, help="learning-rate decay factor at each milestone")
-    g.add_argument("--epochs", type=positive_int, default=600, help="total training epochs")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=nonneg_int, default=40,
-                   help="evaluate every N epochs (0: only after the last epoch, which is always evaluated)")
-    g.add_argument("--eval-feat", choices=("bn", "pool"), default="bn", help="feature used for retrieval")
-    g.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine", help="retrieval distance")
-    g.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking at evaluation (off in the paper)")
-    g.add_argument("--flip-test", action="store_true", help="average features of each test image and its mirror")
-    g = p.add_argument_group("run, checkpoints and logging")
-    g.add_argument("--output-dir", help="run folder: checkpoints, train.log, metrics (default runs/DATASET-ARCH-BACKBONE)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (sampler, augmentation, initialisation)")
-    g.add_argument("--resume", metavar="PATH|auto",
-                   help="continue from a checkpoint file, or 'auto': the latest in --output-dir (starts fresh if none)")
-    g.add_argument("--ckpt-every", type=positive_int, default=1, help="write a checkpoint every N epochs (and at the end)")
-    g.add_argument("--keep-checkpoints", type=nonneg_int, default=2,
-                   help="keep only the newest N checkpoints (0: keep all)")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs the tensorboard package)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars even on a terminal")
-    add_runtime_arguments(p)
-    g = p.add_argument_group("speed (GPU) and distributed")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="GPU only: torch.compile(mode='reduce-overhead'), which captures the training step's "
-                        "forward and backward in CUDA graphs (PK batches have a fixed shape)")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (with torchrun)")
-    g.add_argument("--dist-backend", choices=("auto", "nccl", "gloo"), default="auto",
-                   help="process-group backend under torchrun (auto: nccl on GPU, gloo on CPU)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="torch.use_deterministic_algorithms(True) (slower on GPU; CPU runs are already repeatable)")
+    p = argparse.ArgumentParser(prog="python -m rga.train", description=__doc__.split("\n")[0])
+    add_layer_arguments(p)
+    for section, title in SECTION_TITLES.items():
+        add_field_arguments(p, section_fields(section), title=title)
     return p
 
 
-def default_output_dir(args) -> Path:
-    return Path("runs") / f"{args.dataset}-{args.arch}-{args.backbone}"
+def parse_config(argv=None) -> C.RunConfig:
+    """defaults < --preset < --config < flags, as a validated RunConfig (ConfigError if bad)."""
+    ns = build_parser().parse_args(argv)
+    return C.resolve(layers_from_args(ns, set(C.FIELDS)))
 
 
-def check_fused_backend(fused, on_gpu: bool) -> None:
-    """A --fused-rga backend name that this machine cannot run is a usage error, caught up front."""
-    if not isinstance(fused, str):
-        return
-    import rga_kernels
-
-    device = "cuda" if on_gpu else "cpu"
-    status = rga_kernels.backend_status(device)
-    if fused not in status:
-        raise UsageError(f"--fused-rga {fused}: unknown backend; expected on/off/auto or one of {list(status)}")
-    ok, why = status[fused]
-    if not ok:
-        raise UsageError(f"--fused-rga {fused} cannot run on {device} here: {why}; available: "
-                         f"{rga_kernels.available_backends(device)}")
+def default_output_dir(cfg: C.RunConfig) -> Path:
+    return Path("runs") / f"{cfg.data.dataset}-{cfg.model.label()}-{cfg.model.backbone}"
 
 
-def check_args(args) -> None:
-    """Flag combinations that cannot work, caught before any heavy lifting."""
-    on_gpu = torch.cuda.is_available() and not str(args.device).startswith("cpu")
-    check_fused_backend(args.fused_rga, on_gpu)
-    if args.dist_backend == "nccl" and not on_gpu:
+# ------------------------------------------------------------------------------------ the steps
+
+def check_runtime(cfg: C.RunConfig) -> None:
+    """Flag combinations this machine cannot run, caught before any heavy lifting."""
+    r = cfg.run
+    on_gpu = torch.cuda.is_available() and not str(r.device).startswith("cpu")
+    check_fused_backend(cfg.model.fused, on_gpu)
+    if r.dist_backend == "nccl" and not on_gpu:
         raise UsageError("--dist-backend nccl needs CUDA GPUs; use gloo (or auto) on CPU")
-    if args.deterministic:
+    if r.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if args.cuda_graphs and not on_gpu:
+    if r.cuda_graphs and not on_gpu:
         raise UsageError("--cuda-graphs needs a CUDA GPU (it captures CUDA graphs); leave it off on CPU")
-    if args.sync_bn and not on_gpu:
+    if r.sync_bn and not on_gpu:
         raise UsageError("--sync-bn needs CUDA GPUs (PyTorch's DistributedDataParallel supports SyncBatchNorm "
                          "only on GPU modules); leave it off on CPU")
-    if not 0.0 <= args.flip_prob <= 1.0 or not 0.0 <= args.erasing_prob <= 1.0:
-        raise UsageError("--flip-prob and --erasing-prob must be in [0, 1]")
-    if not 0.0 <= args.label_smooth < 1.0:
-        raise UsageError("--label-smooth must be in [0, 1)")
-    if args.lr <= 0 or args.warmup_lr <= 0:
-        raise UsageError("--lr and --warmup-lr must be > 0")
-    if args.milestones != sorted(args.milestones):
-        raise UsageError(f"--milestones must be increasing, got {args.milestones}")
-    if args.pretrained and not Path(args.pretrained).is_file():
-        raise UsageError(f"--pretrained file not found: {args.pretrained}")
-    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
-        raise CheckpointError(f"--resume: checkpoint not found: {args.resume}")
+    p = cfg.model.pretrained
+    if p not in (None, "auto") and not Path(p).is_file():
+        raise UsageError(f"--pretrained file not found: {p}")
+    if r.resume not in (None, "auto") and not Path(r.resume).is_file():
+        raise CheckpointError(f"--resume: checkpoint not found: {r.resume}")
 
 
-def load_dataset(args):
-    from .data import build_dataset
+def open_run_folder(cfg: C.RunConfig, rt, log) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run). A fresh run refuses a folder that
+    already holds checkpoints."""
+    out_dir = Path(cfg.run.output_dir)
+    if cfg.run.resume == "auto":
+        path = find_latest(out_dir)
+        if path is None:
+            log(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
+        return path
+    if cfg.run.resume:
+        return Path(cfg.run.resume)
+    if list_checkpoints(out_dir):
+        raise UsageError(f"{out_dir} already holds checkpoints; continue with --resume auto, "
+                         "or choose another --output-dir")
+    return None
+
+
+def pretrained_source(cfg: C.RunConfig, log):
+    """What build_model gets as `pretrained`: a file, or False (random init, said in the log)."""
+    p, backbone = cfg.model.pretrained, cfg.model.backbone
+    if p == "auto":
+        found = find_pretrained(backbone)
+        if found is None:
+            log(f"warning: no ImageNet weights: no torchvision {backbone}-*.pth in ./pretrained or the torch hub "
+                f"cache; the {backbone} starts from random weights (the paper starts from ImageNet weights: "
+                "pass --pretrained FILE)")
+            return False
+        log(f"ImageNet weights: {found}")
+        return str(found)
+    if p is None:
+        log(f"note: --pretrained none: the {backbone} starts from random weights (the paper starts from ImageNet)")
+        return False
+    return p
+
+
+def new_model(cfg: C.RunConfig, num_classes: int, log):
     try:
-        return build_dataset(args.dataset, args.data_root, **dict(args.dataset_opt))
-    except (KeyError, ValueError, FileNotFoundError, TypeError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise UsageError(f"could not load dataset '{args.dataset}' from '{args.data_root}': {msg}") from e
-
-
-def make_model(args, num_classes: int, neck_feat: str):
-    from .models import build_model
-    try:
-        return build_model(args.arch, num_classes, height=args.height, width=args.width, fused=args.fused_rga,
-                           pretrained=args.pretrained or False, backbone=args.backbone, neck_feat=neck_feat)
+        return cfg.model.build(num_classes, pretrained=pretrained_source(cfg, log), neck_feat=cfg.eval.eval_feat)
     except (KeyError, ValueError, FileNotFoundError, TypeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise UsageError(f"could not build model '{args.arch}' (backbone {args.backbone}): {msg}") from e
+        raise UsageError(f"could not build model {cfg.model.label()} (backbone {cfg.model.backbone}): {msg}") from e
 
 
-def _gather_objects(rt, obj):
-    if not rt.distributed:
-        return [obj]
-    out = [None] * rt.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
+def restored_model(cfg: C.RunConfig, ckpt: dict, path: Path, num_classes: int):
+    """The checkpoint's network (load_model), which must be the one this run describes."""
+    for key in ("model", "optimizer", "scheduler", "sampler", "epoch"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} is not a training checkpoint (no '{key}'); "
+                                  "rga.evaluate can still read its weights")
+    model, info = load_model(ckpt, fused=cfg.model.fused, neck_feat=cfg.eval.eval_feat, with_info=True)
+    mine, theirs = cfg.model.arch_dict(), info.model.arch_dict()
+    differ = {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
+    if differ or info.num_classes != num_classes:
+        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differ.items())
+        if info.num_classes != num_classes:
+            what += f"{', ' if what else ''}classes {info.num_classes} -> {num_classes}"
+        raise CheckpointError(f"{path} holds another network than this run describes ({what}); resume with the "
+                              "options it was trained with, or choose another --output-dir")
+    return model
 
 
-def _mean_across_ranks(rt, stats: dict) -> dict:
+def build_sampler(cfg: C.RunConfig, pids, *, rank: int = 0, world_size: int = 1) -> RandomIdentityBatchSampler:
+    """PK batches of cfg.data.batch_ids identities x batch_instances images, cfg.data.sampler's epoch."""
+    d = cfg.data
+    try:
+        return RandomIdentityBatchSampler(pids, d.batch_ids, d.batch_instances, seed=cfg.run.seed, rank=rank,
+                                          world_size=world_size, mode=d.sampler)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+@dataclass
+class TrainingParts:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupMultiStepLR
+    scaler: object
+    criterion: ReidLoss
+    sampler: RandomIdentityBatchSampler
+    loader: object
+
+
+def build_training_parts(cfg: C.RunConfig, rt, dataset, model, amp_dtype) -> TrainingParts:
+    d, o = cfg.data, cfg.optim
+    optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    scheduler = WarmupMultiStepLR(optimizer, warmup_epochs=o.warmup_epochs, warmup_start_lr=o.warmup_lr,
+                                  milestones=o.milestones, gamma=o.gamma)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    criterion = ReidLoss(epsilon=o.label_smooth, margin=o.margin, id_weight=o.id_weight,
+                         triplet_weight=o.triplet_weight)
+    sampler = build_sampler(cfg, [int(pid) for _, pid, _ in dataset.train], rank=rt.rank, world_size=rt.world_size)
+    transform = build_train_transform(cfg.model.height, cfg.model.width, flip=d.flip_prob, crop=d.crop,
+                                      crop_prob=d.crop_prob, pad=d.pad, erasing=d.erasing_prob)
+    loader = build_train_loader(dataset, sampler, transform, workers=d.workers, device=rt.device)
+    return TrainingParts(model, optimizer, scheduler, scaler, criterion, sampler, loader)
+
+
+def restore_training_state(parts: TrainingParts, ckpt: dict, rt, log) -> tuple:
+    """Optimizer, schedule, sampler, scaler and random states; returns (start epoch, last metrics)."""
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    try:
+        parts.sampler.load_state_dict(ckpt["sampler"])
+    except ValueError as e:
+        raise CheckpointError(f"cannot resume: {e} (pass --sampler as the run was started)") from e
+    if parts.scaler is not None and ckpt.get("scaler"):
+        parts.scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt.get("rng") or []
+    if len(rng) == rt.world_size:
+        restore_rng_state(rng[rt.rank])
+    else:
+        log(f"warning: checkpoint was written by {len(rng)} process(es), this run has {rt.world_size}; "
+            "random streams restart from the seed, so the run will not replay exactly")
+    return int(ckpt["epoch"]), ckpt.get("metrics") or {}
+
+
+def warn_changed_options(cfg: C.RunConfig, ckpt: dict, log) -> None:
+    try:
+        old = C.RunConfig.from_dict(ckpt["config"]) if ckpt.get("format_version") else C.from_legacy(ckpt["config"])
+    except (C.ConfigError, KeyError, TypeError):
+        return
+    ignore = {"resume", "epochs", "workers", "progress", "tensorboard", "output_dir", "pretrained", "threads"}
+    new_flat, old_flat = cfg.flat(), old.flat()
+    changed = {k: (old_flat[k], v) for k, v in new_flat.items() if k not in ignore and old_flat[k] != v}
+    if changed:
+        log(f"warning: options differ from the checkpoint's run: {changed}")
+
+
+def speed_settings(cfg: C.RunConfig, rt) -> tuple:
+    """cuDNN / determinism switches; returns (autocast dtype or None, channels_last)."""
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    channels_last = cfg.run.channels_last == "on" or (cfg.run.channels_last == "auto" and rt.device.type == "cuda")
+    return resolve_amp(cfg.run.amp, rt.device), channels_last
+
+
+def place_model(cfg: C.RunConfig, model, rt, channels_last: bool, log):
+    if cfg.run.sync_bn:
+        if rt.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log("note: --sync-bn has no effect in a single process (BatchNorm already sees the whole batch)")
+    model.to(rt.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def wrap_for_training(cfg: C.RunConfig, model, rt):
+    """DistributedDataParallel under torchrun, torch.compile when asked; `model` stays the bare one."""
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.run.compile or cfg.run.cuda_graphs:
+        model = compile_for_training(model, cuda_graphs=cfg.run.cuda_graphs, fullgraph=not rt.distributed)
+    return model
+
+
+def compile_for_training(model, *, cuda_graphs: bool = False, fullgraph: bool = True):
+    """--compile / --cuda-graphs: torch.compile, with CUDA graphs ("reduce-overhead") for the latter.
+
+    The fused model compiles as one graph (tests/test_compile.py); under DistributedDataParallel
+    Dynamo splits the graph at the gradient buckets, so fullgraph is off there. bench/train_step.py
+    times this same path.
+    """
+    return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, fullgraph=fullgraph)
+
+
+def open_tensorboard(cfg: C.RunConfig, out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def mean_across_ranks(rt, stats: dict) -> dict:
     if not rt.distributed:
         return stats
     keys = sorted(k for k in stats if k not in ("batches", "seconds"))
@@ -231,189 +271,144 @@ def _mean_across_ranks(rt, stats: dict) -> dict:
     return out
 
 
-def train(args) -> dict:
-    """Run training as configured by `args` (a parsed namespace). Returns the last evaluation's metrics."""
-    check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rt = setup_runtime(args.device, args.dist_backend)
-    logger = None
-    writer = None
+def gather_objects(rt, obj):
+    if not rt.distributed:
+        return [obj]
+    out = [None] * rt.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def run_epoch(cfg, parts: TrainingParts, train_model, epoch: int, rt, amp_dtype, channels_last, log, writer):
+    parts.scheduler.step(epoch)
+    parts.sampler.set_epoch(epoch)
+    stats = train_one_epoch(train_model, parts.loader, parts.criterion, parts.optimizer, device=rt.device,
+                            amp_dtype=amp_dtype, scaler=parts.scaler, channels_last=channels_last,
+                            show_progress=rt.is_main and cfg.run.progress,
+                            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
+    stats = mean_across_ranks(rt, stats)
+    lr = parts.scheduler.get_last_lr()[0]
+    nan = float("nan")
+    log(f"epoch {epoch + 1}/{cfg.optim.epochs}  lr {lr:.2e}  loss {stats.get('loss', nan):.4f} "
+        f"(id {stats.get('loss_id', nan):.4f}, triplet {stats.get('loss_tri', nan):.4f})  "
+        f"acc {100 * stats.get('acc', 0):.1f}%  {stats['batches']} batches in {stats['seconds']:.1f}s")
+    if writer is not None:
+        for k in ("loss", "loss_id", "loss_tri", "acc", "tri_acc"):
+            if k in stats:
+                writer.add_scalar(f"train/{k}", stats[k], epoch + 1)
+        writer.add_scalar("train/lr", lr, epoch + 1)
+    return stats
+
+
+def evaluate_epoch(cfg, model, dataset, done: int, stats: dict, out_dir: Path, rt, amp_dtype, channels_last,
+                   log, writer) -> dict:
+    e = cfg.eval
+    metrics = evaluate_model(model, dataset, device=rt.device, height=cfg.model.height, width=cfg.model.width,
+                             batch_size=cfg.data.test_batch_size, workers=cfg.data.workers, amp_dtype=amp_dtype,
+                             channels_last=channels_last, flip=e.flip_test, feat=e.eval_feat, metric=e.metric,
+                             rerank=e.rerank, show_progress=cfg.run.progress)
+    result = {"epoch": done, **metrics}
+    log(f"eval @ epoch {done}: {format_metrics(metrics)}")
+    write_json({**result, "train": stats}, out_dir / "metrics" / f"epoch_{done:04d}.json")
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**result, "train": stats}, default=str) + "\n")
+    if writer is not None:
+        for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"):
+            writer.add_scalar(f"eval/{k}", metrics[k], done)
+    return result
+
+
+def save_checkpoint(cfg, parts: TrainingParts, done: int, num_classes: int, metrics: dict, rng_states,
+                    out_dir: Path, rt) -> Path:
+    state = {"format_version": C.FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": num_classes,
+             "epoch": done, "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+             "scheduler": parts.scheduler.state_dict(), "sampler": parts.sampler.state_dict(),
+             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+             "rng": rng_states, "metrics": metrics, "world_size": rt.world_size,
+             "torch_version": str(torch.__version__)}
+    path = atomic_save(state, out_dir / checkpoint_name(done))
+    prune_checkpoints(out_dir, cfg.run.keep_checkpoints)
+    return path
+
+
+# ------------------------------------------------------------------------------------ the run
+
+def train(cfg: C.RunConfig) -> dict:
+    """Train as `cfg` says. Returns the last evaluation's metrics."""
+    cfg.validate()
+    if cfg.run.output_dir is None:
+        cfg.run.output_dir = str(default_output_dir(cfg))
+    check_runtime(cfg)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    rt = setup_runtime(cfg.run.device, cfg.run.dist_backend)
+    logger = writer = None
     try:
-        out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
+        out_dir = Path(cfg.run.output_dir)
         if rt.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
         barrier(rt)
         logger = make_logger(out_dir, rt.is_main)
         log = logger.info
+        resume_path = open_run_folder(cfg, rt, log)
 
-        resume_path = None
-        if args.resume == "auto":
-            resume_path = find_latest(out_dir)
-            if resume_path is None:
-                log(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
-        elif args.resume:
-            resume_path = Path(args.resume)
-        elif list_checkpoints(out_dir):
-            raise UsageError(f"{out_dir} already holds checkpoints; continue with --resume auto, "
-                             "or choose another --output-dir")
-
-        if args.deterministic:
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        elif rt.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        amp_dtype = resolve_amp(args.amp, rt.device)
-        channels_last = args.channels_last == "on" or (args.channels_last == "auto" and rt.device.type == "cuda")
+        amp_dtype, channels_last = speed_settings(cfg, rt)
 
         # Rank 0 builds the dataset first (the synthetic one is generated on first use), then the others.
-        if rt.is_main:
-            dataset = load_dataset(args)
+        dataset = load_dataset(cfg.data) if rt.is_main else None
         barrier(rt)
         if not rt.is_main:
-            dataset = load_dataset(args)
-        train_pids = [int(pid) for _, pid, _ in dataset.train]
-        log(f"dataset {args.dataset}: {len(dataset.train)} train images of {dataset.num_train_pids} ids, "
+            dataset = load_dataset(cfg.data)
+        num_classes = dataset.num_train_pids
+        log(f"dataset {cfg.data.dataset}: {len(dataset.train)} train images of {num_classes} ids, "
             f"{len(dataset.query)} query, {len(dataset.gallery)} gallery")
 
-        seed_everything(args.seed)  # identical initial weights on every rank
-        model = make_model(args, dataset.num_train_pids, args.eval_feat)
-        if args.pretrained is None:
-            log("note: no --pretrained backbone weights; the paper starts from ImageNet-pretrained ResNet-50")
-        if args.sync_bn:
-            if rt.distributed:
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            else:
-                log("note: --sync-bn has no effect in a single process (BatchNorm already sees the whole batch)")
-        model.to(rt.device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"model {args.arch} / {args.backbone}: {n_params / 1e6:.2f} M parameters, input {args.height}x{args.width}, "
-            f"fused={args.fused_rga}, device {rt.device}, amp={amp_dtype}, channels_last={channels_last}, "
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+        model = (restored_model(cfg, ckpt, resume_path, num_classes) if ckpt is not None
+                 else new_model(cfg, num_classes, log))
+        model = place_model(cfg, model, rt, channels_last, log)
+        m = cfg.model
+        log(f"model {m.label()} ({m.variant}, stages {','.join(map(str, m.stages))}) / {m.backbone}: "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, input {m.height}x{m.width}, "
+            f"fused={m.fused}, device {rt.device}, amp={amp_dtype}, channels_last={channels_last}, "
             f"world_size={rt.world_size}")
+        parts = build_training_parts(cfg, rt, dataset, model, amp_dtype)
+        log(f"sampler {cfg.data.sampler}: {len(parts.sampler)} batches of {cfg.data.batch_ids}x"
+            f"{cfg.data.batch_instances} per epoch; crop {cfg.data.crop}")
 
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = WarmupMultiStepLR(optimizer, warmup_epochs=args.warmup_epochs, warmup_start_lr=args.warmup_lr,
-                                      milestones=args.milestones, gamma=args.gamma)
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        criterion = ReidLoss(epsilon=args.label_smooth, margin=args.margin, id_weight=args.id_weight,
-                             triplet_weight=args.triplet_weight)
-        try:
-            sampler = RandomIdentityBatchSampler(train_pids, args.batch_ids, args.batch_instances, seed=args.seed,
-                                                 rank=rt.rank, world_size=rt.world_size)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-        loader = build_train_loader(dataset, sampler, height=args.height, width=args.width, pad=args.pad,
-                                    flip_prob=args.flip_prob, erasing_prob=args.erasing_prob,
-                                    workers=args.workers, device=rt.device)
-
-        seed_everything(args.seed + 1 + rt.rank)  # per-rank augmentation streams
-        start_epoch = 0
-        last_metrics = {}
-        if resume_path is not None:
-            ckpt = load_checkpoint(resume_path)
-            for key in ("model", "optimizer", "scheduler", "sampler", "epoch"):
-                if key not in ckpt:
-                    raise CheckpointError(f"{resume_path} is not a training checkpoint (no '{key}'); "
-                                          "rga.evaluate can still read its weights")
-            try:
-                model.load_state_dict(extract_model_state(ckpt))
-            except RuntimeError as e:
-                raise CheckpointError(f"{resume_path} does not fit this model ({args.arch}/{args.backbone}, "
-                                      f"{dataset.num_train_pids} ids); was it trained with other flags? {e}") from e
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            sampler.load_state_dict(ckpt["sampler"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            rng = ckpt.get("rng") or []
-            if len(rng) == rt.world_size:
-                restore_rng_state(rng[rt.rank])
-            else:
-                log(f"warning: checkpoint was written by {len(rng)} process(es), this run has {rt.world_size}; "
-                    "random streams restart from the seed, so the run will not replay exactly")
-            start_epoch = int(ckpt["epoch"])
-            last_metrics = ckpt.get("metrics") or {}
-            old = ckpt.get("config", {})
-            changed = {k: (old[k], v) for k, v in vars(args).items()
-                       if k in old and old[k] != v and k not in ("resume", "epochs", "config", "preset", "workers",
-                                                                 "no_progress", "tensorboard", "output_dir")}
-            if changed:
-                log(f"warning: flags differ from the checkpoint's run: {changed}")
+        seed_everything(cfg.run.seed + 1 + rt.rank)  # per-rank augmentation streams
+        start_epoch, last_metrics = 0, {}
+        if ckpt is not None:
+            start_epoch, last_metrics = restore_training_state(parts, ckpt, rt, log)
+            warn_changed_options(cfg, ckpt, log)
             log(f"resumed from {resume_path} at epoch {start_epoch}")
             del ckpt
-        if start_epoch >= args.epochs:
-            log(f"nothing to do: the checkpoint is at epoch {start_epoch} and --epochs is {args.epochs}")
+        if start_epoch >= cfg.optim.epochs:
+            log(f"nothing to do: the checkpoint is at epoch {start_epoch} and --epochs is {cfg.optim.epochs}")
 
-        train_model = model
-        if rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        if args.compile or args.cuda_graphs:
-            train_model = torch.compile(train_model, mode="reduce-overhead" if args.cuda_graphs else None)
-
-        if args.tensorboard and rt.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-            writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
+        train_model = wrap_for_training(cfg, model, rt)
+        writer = open_tensorboard(cfg, out_dir) if cfg.run.tensorboard and rt.is_main else None
         if rt.is_main:
-            write_json({k: v for k, v in vars(args).items()}, out_dir / "config.json")
-        show_progress = rt.is_main and not args.no_progress
-        eval_kw = dict(device=rt.device, height=args.height, width=args.width, batch_size=args.test_batch_size,
-                       workers=args.workers, amp_dtype=amp_dtype, channels_last=channels_last,
-                       flip=args.flip_test, feat=args.eval_feat, metric=args.metric, rerank=args.rerank,
-                       show_progress=show_progress)
+            write_json(cfg.to_dict(), out_dir / "config.json")
+
         t_start = time.perf_counter()
-        for epoch in range(start_epoch, args.epochs):
-            scheduler.step(epoch)
-            sampler.set_epoch(epoch)
-            stats = train_one_epoch(train_model, loader, criterion, optimizer, device=rt.device, amp_dtype=amp_dtype,
-                                    scaler=scaler, channels_last=channels_last, show_progress=show_progress,
-                                    desc=f"epoch {epoch + 1}/{args.epochs}")
-            stats = _mean_across_ranks(rt, stats)
-            lr = scheduler.get_last_lr()[0]
-            log(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.2e}  loss {stats.get('loss', float('nan')):.4f} "
-                f"(id {stats.get('loss_id', float('nan')):.4f}, triplet {stats.get('loss_tri', float('nan')):.4f})  "
-                f"acc {100 * stats.get('acc', 0):.1f}%  {stats['batches']} batches in {stats['seconds']:.1f}s")
-            if writer is not None:
-                for k in ("loss", "loss_id", "loss_tri", "acc", "tri_acc"):
-                    if k in stats:
-                        writer.add_scalar(f"train/{k}", stats[k], epoch + 1)
-                writer.add_scalar("train/lr", lr, epoch + 1)
-
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            stats = run_epoch(cfg, parts, train_model, epoch, rt, amp_dtype, channels_last, log, writer)
             done = epoch + 1
-            if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
+            if (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs:
                 if rt.is_main:
-                    metrics = evaluate_model(model, dataset, **eval_kw)
-                    last_metrics = {"epoch": done, **metrics}
-                    log(f"eval @ epoch {done}: {format_metrics(metrics)}")
-                    write_json({**last_metrics, "train": stats}, out_dir / "metrics" / f"epoch_{done:04d}.json")
-                    with open(out_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({**last_metrics, "train": stats}, default=str) + "\n")
-                    if writer is not None:
-                        for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"):
-                            writer.add_scalar(f"eval/{k}", metrics[k], done)
+                    last_metrics = evaluate_epoch(cfg, model, dataset, done, stats, out_dir, rt, amp_dtype,
+                                                  channels_last, log, writer)
                 barrier(rt)
-
-            if done % args.ckpt_every == 0 or done == args.epochs:
-                rng_states = _gather_objects(rt, capture_rng_state())
+            if done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs:
+                rng_states = gather_objects(rt, capture_rng_state())
                 if rt.is_main:
-                    state = {"epoch": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                             "scaler": scaler.state_dict() if scaler is not None else None,
-                             "rng": rng_states, "config": vars(args), "num_classes": dataset.num_train_pids,
-                             "metrics": last_metrics, "world_size": rt.world_size,
-                             "torch_version": str(torch.__version__)}
-                    path = atomic_save(state, out_dir / checkpoint_name(done))
-                    prune_checkpoints(out_dir, args.keep_checkpoints)
+                    path = save_checkpoint(cfg, parts, done, num_classes, last_metrics, rng_states, out_dir, rt)
                     log(f"saved {path}")
                 barrier(rt)
-        if args.epochs > start_epoch:
-            log(f"done: {args.epochs - start_epoch} epoch(s) in {time.perf_counter() - t_start:.1f}s")
+        if cfg.optim.epochs > start_epoch:
+            log(f"done: {cfg.optim.epochs - start_epoch} epoch(s) in {time.perf_counter() - t_start:.1f}s")
         if last_metrics:
             log(f"final: {format_metrics(last_metrics)}")
         return last_metrics
@@ -426,13 +421,11 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parse_args_with_config(parser, argv)
     try:
-        train(args)
-    except (UsageError, CheckpointError, ConfigError) as e:
-        print(f"rga.train: error: {e}", file=sys.stderr)
-        return 2
+        cfg = parse_config(argv)
+        train(cfg)
+    except ERRORS as e:
+        return fail("rga.train", e)
     except KeyboardInterrupt:
         print("rga.train: interrupted; continue later with --resume auto", file=sys.stderr)
         return 130

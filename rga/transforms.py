@@ -1,7 +1,9 @@
 """Image transforms for re-id training and testing, written on PIL and torch alone (no torchvision).
 
-Training follows the paper's recipe (Section 4.1): resize to H×W, horizontal flip, random
-translation (pad, then crop back to H×W), normalise, random erasing. Every random choice is drawn
+Training follows the paper's recipe as the public code runs it (Section 4.1): random crop
+(Random2DTranslation: with probability 0.5 enlarge to 1.125·H × 1.125·W and crop a random H×W
+window, else resize to H×W), horizontal flip, normalise, random erasing. The other crop,
+``crop="pad"``, resizes to H×W, zero-pads and crops back (what many re-id code bases do). Every random choice is drawn
 from Python's `random` module, which the checkpoint saves and DataLoader workers re-seed, so runs
 are reproducible and resumable.
 """
@@ -94,6 +96,32 @@ class RandomTranslate:
         return f"RandomTranslate(padding={self.padding})"
 
 
+class Random2DTranslation:
+    """With probability `p`, resize to round(scale·W) × round(scale·H) and crop a random H×W window;
+    otherwise resize to H×W. The "random cropping" of the public RGA code (scale 1.125, p 0.5); it
+    includes the resize, so it replaces `Resize` in a pipeline."""
+
+    def __init__(self, height: int, width: int, p: float = 0.5, scale: float = 1.125):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        if scale < 1.0:
+            raise ValueError(f"scale must be >= 1, got {scale}")
+        self.height, self.width, self.p, self.scale = int(height), int(width), float(p), float(scale)
+
+    def __call__(self, img):
+        img = _to_pil(img)
+        if random.uniform(0, 1) >= self.p:
+            return Resize(self.height, self.width)(img)
+        big_w, big_h = int(round(self.width * self.scale)), int(round(self.height * self.scale))
+        img = img.resize((big_w, big_h), Image.BILINEAR)
+        x0 = int(round(random.uniform(0, big_w - self.width)))
+        y0 = int(round(random.uniform(0, big_h - self.height)))
+        return img.crop((x0, y0, x0 + self.width, y0 + self.height))
+
+    def __repr__(self):
+        return f"Random2DTranslation({self.height}x{self.width}, p={self.p}, scale={self.scale})"
+
+
 class ToTensor:
     """PIL RGB image -> float32 tensor (3, H, W) in [0, 1]."""
 
@@ -151,13 +179,23 @@ class RandomErasing:
         return f"RandomErasing(p={self.p}, sl={self.sl}, sh={self.sh}, r1={self.r1})"
 
 
-def build_train_transform(height: int = 256, width: int = 128, *, flip: float = 0.5, pad: int = 10,
-                          erasing: float = 0.5) -> Compose:
-    """The paper's training augmentation. Set flip/pad/erasing to 0 to switch a step off."""
-    steps = [Resize(height, width)]
+CROPS = ("random2d", "pad", "none")
+
+
+def build_train_transform(height: int = 256, width: int = 128, *, flip: float = 0.5, crop: str = "random2d",
+                          crop_prob: float = 0.5, pad: int = 10, erasing: float = 0.5) -> Compose:
+    """The paper's training augmentation. crop: "random2d" (Random2DTranslation with probability
+    crop_prob, the public code's), "pad" (zero-pad by `pad` px, crop back) or "none". Set
+    flip/erasing to 0 to switch a step off."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    if crop == "random2d" and crop_prob > 0:
+        steps = [Random2DTranslation(height, width, p=crop_prob)]
+    else:
+        steps = [Resize(height, width)]
     if flip > 0:
         steps.append(RandomHorizontalFlip(flip))
-    if pad > 0:
+    if crop == "pad" and pad > 0:
         steps.append(RandomTranslate(pad))
     steps += [ToTensor(), Normalize()]
     if erasing > 0:

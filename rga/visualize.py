@@ -61,7 +61,7 @@ def load_model(spec, *, device="cpu", fused=None, backbone: str = "resnet18", he
     backbone and input size: the untrained control of the foreground-ratio measurement.
     ``fused`` overrides the RGA path (the maps are the same either way).
     """
-    from .checkpoint import CheckpointError, extract_model_state, load_checkpoint, resolve_checkpoint
+    from .checkpoint import load_model as load_checkpoint_model
     from .models import build_model
 
     if isinstance(spec, nn.Module):
@@ -70,20 +70,9 @@ def load_model(spec, *, device="cpu", fused=None, backbone: str = "resnet18", he
         torch.manual_seed(seed)
         model = build_model(spec[5:], num_classes, height=height, width=width, backbone=backbone, pretrained=False)
     else:
-        path = resolve_checkpoint(spec)
-        ckpt = load_checkpoint(path)
-        cfg = ckpt.get("config") or {}
-        if ckpt.get("num_classes") is None:
-            raise CheckpointError(f"{path} is not a checkpoint of rga.train (no num_classes)")
-        model = build_model(cfg.get("arch", "rga_sc"), int(ckpt["num_classes"]), height=int(cfg.get("height", 256)),
-                            width=int(cfg.get("width", 128)), backbone=cfg.get("backbone", "resnet50"),
-                            fused=cfg.get("fused_rga", False), pretrained=False)
-        try:
-            model.load_state_dict(extract_model_state(ckpt))
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not fit the model its config describes: {e}") from e
-        name = Path(spec).name if Path(spec).is_dir() else path.parent.name
-        model.run_name = f"{name} ep{ckpt['epoch']}" if ckpt.get("epoch") is not None else name
+        model, info = load_checkpoint_model(spec, with_info=True)
+        name = Path(spec).name if Path(spec).is_dir() else Path(info.path).parent.name
+        model.run_name = f"{name} ep{info.epoch}" if info.epoch is not None else name
     if fused is not None:
         model.fused = fused
     if not hasattr(model, "run_name"):
@@ -661,17 +650,18 @@ def cmd_gradcam(args) -> dict:
 
 
 def cmd_ranks(args) -> dict:
-    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .checkpoint import read_model_checkpoint
     from .data import build_dataset
     from .engine import build_test_loader, extract_features
     from .metrics import evaluate_features
 
     model = _load_all(args)[0]
-    cfg = {}
+    dataset, root = "synthetic", "data"
     if not args.run.startswith("init:"):
-        cfg = load_checkpoint(resolve_checkpoint(args.run)).get("config") or {}
-    ds = build_dataset(args.dataset or cfg.get("dataset", "synthetic"), args.data_root or cfg.get("data_root", "data"),
-                       verbose=False)
+        run_cfg = read_model_checkpoint(args.run).config
+        if run_cfg is not None:
+            dataset, root = run_cfg.data.dataset, run_cfg.data.data_root
+    ds = build_dataset(args.dataset or dataset, args.data_root or root, verbose=False)
     dev = torch.device("cpu")
     kw = dict(height=model.height, width=model.width, batch_size=args.batch_size, workers=0, device=dev)
     qf, q_pids, q_camids = extract_features(model, build_test_loader(ds.query, **kw), device=dev, show_progress=False)

@@ -50,9 +50,16 @@ import torch
 
 _TRUTHY = ("1", "true", "yes", "on")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
-# RGA_TRITON_AUTOTUNE=0: one fixed config on GPU instead of benchmarking several per problem size
-# (first calls get faster, e.g. in test runs; steady-state speed may be lower).
-AUTOTUNE = os.environ.get("RGA_TRITON_AUTOTUNE", "1").strip().lower() in _TRUTHY
+
+
+def autotune_enabled() -> bool:
+    """RGA_TRITON_AUTOTUNE=0: one fixed config on GPU instead of benchmarking several per problem
+    size (first calls get faster, e.g. in test runs; steady-state speed may be lower). Read at
+    every launch, so it can be set any time before the first kernel call."""
+    return os.environ.get("RGA_TRITON_AUTOTUNE", "1").strip().lower() in _TRUTHY
+
+
+AUTOTUNE = autotune_enabled()  # the setting at import time, kept for callers that read it
 
 TRITON_AVAILABLE = False
 TRITON_UNAVAILABLE_REASON = ""
@@ -126,9 +133,14 @@ if TRITON_AVAILABLE:
         y22, y22_off, y22_sb, y22_sr, y22_sc,
         # sizes: every output is (MM, NN), every product has inner size KK; NB batch entries
         MM, NN, KK, NB,
+        # power-of-two buckets of MM, NN, KK: the autotuning key (not used by the body)
+        MM_BUCKET, NN_BUCKET, KK_BUCKET,
+        B_CHUNK,  # with REDUCE_BATCH: batch entries per program along grid axis 2
         NUM_OUT: tl.constexpr,  # 1 or 2
         NUM_TERMS: tl.constexpr,  # 1 or 2
-        REDUCE_BATCH: tl.constexpr,  # sum over the batch in-kernel (grid axis 2 must be 1)
+        REDUCE_BATCH: tl.constexpr,  # sum over the batch in-kernel
+        SPLIT_BATCH: tl.constexpr,  # with REDUCE_BATCH: grid axis 2 splits the batch, partial sums
+        #                             are added atomically into a zeroed fp32 output
         ACC_FP64: tl.constexpr,  # fp64 accumulators (fp64 inputs)
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands ("ieee", "tf32x3", "tf32")
         BLOCK_M: tl.constexpr,
@@ -157,8 +169,12 @@ if TRITON_AVAILABLE:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
 
         if REDUCE_BATCH:
-            b_lo = 0
-            b_hi = NB
+            if SPLIT_BATCH:
+                b_lo = pid_b * B_CHUNK
+                b_hi = tl.minimum(b_lo + B_CHUNK, NB)
+            else:
+                b_lo = 0
+                b_hi = NB
         else:
             b_lo = pid_b
             b_hi = pid_b + 1
@@ -201,23 +217,30 @@ if TRITON_AVAILABLE:
 
         out_ok = row_ok[:, None] & col_ok[None, :]
         po1 = _tile_ptrs(o1, o1_off, pid_b, o1_sb, o1_sr, o1_sc, rows, cols)
-        tl.store(po1, acc1.to(o1.dtype.element_ty), mask=out_ok)
+        if SPLIT_BATCH:
+            tl.atomic_add(po1, acc1.to(o1.dtype.element_ty), mask=out_ok)
+        else:
+            tl.store(po1, acc1.to(o1.dtype.element_ty), mask=out_ok)
         if NUM_OUT == 2:
             po2 = _tile_ptrs(o2, o2_off, pid_b, o2_sb, o2_sr, o2_sc, rows, cols)
-            tl.store(po2, acc2.to(o2.dtype.element_ty), mask=out_ok)
+            if SPLIT_BATCH:
+                tl.atomic_add(po2, acc2.to(o2.dtype.element_ty), mask=out_ok)
+            else:
+                tl.store(po2, acc2.to(o2.dtype.element_ty), mask=out_ok)
 
     def _cfg(bm, bn, bk, warps, stages):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
     if INTERPRET:
         # No autotuning under the interpreter: one config per launch, sized by _interpreter_blocks.
-        _KERNEL = _KERNEL_FP64 = _bmm2x2_kernel
+        _KERNEL = _KERNEL_FIXED = _KERNEL_FP64 = _bmm2x2_kernel
     else:
-        # Output tiles are (M, d) / (M, n) / (d, n), with d small (32 at the module's default sizes),
-        # hence a few narrow tiles. A config that does not fit a given launch (shared memory: the
-        # dθ/dφ launch streams 4 X and 4 Y tiles per K step) fails to launch and the autotuner skips
-        # it; (32, 64, 32) with 2 stages fits every launch in fp32 even with ~100 KB of shared memory.
-        _CONFIGS = [
+        # Output tiles are (M, d) / (M, n) / (d, n): d is 16-256 and M 16-256 at the ResNet-50 stage
+        # shapes, n (and so K of the P/Q and U/V launches) up to 2048. Tiles of 16 serve d = 16 or
+        # M = 16 without padding; BLOCK_K 64/128 shorten the long-K loops. A config that does not fit
+        # a launch (shared memory: the dθ/dφ launch streams 4 X and 4 Y tiles per K step) fails to
+        # launch and the autotuner skips it; (32, 64, 32) with 2 stages fits every launch in fp32.
+        _CONFIGS_ALL = [
             _cfg(64, 64, 32, 4, 3),
             _cfg(64, 128, 32, 4, 3),
             _cfg(128, 64, 32, 4, 3),
@@ -226,19 +249,36 @@ if TRITON_AVAILABLE:
             _cfg(64, 32, 64, 4, 3),
             _cfg(128, 32, 32, 4, 3),
             _cfg(32, 64, 32, 4, 2),
+            _cfg(16, 64, 64, 4, 3),
+            _cfg(64, 16, 64, 4, 3),
+            _cfg(16, 128, 64, 4, 3),
+            _cfg(128, 16, 64, 4, 3),
+            _cfg(32, 32, 128, 4, 3),
+            _cfg(64, 64, 64, 4, 3),
         ]
-        _CONFIGS_ALL = _CONFIGS
-        if not AUTOTUNE:
-            _CONFIGS = [_cfg(64, 64, 32, 4, 2)]
+
+        def _prune(configs, named_args, **kwargs):
+            """Drop tiles more than twice the problem in any dimension (they only compute padding);
+            a launch is tuned over the rest, and always keeps at least one config."""
+            limit = {k: max(16, 2 * triton.next_power_of_2(int(named_args[k]))) for k in ("MM", "NN", "KK")}
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] <= limit["MM"] and c.kwargs["BLOCK_N"] <= limit["NN"]
+                    and c.kwargs["BLOCK_K"] <= limit["KK"]]
+            return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
         _TUNE_KW = {}
         if "do_bench" in inspect.signature(triton.autotune).parameters:
             # shorter than the default 25 ms warm-up + 100 ms of timing per config
             _TUNE_KW["do_bench"] = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
+        # Keyed on size buckets, not exact sizes, and never on the batch: a new batch size or a
+        # shape in the same power-of-two bucket reuses the tuned config.
         _KERNEL = triton.autotune(
-            configs=_CONFIGS,
-            key=["MM", "NN", "KK", "NUM_OUT", "NUM_TERMS", "REDUCE_BATCH", "PRECISION"],
+            configs=_CONFIGS_ALL,
+            key=["MM_BUCKET", "NN_BUCKET", "KK_BUCKET", "NUM_OUT", "NUM_TERMS", "REDUCE_BATCH", "SPLIT_BATCH",
+                 "PRECISION"],
+            prune_configs_by={"early_config_prune": _prune},
             **_TUNE_KW,
         )(_bmm2x2_kernel)
+        _KERNEL_FIXED = triton.autotune(configs=[_cfg(64, 64, 32, 4, 2)], key=[])(_bmm2x2_kernel)
         # fp64 is for gradcheck, not speed: one small config that fits everywhere (no benchmarking).
         _KERNEL_FP64 = triton.autotune(configs=[_cfg(32, 32, 16, 4, 1)], key=[])(_bmm2x2_kernel)
 
@@ -285,7 +325,7 @@ def _shared(t: torch.Tensor, col_off: int) -> _Mat:
     return _Mat(t, col_off * s1, 0, s0, s1)
 
 
-def _gemm(out1, terms1, out2=None, terms2=None, *, MM, NN, KK, NB, reduce_batch=False):
+def _gemm(out1, terms1, out2=None, terms2=None, *, MM, NN, KK, NB, reduce_batch=False, batch_chunk=0):
     """One launch of _bmm2x2_kernel: out_j = sum over (X, Y) in terms_j of X @ Y."""
     if not TRITON_AVAILABLE:
         raise RuntimeError(TRITON_UNAVAILABLE_REASON)
@@ -302,25 +342,36 @@ def _gemm(out1, terms1, out2=None, terms2=None, *, MM, NN, KK, NB, reduce_batch=
 
     dtype = terms1[0][1].t.dtype  # the Y operands carry the input dtype
     acc_fp64 = dtype == torch.float64
+    split = reduce_batch and 0 < batch_chunk < NB
     meta = dict(
         NUM_OUT=num_out,
         NUM_TERMS=num_terms,
         REDUCE_BATCH=reduce_batch,
+        SPLIT_BATCH=split,
         ACC_FP64=acc_fp64,
         PRECISION=_dot_precision(dtype),
     )
     if INTERPRET:
         meta.update(_interpreter_blocks(MM, NN, KK))
-    nb_grid = 1 if reduce_batch else NB
+    nb_grid = (triton.cdiv(NB, batch_chunk) if split else 1) if reduce_batch else NB
 
     def grid(m):
         return (triton.cdiv(MM, m["BLOCK_M"]), triton.cdiv(NN, m["BLOCK_N"]), nb_grid)
 
-    kernel = _KERNEL_FP64 if acc_fp64 else _KERNEL
+    # A split-batch launch accumulates atomically into its output, so it is not benchmarked (each
+    # timing run would add to the result): it uses the fixed config.
+    kernel = _KERNEL_FP64 if acc_fp64 else (_KERNEL if autotune_enabled() and not split else _KERNEL_FIXED)
+    sizes = (MM, NN, KK, NB, triton.next_power_of_2(MM), triton.next_power_of_2(NN), triton.next_power_of_2(KK),
+             max(batch_chunk, 1))
     if _FORCED_CONFIG is not None:
         kernel = _bmm2x2_kernel
         meta.update(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps, num_stages=_FORCED_CONFIG.num_stages)
-    _launchable(kernel)[grid](*args, MM, NN, KK, NB, **meta)
+    if torch.autograd.profiler._is_profiler_enabled and not torch.compiler.is_compiling():
+        # a named profiler event per launch: rga_kernels.launches counts Triton launches with aten ops
+        with torch.profiler.record_function("triton::_bmm2x2_kernel"):
+            _launchable(kernel)[grid](*args, *sizes, **meta)
+        return
+    _launchable(kernel)[grid](*args, *sizes, **meta)
 
 
 def _interpreter_blocks(MM, NN, KK):
@@ -341,8 +392,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     else "tf32x3" (three TF32 tensor-core products, close to fp32 accuracy; IEEE fp32 dots run on
     the FMA units and spill registers at useful tile sizes). ROCm: "ieee" (no tf32x3 there).
     """
-    if dtype != torch.float32 or INTERPRET or torch.version.hip is not None:
+    if dtype == torch.float64 or INTERPRET or torch.version.hip is not None:
         return "ieee"
+    if dtype != torch.float32:
+        # fp16/bf16 launches: fp32 x fp32 dots only meet there with an fp32 weight under autocast,
+        # whose precision is the autocast dtype's anyway
+        return "tf32"
     if getattr(torch.backends.cuda.matmul, "allow_tf32", False):
         return "tf32"
     return "tf32x3"
@@ -403,11 +458,34 @@ def relation_bwd(grad_out, theta, phi, weight, p, q):
         _bat(dphi), [(_bat(q, transpose=True), g), (_bat(u, transpose=True), _shared(weight, 0))],
         MM=d, NN=n, KK=M, NB=B,
     )
-    # dA = Σ_b U @ φ, dBw = Σ_b V @ θ: (M, d) @ (d, n), batch reduced inside the kernel
-    dweight = torch.empty((M, 2 * n), device=dev, dtype=weight.dtype)
+    # dA = Σ_b U @ φ, dBw = Σ_b V @ θ: (M, d) @ (d, n), batch reduced inside the kernel. When the
+    # output has few tiles, the batch is also spread over the grid (fp32 atomics into a zeroed
+    # buffer: one more launch, two when the weight is not fp32), see _batch_chunk.
+    chunk = _batch_chunk(M, n, B)
+    if chunk:
+        dweight = torch.zeros((M, 2 * n), device=dev, dtype=torch.float64 if acc == torch.float64 else torch.float32)
+    else:
+        dweight = torch.empty((M, 2 * n), device=dev, dtype=weight.dtype)
     _gemm(
         _shared(dweight, 0), [(_bat(u), _bat(phi))],
         _shared(dweight, n), [(_bat(v), _bat(theta))],
-        MM=M, NN=n, KK=d, NB=B, reduce_batch=True,
+        MM=M, NN=n, KK=d, NB=B, reduce_batch=True, batch_chunk=chunk,
     )
-    return dtheta, dphi, dweight
+    return dtheta, dphi, dweight.to(weight.dtype)
+
+
+# The dW launch owns one output tile per program; below this many tiles of 64x64 the GPU would be
+# mostly idle while each program loops over the whole batch, so the batch is split over the grid.
+SPLIT_BATCH_BELOW_TILES = 32
+SPLIT_BATCH_MIN_CHUNK = 4
+
+
+def _batch_chunk(M: int, n: int, B: int) -> int:
+    """Batch entries per program of the dW launch, or 0 for no split (the whole batch in-kernel)."""
+    if B < 2 * SPLIT_BATCH_MIN_CHUNK:
+        return 0
+    tiles = triton.cdiv(M, 64) * triton.cdiv(n, 64)
+    if tiles >= SPLIT_BATCH_BELOW_TILES:
+        return 0
+    splits = min(triton.cdiv(SPLIT_BATCH_BELOW_TILES * 4, tiles), B // SPLIT_BATCH_MIN_CHUNK)
+    return triton.cdiv(B, splits)

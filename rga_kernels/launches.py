@@ -6,7 +6,9 @@ included, from ``torch.profiler``: every ``aten::`` op whose nearest profiled an
 ``aten::`` op (it was called from Python, from an autograd node, or from one of our custom
 ``rga_kernels::`` ops, whose inner ATen calls are counted too), leaving out ops that launch no
 kernel: views, metadata, allocations without a fill, and ``to``/``contiguous`` calls that return
-their input.
+their input. Each Triton kernel launch of rga_kernels._triton is one profiler event
+(``triton::...``) and counts as one launch (under the Triton interpreter, the host copies it makes
+inside are not counted: a GPU launch makes none).
 
 The count is the same on the CPU and the GPU for the same code path, so it can be measured and
 enforced where no GPU is available (tests/test_launches.py, bench/test_rga_module.py).
@@ -27,7 +29,7 @@ NO_KERNEL_OPS = frozenset(
         "empty_strided", "new_empty", "new_empty_strided", "set_", "resize_", "result_type", "is_nonzero",
         "size", "stride", "is_same_size", "_has_same_storage_numel", "contiguous", "to", "type_as",
         "_local_scalar_dense", "item", "_to_copy_noop", "requires_grad_", "retain_grad", "output_nr",
-        "_version", "_make_subclass",
+        "_version", "_make_subclass", "promote_types", "can_cast",
     )
 )
 # These are no-ops when they return their input, and a copy (one launch) otherwise: they count
@@ -68,11 +70,12 @@ def count_launches(fn: Callable[[], object], *, by_op: bool = False):
             continue
         parent = e.cpu_parent
         # climb to the nearest aten:: ancestor, if any (record_function scopes are not ops)
-        while parent is not None and not parent.name.startswith(("aten::", "rga_kernels::")):
+        while parent is not None and not parent.name.startswith(("aten::", "rga_kernels::", "triton::")):
             if parent.name.startswith("autograd::") or "Backward" in parent.name:
                 break
             parent = parent.cpu_parent
-        if parent is not None and parent.name.startswith("aten::"):
+        # inside an aten op: part of it; inside a Triton launch: the interpreter's host copies
+        if parent is not None and parent.name.startswith(("aten::", "triton::")):
             continue
         if _is_counted(e, children):
             counts[e.name] += 1

@@ -211,9 +211,12 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if status[b][0]]
 
 
-# "auto" tries these in order. On CUDA, cuBLAS-backed `cuda` comes first until the GPU benchmark
-# (bench/gpu_check.sh) says otherwise; override with RGA_KERNELS_BACKEND.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# "auto" tries these in order; override with RGA_KERNELS_BACKEND. On CUDA, Triton comes first: an
+# eager GPU step is launch-bound, and the Triton path runs the relation op in 2 launches forward and
+# 3 backward where the cuBLAS-backed `cuda` op needs 14 ATen calls (tests/test_launches.py). Both
+# are compiled and tested on the CPU; bench/gpu_check.sh measures them side by side on a GPU.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+GPU_DEFAULT_BACKEND = _AUTO_ORDER["cuda"][0]
 _status_cache: dict[str, dict[str, tuple[bool, str]]] = {}
 
 
@@ -221,6 +224,23 @@ def _cached_status(device_type: str) -> dict[str, tuple[bool, str]]:
     if device_type not in _status_cache:
         _status_cache[device_type] = backend_status(torch.device(device_type))
     return _status_cache[device_type]
+
+
+@torch.compiler.assume_constant_result
+def _why_unavailable(device_type: str, backend: str) -> str:
+    """"" when ``backend`` runs on ``device_type`` tensors, else the reason. A constant for
+    torch.compile (evaluated once while tracing, never traced into)."""
+    ok, why = _cached_status(device_type)[backend]
+    return "" if ok else why
+
+
+@torch.compiler.assume_constant_result
+def _auto_backend(device_type: str) -> str:
+    status = _cached_status(device_type)
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        if status[name][0]:
+            return name
+    return "torch"
 
 
 def _is_exporting() -> bool:
@@ -239,15 +259,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         # torch.export: plain aten ops, so the exported program runs without this package.
         return "torch"
     if backend == "auto":
-        status = _cached_status(device.type)
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if status[name][0]:
-                return name
-        return "torch"
+        return _auto_backend(device.type)
     if backend not in BACKENDS:
         raise ValueError(f"unknown {source}; expected 'auto' or one of {BACKENDS}")
-    ok, why = _cached_status(device.type)[backend]
-    if not ok:
+    why = _why_unavailable(device.type, backend)
+    if why:
         raise ValueError(f"{source} is not available for {device.type} tensors on this machine: {why}. "
                          f"Available here: {available_backends(device)}")
     return backend
@@ -319,8 +335,13 @@ def relation_embed(theta: Tensor, phi: Tensor, weight: Tensor, backend: str = "a
     device_type = theta.device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        theta, phi, weight = theta.to(dtype), phi.to(dtype), weight.to(dtype)
         name = _resolve_backend(backend, theta.device)
+        theta, phi = theta.to(dtype), phi.to(dtype)
+        if name != "triton":
+            weight = weight.to(dtype)
+        # else: the Triton kernels read an fp32 weight as it is (its tiles are rounded to the
+        # autocast dtype in registers where they meet theta/phi), and its gradient comes out in
+        # fp32: no cast launches forward or backward
         # The backends accumulate in fp32 themselves: autocast must not recast their inner GEMMs.
         with torch.autocast(device_type, enabled=False):
             return _IMPLS[name](theta, phi, weight)

@@ -6,6 +6,9 @@ import torch
 # is decorated, i.e. before rga_kernels._triton is imported (rga_kernels imports it lazily).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check values, not speed: one fixed Triton config instead of benchmarking a dozen per shape
+# (read at every launch, so this holds whatever test file imports the kernels first).
+os.environ.setdefault("RGA_TRITON_AUTOTUNE", "0")
 
 # The reference must not use TF32 on a GPU: tolerances are measured against true fp32/fp64.
 torch.backends.cuda.matmul.allow_tf32 = False

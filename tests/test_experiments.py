@@ -30,15 +30,18 @@ def test_tables_follow_the_paper():
             build_model(r.arch, 3, height=64, width=32, backbone="resnet18", pretrained=False, **r.options)
 
 
-def test_row_options_reach_the_model(tmp_path):
-    row = next(r for r in E.TABLES["table1"][1] if r.slug == "rga_c_noori")
-    args = E.train_args(row, tmp_path / "x", "quick", None, None, [])
-    assert args.arch == "rga_c" and args.resume == "auto" and args.output_dir == str(tmp_path / "x")
+def test_rows_are_rga_train_models(tmp_path):
+    rows = {r.slug: r for t in E.TABLES.values() for r in t[1]}
+    names = {slug: rows[slug].model for slug in ("rga_c_noori", "rga_s_norel", "rga_sc_sym", "rga_sc_noemb", "cbam_s",
+                                                 "rga_sc", "baseline")}
+    assert names == {"rga_c_noori": "rga_c_wo_ori", "rga_s_norel": "rga_s_wo_rel", "rga_sc_sym": "symmetric",
+                     "rga_sc_noemb": "wo_embedding", "cbam_s": "cbam_s", "rga_sc": "rga_sc", "baseline": "baseline"}
     from rga import train as T
-    with E._rga_options(row.options):
-        m = T.make_model(args, 5, "bn")
-    assert not m.rga_modules()[0].use_original
-    assert T.make_model(args, 5, "bn").rga_modules()[0].use_original  # restored afterwards
+    argv = E.train_argv(rows["rga_c_noori"], tmp_path / "x", "quick", None, None, ["--epochs", "3"])
+    cfg = T.parse_config(argv)
+    assert cfg.model.variant == "rga_c" and cfg.model.use_original is False and cfg.optim.epochs == 3
+    assert cfg.run.resume == "auto" and cfg.run.output_dir == str(tmp_path / "x")
+    assert T.parse_config(E.train_argv(rows["nl"], tmp_path / "y", "quick", None, None, [])).model.variant == "nl"
 
 
 def test_runner_trains_rows_resumes_and_writes_the_table(tmp_path, capsys):

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
 from rga import FeatureExtractor, build_model
@@ -95,3 +96,114 @@ def test_bad_input(model, images, tmp_path):
         FeatureExtractor(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="no checkpoint_epNNNN"):
         FeatureExtractor(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# rga.checkpoint.load_model: every checkpoint layout FeatureExtractor and rga.evaluate accept
+# ---------------------------------------------------------------------------------------------
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_format_1_checkpoint_written_by_the_previous_rga_train(images, tmp_path):
+    """A checkpoint as rga.train wrote it before the typed config: the flat argparse namespace."""
+    from rga.checkpoint import load_model
+
+    arrays, _ = images
+    torch.manual_seed(1)
+    model = build_model("rga_cs", 6, height=H, width=W, pretrained=False, backbone="resnet18",
+                        use_original=False).eval()
+    old_args = {"config": None, "preset": None, "dataset": "synthetic", "data_root": "data", "dataset_opt": [],
+                "height": H, "width": W, "workers": 0, "test_batch_size": 64, "arch": "rga_cs",
+                "backbone": "resnet18", "pretrained": None, "fused_rga": False, "batch_ids": 8,
+                "batch_instances": 4, "pad": 4, "flip_prob": 0.5, "erasing_prob": 0.0, "label_smooth": 0.1,
+                "margin": 0.3, "id_weight": 1.0, "triplet_weight": 1.0, "lr": 8e-4, "weight_decay": 5e-4,
+                "warmup_epochs": 0, "warmup_lr": 8e-6, "milestones": [10], "gamma": 0.5, "epochs": 14,
+                "eval_every": 0, "eval_feat": "bn", "metric": "cosine", "rerank": False, "flip_test": False,
+                "output_dir": "runs/quick", "seed": 0, "resume": None, "ckpt_every": 1, "keep_checkpoints": 2,
+                "tensorboard": False, "no_progress": False, "device": "auto", "amp": "auto",
+                "channels_last": "auto", "threads": 0, "compile": False, "cuda_graphs": False, "sync_bn": False,
+                "dist_backend": "auto", "deterministic": False}
+    path = tmp_path / "old" / "checkpoint_ep0014.pth"
+    path.parent.mkdir()
+    torch.save({"epoch": 14, "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "sampler": {},
+                "scaler": None, "rng": [], "config": old_args, "num_classes": 6, "metrics": {},
+                "world_size": 1, "torch_version": str(torch.__version__)}, path)
+    # use_original=False is not in that namespace (those versions could not set it), so the saved
+    # config does not describe this network: the load says so instead of loading garbage
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model(path)
+    model = build_model("rga_cs", 6, height=H, width=W, pretrained=False, backbone="resnet18").eval()
+    torch.save({"epoch": 14, "model": model.state_dict(), "config": old_args, "num_classes": 6}, path)
+    again, info = load_model(path.parent, with_info=True)
+    assert info.kind == "rga.train format 1" and info.epoch == 14 and info.model.label() == "rga_cs"
+    assert info.config.data.sampler == "all_groups" and again.variant == "rga_cs"
+    assert _same_state(again.state_dict(), model.state_dict())
+    torch.testing.assert_close(FeatureExtractor(path.parent, device="cpu")(arrays),
+                               FeatureExtractor(model, device="cpu")(arrays))
+
+
+@pytest.mark.parametrize("name", ["rga_s", "rga_c", "rga_sc"])
+def test_public_training_script_checkpoint(name, tmp_path):
+    """The public code's save_checkpoint layout: {'state_dict', 'epoch', 'best_top1', 'optimizer'},
+    ResNet-50 at 256x128, weights with the 'module.' prefix of nn.DataParallel."""
+    from rga.checkpoint import load_model
+
+    torch.manual_seed(0)
+    model = build_model(name, 751, pretrained=False).eval()
+    with torch.no_grad():
+        model.feat_bn.running_mean.uniform_(-0.1, 0.1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=8e-4)
+    wrapped = nn.DataParallel(model)
+    path = tmp_path / "checkpoint_600.pth.tar"
+    torch.save({"state_dict": wrapped.state_dict(), "epoch": 600, "best_top1": 0.961,
+                "optimizer": optimizer.state_dict()}, path)
+    assert next(iter(torch.load(path)["state_dict"])).startswith("module.")
+    again, info = load_model(path, with_info=True)
+    assert info.kind == "public training script" and info.epoch == 600 and info.num_classes == 751
+    assert (info.model.variant, info.model.backbone, info.model.height, info.model.width) == (
+        name, "resnet50", 256, 128)
+    assert info.model.stages == (1, 2, 3, 4) and info.model.label() == name and info.config is None
+    assert _same_state(again.state_dict(), model.state_dict())
+    x = torch.randn(2, 3, 256, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    torch.testing.assert_close(FeatureExtractor(path, device="cpu")(x), FeatureExtractor(model, device="cpu")(x))
+    if name == "rga_sc":  # the order is not in the weights: sc (the public code's) unless told
+        assert load_model(path, hints={"variant": "rga_cs"}).rga_modules()[0].order == "cs"
+        with pytest.raises(CheckpointError, match="spatial and channel attention; --model rga_s has not"):
+            load_model(path, hints={"variant": "rga_s"})
+
+
+def test_bare_state_dict_input_size_and_bad_files(model, tmp_path):
+    from rga.checkpoint import load_model
+
+    # a 64x32 model: 16x8 maps at stage 1, which a 2:1 input of 64x32 gives
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    info = load_model(tmp_path / "bare.pth", with_info=True)[1]
+    assert (info.kind, info.model.height, info.model.width, info.model.backbone) == ("state_dict", 64, 32,
+                                                                                     "resnet18")
+    # a 3:1 input cannot be guessed: the error asks for the size, the hint fixes it
+    m3 = build_model("rga_s", 4, height=96, width=32, pretrained=False, backbone="resnet18")
+    torch.save({"state_dict": m3.state_dict()}, tmp_path / "tall.pth")
+    with pytest.raises(CheckpointError, match="pass the --height and --width"):
+        load_model(tmp_path / "tall.pth")
+    assert load_model(tmp_path / "tall.pth", hints={"height": 96, "width": 32}).height == 96
+    with pytest.raises(CheckpointError, match="does not give"):
+        load_model(tmp_path / "tall.pth", hints={"height": 64, "width": 32})
+    with pytest.raises(CheckpointError, match=r"contradict stages=\(2, 3\) \(the weights have \(1, 2, 3, 4\)\)"):
+        load_model(tmp_path / "tall.pth", hints={"height": 96, "width": 32, "stages": (2, 3)})
+    # not a re-id network, a newer format, a config contradicting the weights
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a ResNet"):
+        load_model(tmp_path / "other.pth")
+    from rga.config import RunConfig
+    torch.save({"format_version": 99, "config": {}, "model": model.state_dict()}, tmp_path / "new.pth")
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_model(tmp_path / "new.pth")
+    cfg = RunConfig().to_dict()  # ResNet-50 256x128: not this network
+    torch.save({"format_version": 2, "config": cfg, "num_classes": 5, "model": model.state_dict()},
+               tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match="does not fit the rga_sc / resnet50 256x128 network"):
+        load_model(tmp_path / "wrong.pth")

@@ -1,5 +1,6 @@
 """End-to-end tests of rga.train / rga.evaluate on a tiny synthetic dataset and a ResNet-18 RGA-SC
 at 64x32, on CPU: resume equivalence, a 2-process gloo run, flags, config files, error messages."""
+import dataclasses
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ def base_args(data_root, out, *extra):
     args = ["--data-root", str(data_root), "--output-dir", str(out), "--backbone", "resnet18",
             "--height", "64", "--width", "32", "--batch-ids", "4", "--batch-instances", "2", "--workers", "0",
             "--threads", "1", "--eval-every", "0", "--warmup-epochs", "1", "--test-batch-size", "32",
-            "--no-progress"]
+            "--no-progress", "--pretrained", "none"]
     for kv in TINY_DATA:
         args += ["--dataset-opt", kv]
     return args + list(extra)
@@ -108,7 +109,8 @@ def test_resume_from_explicit_path_and_missing_path(data_root, tmp_path, capsys)
     metrics = json.loads((tmp_path / "r" / "metrics" / "epoch_0001.json").read_text())
     for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"):
         assert 0.0 <= metrics[k] <= 1.0
-    assert metrics["epoch"] == 1 and metrics["train"]["batches"] == 4
+    # the paper's sampler: one group of K per identity per epoch, 8 ids / 4 per batch = 2 batches
+    assert metrics["epoch"] == 1 and metrics["train"]["batches"] == 2
     assert (tmp_path / "r" / "train.log").read_text().count("eval @ epoch 1") == 1
     # an explicit path continues too
     ck = tmp_path / "r" / "checkpoint_ep0001.pth"
@@ -133,65 +135,68 @@ def test_flags_reach_the_run(data_root, tmp_path, monkeypatch):
         return real(model, loader, *a, **kw)
 
     monkeypatch.setattr(rtrain, "train_one_epoch", spy)
-    assert train(data_root, tmp_path / "a", "--epochs", "1", "--arch", "baseline", "--height", "48", "--width", "24",
+    assert train(data_root, tmp_path / "a", "--epochs", "1", "--model", "baseline", "--height", "48", "--width", "24",
                  "--batch-ids", "2", "--batch-instances", "4", "--lr", "2e-3", "--warmup-epochs", "0",
                  "--weight-decay", "1e-3", "--seed", "5") == 0
     assert seen["shape"] == (8, 3, 48, 24) and seen["ids_per_batch"] == 2
     ck = load(tmp_path / "a" / "checkpoint_ep0001.pth")
     group = ck["optimizer"]["param_groups"][0]
     assert group["lr"] == pytest.approx(2e-3) and group["weight_decay"] == pytest.approx(1e-3)
-    assert ck["sampler"]["seed"] == 5 and ck["config"]["height"] == 48
+    assert ck["sampler"]["seed"] == 5 and ck["config"]["model"]["height"] == 48
     assert not any("rga" in k for k in ck["model"])  # --arch baseline: no RGA modules
     assert ck["metrics"]["epoch"] == 1  # the last epoch is always evaluated
     # warm-up: epoch 0 of a 2-epoch warm-up runs at --warmup-lr
     assert train(data_root, tmp_path / "b", "--epochs", "1", "--warmup-epochs", "2", "--warmup-lr", "1e-5",
-                 "--arch", "baseline", "--seed", "5", "--height", "48", "--width", "24", "--batch-ids", "2", "--batch-instances", "4") == 0
+                 "--model", "baseline", "--seed", "5", "--height", "48", "--width", "24", "--batch-ids", "2", "--batch-instances", "4") == 0
     assert load(tmp_path / "b" / "checkpoint_ep0001.pth")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)
     # another seed, other weights
-    assert train(data_root, tmp_path / "c", "--epochs", "1", "--arch", "baseline", "--height", "48", "--width", "24",
+    assert train(data_root, tmp_path / "c", "--epochs", "1", "--model", "baseline", "--height", "48", "--width", "24",
                  "--batch-ids", "2", "--batch-instances", "4", "--lr", "2e-3", "--warmup-epochs", "0",
                  "--weight-decay", "1e-3", "--seed", "6") == 0
     assert not same_weights(ck["model"], load(tmp_path / "c" / "checkpoint_ep0001.pth")["model"])
 
 
-def test_config_file_and_precedence(data_root, tmp_path, capsys):
+def test_config_file_and_precedence(tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"epochs": 2, "batch-ids": 2, "margin": 0.5, "eval_feat": "pool"}))
-    args = rtrain.build_parser()
-    ns = rtrain.parse_args_with_config(args, ["--config", str(cfg), "--epochs", "1"])
-    assert ns.epochs == 1 and ns.batch_ids == 2 and ns.margin == 0.5 and ns.eval_feat == "pool"
-    ns = rtrain.parse_args_with_config(rtrain.build_parser(), ["--preset", "quick", "--config", str(cfg)])
-    assert ns.backbone == "resnet18" and ns.epochs == 2  # the file beats the preset
-    # paper defaults
-    ns = rtrain.parse_args_with_config(rtrain.build_parser(), [])
-    assert (ns.batch_ids, ns.batch_instances, ns.lr, ns.weight_decay, ns.epochs, ns.warmup_epochs, ns.warmup_lr,
-            ns.milestones, ns.gamma, ns.label_smooth, ns.margin, ns.height, ns.width, ns.pad, ns.arch) == (
-        16, 4, 8e-4, 5e-4, 600, 20, 8e-6, [80, 120, 160, 200, 240, 280, 320, 360], 0.5, 0.1, 0.3, 256, 128, 10,
-        "rga_sc")
-    for bad, msg in [({"epoch": 3}, "unknown option 'epoch'"), ({"metric": "l1"}, "must be one of"),
-                     ({"epochs": "many"}, "bad value")]:
+    c = rtrain.parse_config(["--config", str(cfg), "--epochs", "1"])
+    assert c.optim.epochs == 1 and c.data.batch_ids == 2 and c.optim.margin == 0.5 and c.eval.eval_feat == "pool"
+    c = rtrain.parse_config(["--preset", "quick", "--config", str(cfg)])
+    assert c.model.backbone == "resnet18" and c.optim.epochs == 2  # the file beats the preset
+    # a file nested by section, as checkpoints and config.json store it
+    cfg.write_text(json.dumps({"model": {"height": 64, "width": 32}, "optim": {"epochs": 3}}))
+    c = rtrain.parse_config(["--config", str(cfg)])
+    assert (c.model.height, c.model.width, c.optim.epochs) == (64, 32, 3)
+    for bad, msg in [({"epoch": 3}, "unknown option 'epoch'"), ({"metric": "l1"}, "expected one of cosine"),
+                     ({"epochs": "many"}, "bad value for 'epochs'"), ({"model": "rga_x"}, "unknown model 'rga_x'")]:
         cfg.write_text(json.dumps(bad))
-        with pytest.raises(SystemExit) as e:
-            rtrain.parse_args_with_config(rtrain.build_parser(), ["--config", str(cfg)])
-        assert e.value.code == 2 and msg in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        rtrain.parse_args_with_config(rtrain.build_parser(), ["--config", str(tmp_path / "missing.json")])
+        assert rtrain.main(["--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and str(cfg) in err and "Traceback" not in err
+    assert rtrain.main(["--config", str(tmp_path / "missing.json")]) == 2
     assert "config file not found" in capsys.readouterr().err
+    # the old spelling of --model still works, on the command line and in files
+    assert rtrain.parse_config(["--arch", "rga_s"]).model.variant == "rga_s"
+    cfg.write_text(json.dumps({"arch": "rga_c", "fused_rga": "torch"}))
+    c = rtrain.parse_config(["--config", str(cfg)])
+    assert (c.model.variant, c.model.fused) == ("rga_c", "torch")
 
 
 def test_shipped_configs_parse():
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.json"))
     assert {f.stem for f in files} >= {"market1501", "cuhk03", "msmt17", "quick"}
+    paper = rtrain.parse_config(["--preset", "paper"])
     for f in files:
-        ns = rtrain.parse_args_with_config(rtrain.build_parser(), ["--config", str(f)])
-        assert ns.dataset in ("synthetic", "market1501", "cuhk03", "msmt17")
+        c = rtrain.parse_config(["--config", str(f)])
+        assert c.data.dataset in ("synthetic", "market1501", "cuhk03", "msmt17")
+        if f.stem != "quick":  # the real-data recipes are the paper preset plus a dataset and weights file
+            assert c.model == dataclasses.replace(paper.model, pretrained=c.model.pretrained)
+            assert c.optim == paper.optim and c.eval == paper.eval
+            assert dataclasses.replace(c.data, dataset="x", dataset_opt={}) == dataclasses.replace(
+                paper.data, dataset="x", dataset_opt={})
     # configs/quick.json is the --preset quick of the README, written out
-    from_file = vars(rtrain.parse_args_with_config(rtrain.build_parser(), ["--config", str(root / "quick.json")]))
-    preset = vars(rtrain.parse_args_with_config(rtrain.build_parser(), ["--preset", "quick"]))
-    for k in preset:
-        if k not in ("config", "preset"):
-            assert preset[k] == from_file[k], k
+    assert rtrain.parse_config(["--config", str(root / "quick.json")]) == rtrain.parse_config(["--preset", "quick"])
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -201,6 +206,11 @@ def test_shipped_configs_parse():
     (["--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA GPU"),
     (["--batch-ids", "9"], "at least 9 training identities"),
     (["--milestones", "5", "3"], "increasing"),
+    (["--stages", "2,5"], "subset of 1,2,3,4"),
+    (["--model", "baseline", "--stages", "2"], "the baseline has no attention modules"),
+    (["--model", "rga_s", "--no-use-relation", "--no-use-original"], "needs use_relation or use_original"),
+    (["--model", "rga_q"], "unknown model 'rga_q'"),
+    (["--crop-prob", "2"], "must be in [0, 1]"),
     (["--pretrained", "/nonexistent/resnet.pth"], "--pretrained file not found"),
     (["--fused-rga", "flash"], "--fused-rga flash: unknown backend"),
     (["--fused-rga", "cuda", "--device", "cpu"], "--fused-rga cuda cannot run on cpu"),
@@ -305,6 +315,7 @@ def test_model_flags_reach_build_model(data_root, tmp_path, monkeypatch):
     got = {}
 
     def spy(name, num_classes, **kw):
+        got.clear()
         got.update(kw, name=name, num_classes=num_classes)
         raise _Stop
 
@@ -312,13 +323,20 @@ def test_model_flags_reach_build_model(data_root, tmp_path, monkeypatch):
     weights = tmp_path / "r18.pth"
     weights.write_bytes(b"")
     with pytest.raises(_Stop):
-        train(data_root, tmp_path / "m", "--arch", "rga_s", "--fused-rga", "--pretrained", str(weights),
+        train(data_root, tmp_path / "m", "--model", "rga_s", "--fused-rga", "--pretrained", str(weights),
               "--eval-feat", "pool")
     assert got == {"name": "rga_s", "num_classes": 8, "height": 64, "width": 32, "fused": True,
-                   "pretrained": str(weights), "backbone": "resnet18", "neck_feat": "pool"}
+                   "pretrained": str(weights), "backbone": "resnet18", "neck_feat": "pool", "stages": (1, 2, 3, 4)}
     with pytest.raises(_Stop):
         train(data_root, tmp_path / "m2", "--fused-rga", "triton")
     assert got["fused"] == "triton" and got["pretrained"] is False and got["neck_feat"] == "bn"
+    # every RGA option and the stages reach the model
+    with pytest.raises(_Stop):
+        train(data_root, tmp_path / "m3", "--model", "rga_c_wo_rel", "--stages", "3,1", "--embedding", "symmetric",
+              "--cha-ratio", "4", "--spa-ratio", "2", "--down-ratio", "16")
+    assert got["name"] == "rga_c" and got["stages"] == (1, 3)
+    assert {k: got[k] for k in ("use_relation", "embedding", "cha_ratio", "spa_ratio", "down_ratio")} == dict(
+        use_relation=False, embedding="symmetric", cha_ratio=4, spa_ratio=2, down_ratio=16)
 
 
 class _Payload:
@@ -340,3 +358,66 @@ def test_checkpoint_loading_refuses_arbitrary_objects(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="could not read checkpoint"):
         load_checkpoint(bad)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_ablation_trains_and_its_checkpoint_alone_rebuilds_it(data_root, tmp_path, capsys):
+    """The issue's 'done': an ablation row with a stage subset trains; rga.evaluate and
+    FeatureExtractor rebuild exactly that network from the run folder with no model flags."""
+    from rga import FeatureExtractor
+    from rga.checkpoint import load_model
+
+    run = tmp_path / "abl"
+    assert train(data_root, run, "--model", "rga_s_wo_ori", "--stages", "2,3", "--epochs", "1") == 0
+    ck = load(run / "checkpoint_ep0001.pth")
+    assert ck["format_version"] == 2 and ck["config"]["model"]["stages"] == [2, 3]
+    assert json.loads((run / "config.json").read_text()) == ck["config"]
+    keys = ck["model"].keys()
+    assert any(k.startswith("backbone.rga_att2.gg_spatial") for k in keys)
+    assert not any(k.startswith(("backbone.rga_att1.", "backbone.rga_att4.")) or "_channel" in k or "gx_" in k
+                   for k in keys)
+    model, info = load_model(run, with_info=True)
+    assert info.model.label() == "rga_s_wo_ori-s23" and model.stages == (2, 3)
+    assert same_weights(model.state_dict(), ck["model"])
+    capsys.readouterr()
+    out = tmp_path / "m.json"
+    assert reval.main(["--checkpoint", str(run), "--workers", "0", "--no-progress", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rga_s_wo_ori-s23 / resnet18 64x32, stages 2,3" in printed
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(ck["metrics"]["mAP"])
+    x = torch.randn(3, 3, 64, 32)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model(x), dim=1)
+    torch.testing.assert_close(FeatureExtractor(run, device="cpu")(x), expected)
+    # flags that would change the architecture are refused; dataset and evaluation ones are said out loud
+    for flags, msg in [(["--height", "128"], "height=128 differs from its height=64"),
+                       (["--model", "rga_s"], "use_original=True differs from its use_original=False"),
+                       (["--stages", "1,2,3,4"], "stages=(1, 2, 3, 4) differs")]:
+        assert reval.main(["--checkpoint", str(run), "--workers", "0", *flags]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "architecture comes from the checkpoint" in err
+    assert reval.main(["--checkpoint", str(run), "--workers", "0", "--no-progress", "--stages", "3,2",
+                       "--metric", "euclidean"]) == 0  # the checkpoint's own value is fine
+    assert "overriding the checkpoint's metric: 'euclidean' instead of the checkpoint run's 'cosine'" in \
+        capsys.readouterr().out
+    # resuming with another architecture is refused too
+    assert train(data_root, run, "--model", "rga_s_wo_ori", "--epochs", "2", "--resume", "auto") == 2
+    assert "stages (2, 3) -> (1, 2, 3, 4)" in capsys.readouterr().err
+
+
+def test_evaluate_public_checkpoint(data_root, tmp_path, capsys):
+    """rga.evaluate on a file in the public training script's layout (it names no dataset)."""
+    torch.manual_seed(0)
+    from rga import build_model
+    model = build_model("rga_sc", 751, pretrained=False)
+    path = tmp_path / "checkpoint_600.pth.tar"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 600,
+                "best_top1": 0.0, "optimizer": torch.optim.Adam(model.parameters()).state_dict()}, path)
+    common = ["--checkpoint", str(path), "--workers", "0", "--no-progress", "--threads", "1"]
+    assert reval.main(common) == 2
+    assert "does not say which dataset" in capsys.readouterr().err
+    data = ["--dataset", "synthetic", "--data-root", str(data_root)] + [f"--dataset-opt={kv}" for kv in TINY_DATA]
+    assert reval.main(common + data + ["--output", str(tmp_path / "p.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "public training script, epoch 600" in printed and "rga_sc / resnet50 256x128" in printed
+    m = json.loads((tmp_path / "p.json").read_text())
+    assert m["checkpoint_kind"] == "public training script" and 0 <= m["mAP"] <= 1

@@ -1,0 +1,140 @@
+"""Command-line plumbing shared by rga.train and rga.evaluate: flags generated from the config
+dataclasses (rga.config), preset / config-file / flag layering, and the checks and loaders both
+commands need. Neither command imports the other."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from . import config as C
+from .checkpoint import CheckpointError
+from .engine import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
+
+
+def flag_of(name: str) -> str:
+    return C.FIELDS[name][1].metadata["flag"] or "--" + name.replace("_", "-")
+
+
+def _default_text(name: str) -> str:
+    f = C.FIELDS[name][1]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, (list, tuple)):
+        return ",".join(map(str, default)) or "[]"
+    if isinstance(default, dict):
+        return "{}"
+    return "none" if default is None else str(default)
+
+
+def add_field_arguments(parser: argparse.ArgumentParser, names, *, title: str | None = None,
+                        help_suffix: str = "") -> None:
+    """One flag per config field in `names`, spelled --field-name (or the field's own flag). Flags
+    left out of the command line are absent from the namespace (default SUPPRESS), so the layers
+    below them (preset, config file, checkpoint) keep their values."""
+    group = parser.add_argument_group(title) if title else parser
+    for name in names:
+        f = C.FIELDS[name][1]
+        parse = f.metadata["parse"]
+        kw = dict(dest=name, default=argparse.SUPPRESS, metavar=f.metadata["metavar"],
+                  help=f"{f.metadata['help']} (default: {_default_text(name)}){help_suffix}")
+        if parse is C.boolean:
+            kw.pop("metavar")
+            kw["action"] = argparse.BooleanOptionalAction
+        elif parse is C.kv_dict:
+            kw["action"] = "append"
+        elif parse is C.int_list:
+            kw["nargs"] = "*"
+        elif parse is C.fused_arg:
+            kw.update(nargs="?", const=True)
+        elif getattr(parse, "choices", None):
+            kw.update(choices=parse.choices, metavar=None)
+        group.add_argument(flag_of(name), **kw)
+
+
+def section_fields(*sections: str, exclude=()) -> list:
+    return [n for n, (sec, _) in C.FIELDS.items() if sec in sections and n not in exclude]
+
+
+def add_layer_arguments(parser: argparse.ArgumentParser, *, presets: bool = True, model: bool = True) -> None:
+    """--config FILE, --preset NAME (run presets) and --model NAME (a row of the paper's tables)."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="JSON (or YAML) file of option values, flat or by section; flags override it")
+    if presets:
+        parser.add_argument("--preset", choices=sorted(C.PRESETS),
+                            help="named set of values applied before --config: paper (the defaults: the paper's "
+                                 "recipe), quick (the README's CPU smoke test)")
+    if model:
+        names = list(C.model_presets())
+        parser.add_argument("--model", metavar="NAME", default=argparse.SUPPRESS,
+                            help="the network, by the paper's row names: sets --variant and every RGA option. "
+                                 f"One of: {', '.join(names)} (default: rga_sc)")
+        parser.add_argument("--arch", dest="model", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
+
+
+def given_flags(ns: argparse.Namespace, names) -> dict:
+    """The command line's values of the fields in `names` (and --model) as {'--flag': value}, so
+    that error messages name the flag."""
+    out = {}
+    for name, value in vars(ns).items():
+        if name == "model":
+            out["--model"] = value
+        elif name in names:
+            out[flag_of(name)] = value
+    return out
+
+
+def layers_from_args(ns: argparse.Namespace, cli_names) -> list:
+    """[(source, values)] from --preset, --config and the flags in `cli_names`, lowest first."""
+    layers = []
+    preset = getattr(ns, "preset", None)
+    if preset is not None:
+        layers.append((f"preset '{preset}'", C.PRESETS[preset]))
+    if getattr(ns, "config", None) is not None:
+        layers.append((ns.config, C.load_config_file(ns.config)))
+    layers.append(("command line", given_flags(ns, cli_names)))
+    return layers
+
+
+def fail(prog: str, error: Exception) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def check_fused_backend(fused, on_gpu: bool) -> None:
+    """A --fused-rga backend name that this machine cannot run is a usage error, caught up front."""
+    if not isinstance(fused, str):
+        return
+    import rga_kernels
+
+    device = "cuda" if on_gpu else "cpu"
+    status = rga_kernels.backend_status(device)
+    if fused not in status:
+        raise UsageError(f"--fused-rga {fused}: unknown backend; expected on/off/auto or one of {list(status)}")
+    ok, why = status[fused]
+    if not ok:
+        raise UsageError(f"--fused-rga {fused} cannot run on {device} here: {why}; available: "
+                         f"{rga_kernels.available_backends(device)}")
+
+
+def load_dataset(data: C.DataConfig):
+    from .data import build_dataset
+    try:
+        return build_dataset(data.dataset, data.data_root, **dict(data.dataset_opt))
+    except (KeyError, ValueError, FileNotFoundError, TypeError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UsageError(f"could not load dataset '{data.dataset}' from '{data.data_root}': {msg}") from e
+
+
+def find_pretrained(backbone: str) -> Path | None:
+    """'auto' ImageNet weights: a torchvision {backbone}-*.pth in ./pretrained or the torch hub cache."""
+    import torch
+
+    for folder in (Path("pretrained"), Path(torch.hub.get_dir()) / "checkpoints"):
+        found = sorted(folder.glob(f"{backbone}-*.pth")) if folder.is_dir() else []
+        if found:
+            return found[0]
+    return None
+
+
+ERRORS = (UsageError, CheckpointError, C.ConfigError)
