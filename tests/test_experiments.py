@@ -53,6 +53,17 @@ def test_runner_trains_rows_resumes_and_writes_the_table(tmp_path, capsys):
     md = (out / "table4.md").read_text()
     assert "| Baseline | " in md and "pending" in md and "73.8 / 69.0" in md
 
+    # rga.evaluate on the row's run: metrics JSON with the CMC curve, and cmc.png beside it
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from rga import evaluate as EV
+    assert EV.main(["--checkpoint", str(out / "runs" / "baseline"), "--output", str(tmp_path / "ev" / "m.json"),
+                    "--threads", "1", "--no-progress"]) == 0
+    m = json.loads((tmp_path / "ev" / "m.json").read_text())
+    assert len(m["cmc"]) >= 20 and m["cmc"][0] == pytest.approx(m["R1"]) and m["cmc"][4] == pytest.approx(m["R5"])
+    assert Image.open(tmp_path / "ev" / "cmc.png").size[0] > 300
+
     # a runner killed after a row's training but before recording it: the rerun resumes that run
     assert E.main(common + ["--rows", "rga_sc_sym", "--"] + TINY + ["--epochs", "1"]) == 0
     (out / "rows" / "rga_sc_sym.json").unlink()
