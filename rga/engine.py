@@ -241,7 +241,7 @@ def evaluate_model(model, dataset, *, device, height, width, batch_size=128, wor
         return float(cmc[k - 1]) if len(cmc) >= k else float(cmc[-1]) if len(cmc) else 0.0
 
     return {"R1": rank(1), "R5": rank(5), "R10": rank(10), "R20": rank(20), "mAP": float(res["mAP"]),
-            "mINP": float(res["mINP"]), "num_valid_queries": int(res["num_valid_queries"]),
+            "mINP": float(res["mINP"]), "cmc": [float(v) for v in cmc], "num_valid_queries": int(res["num_valid_queries"]),
             "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
             "num_test_ids": len(set(int(p) for p in q_pids)),
             "feat": feat, "metric": metric, "rerank": bool(rerank), "flip": bool(flip),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -110,6 +111,12 @@ def evaluate(ns: argparse.Namespace) -> dict:
     if ns.output:
         write_json(metrics, ns.output)
         print(f"wrote {ns.output}")
+        try:  # the CMC curve beside the JSON, when matplotlib (the [vis] extra) is installed
+            from .visualize import plot_cmc
+            cmc_png = plot_cmc(metrics["cmc"], Path(ns.output).with_name("cmc.png"), label=m.label())
+            print(f"wrote {cmc_png}")
+        except ImportError:
+            print('note: no cmc.png (needs matplotlib: pip install -e ".[vis]")')
     return metrics
 
 

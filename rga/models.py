@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .attention import DESIGNS
 from .modules import RGAModule
 
 # The model table. A variant names an attention design and the options it fixes:
@@ -35,6 +36,11 @@ VARIANTS = {
 }
 # attention name -> module class(in_channels, spatial_size, **options)
 ATTENTIONS = {"rga": RGAModule}
+# The other attention designs of the paper's Table 2 (rga/attention.py), one row each, placed where
+# RGA is placed: name -> the paper's row label. They take no RGA options; `fused` touches only RGA.
+ATTENTIONS.update({name: cls for name, (cls, _label) in DESIGNS.items()})
+ATTENTION_VARIANTS = {name: label for name, (_cls, label) in DESIGNS.items()}
+VARIANTS.update({name: dict(attention=name) for name in DESIGNS})
 ALIASES = {"rga": "rga_sc", "rgasc": "rga_sc", "rgas": "rga_s", "rgac": "rga_c", "rgacs": "rga_cs"}
 RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8, down_ratio=8)
 NECK_FEATS = ("bn", "pool")
@@ -217,7 +223,7 @@ class ResNetRGA(nn.Module):
         nn.init.normal_(self.cls.weight, std=0.001)
         self.neck_feat = neck_feat
         hint = f"; the model was built for {height}x{width} images"
-        for m in self.rga_modules():
+        for m in self.attention_modules():
             m._size_hint = hint
 
     @property
@@ -232,6 +238,12 @@ class ResNetRGA(nn.Module):
 
     def rga_modules(self) -> list[RGAModule]:
         return [m for m in self.backbone.modules() if isinstance(m, RGAModule)]
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The attention module after each stage (``backbone.rga_att1..4``) that is not an identity:
+        RGA modules or a Table 2 design."""
+        mods = [getattr(self.backbone, f"rga_att{i}") for i in range(1, 5)]
+        return [m for m in mods if not isinstance(m, nn.Identity)]
 
     @property
     def fused(self) -> bool | str:
@@ -348,3 +360,77 @@ def build_model(name: str, num_classes: int, *, height: int = 256, width: int = 
     elif pretrained is not False:
         load_imagenet_weights(model.backbone, pretrained, backbone)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m rga.models --params: parameter counts against the paper's Table 3
+# ----------------------------------------------------------------------------------------------
+
+# The paper's Table 3 (millions, ResNet-50, 751 classes). Our copy of the paper lost the NL, SE
+# and RGA-C cells (the header names them, the row has no value), so they are absent here.
+PAPER_TABLE3 = {"baseline": 25.1, "cbam_s": 26.1, "fc_s": 26.9, "rga_s": 28.3, "cbam_c": 26.4, "fc_c": 26.4}
+# every selectable model, in the paper's order (Table 2's rows, then the other RGA combinations)
+PARAM_ORDER = ("baseline", "cbam_s", "fc_s", "nl", "snl", "rga_s", "se", "cbam_c", "fc_c", "rga_c",
+               "cbam_cs", "fc_s_par_c", "rga_sc", "rga_cs", "rga_s_par_c")
+PAPER_LABELS = {"baseline": "Baseline", "rga_s": "RGA-S", "rga_c": "RGA-C", "rga_sc": "RGA-SC", "rga_cs": "RGA-CS",
+                "rga_s_par_c": "RGA-S//C", **ATTENTION_VARIANTS}
+
+
+def count_parameters(name: str, num_classes: int = 751, *, height: int = 256, width: int = 128,
+                     backbone: str = "resnet50", **rga_options) -> int:
+    """Number of parameters of ``build_model(name, ...)``, built on the meta device (no memory, fast)."""
+    with torch.device("meta"):
+        model = build_model(name, num_classes, height=height, width=width, pretrained=False, backbone=backbone,
+                            **rga_options)
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_table(num_classes: int = 751, *, height: int = 256, width: int = 128, backbone: str = "resnet50"):
+    """[(name, label, our count, the paper's Table 3 count in millions or None)] for every model."""
+    return [(name, PAPER_LABELS[name], count_parameters(name, num_classes, height=height, width=width,
+                                                         backbone=backbone), PAPER_TABLE3.get(name))
+            for name in PARAM_ORDER]
+
+
+def format_parameter_table(rows, compare: bool = True) -> str:
+    lines = ["| model | name | ours (M) | paper Table 3 (M) | delta (M) |", "|---|---|---|---|---|"]
+    for name, label, n, paper in rows:
+        ours = n / 1e6
+        if compare and paper is not None:
+            lines.append(f"| {label} | `{name}` | {ours:.2f} | {paper:.1f} | {ours - paper:+.2f} |")
+        else:
+            lines.append(f"| {label} | `{name}` | {ours:.2f} | - | - |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m rga.models", description="Facts about the models of rga.build_model.")
+    p.add_argument("--params", action="store_true", help="print every model's parameter count next to the paper's Table 3")
+    p.add_argument("--num-classes", type=int, default=751, help="classifier size (751: Market-1501, as in Table 3)")
+    p.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES))
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=128)
+    args = p.parse_args(argv)
+    if not args.params:
+        p.print_help()
+        return 0
+    compare = (args.backbone, args.height, args.width, args.num_classes) == ("resnet50", 256, 128, 751)
+    print(f"parameters, {args.backbone}, {args.height}x{args.width}, {args.num_classes} classes "
+          f"(attention after every stage, BN neck, bias-free classifier)")
+    print(format_parameter_table(parameter_table(args.num_classes, height=args.height, width=args.width,
+                                                 backbone=args.backbone), compare))
+    if compare:
+        print("paper Table 3: baseline 25.1, CBAM-S 26.1, FC-S 26.9, RGA-S 28.3, CBAM-C 26.4, FC-C 26.4; the NL, SE "
+              "and RGA-C cells are lost in the text extraction of the paper (the header names them, the row has no "
+              "value), and the paper gives no count for the other rows. Readings behind each design: rga/attention.py.")
+    else:
+        print("(the paper's Table 3 is for resnet50, 256x128, 751 classes: not compared here)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -68,6 +68,8 @@ def test_neck_and_classifier():
 
 def test_variants_and_their_modules():
     for name in VARIANTS:
+        if VARIANTS[name] is not None and VARIANTS[name].get("attention", "rga") != "rga":
+            continue  # a Table 2 design (rga/attention.py): tests/test_attention.py
         model = _small(name)
         mods = model.rga_modules()
         if name == "baseline":

@@ -1,0 +1,705 @@
+"""The paper's figures for your own runs: attention (Fig. 1), relations (Fig. 4), Grad-CAM (Fig. 5), ranked lists, CMC.
+
+    python -m rga.visualize attention RUN [IMAGES...] [--dataset synthetic --limit 200] [--compare RUN2] --out DIR
+    python -m rga.visualize relation RUN IMAGE [--compare RUN2] [--targets R,C R,C R,C] [--stage 1] --out DIR
+    python -m rga.visualize gradcam RUN IMAGES... [--compare RUN2] --out DIR
+    python -m rga.visualize ranks RUN [--dataset synthetic] [--top 10] [--num-queries 8] --out DIR
+
+RUN is a run folder or checkpoint of ``rga.train``, or ``init:ARCH`` for a randomly initialised model
+(with ``--backbone/--height/--width``, default the quick preset's resnet18 at 64x32), the
+"untrained" control. Needs matplotlib (``pip install -e ".[vis]"``); ``gradcam`` also needs the
+``grad-cam`` package (import ``pytorch_grad_cam``).
+
+The attention maps come from the model's own forward: every attention module after a stage
+(``RGAModule`` or a Table 2 design of ``rga.attention``) has a ``keep_attention`` switch, and
+after a forward ``module.last_attention`` holds its (detached) maps.
+
+Foreground attention ratio (Fig. 1 as a number, on images with a person mask such as the
+synthetic set's): the share of a spatial attention map's mass that falls inside the person mask,
+divided by the share of the image the mask covers, ``(Σ a·m / Σ a) / mean(m)``, computed on the
+feature grid with the mask area-averaged onto it. 1.0 means no preference for the person, 2.0
+means the person gets twice its share.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["load_model", "attention_maps", "foreground_ratio", "overlay", "attention_figure", "relation_maps",
+           "position_invariance", "relation_figure", "gradcam_maps", "gradcam_figure", "rank_sheet", "plot_cmc",
+           "main"]
+
+GREEN, RED, GREY = (0, 170, 0), (220, 0, 0), (128, 128, 128)
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover - the vis extra is missing
+        raise ImportError('rga.visualize needs matplotlib: pip install -e ".[vis]" (or pip install matplotlib)') from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------
+# models and images
+# ----------------------------------------------------------------------------------------------
+
+def load_model(spec, *, device="cpu", fused=None, backbone: str = "resnet18", height: int = 64, width: int = 32,
+               num_classes: int = 751, seed: int = 0) -> nn.Module:
+    """A model in eval mode from a run folder or checkpoint of rga.train, a model, or ``"init:ARCH"``.
+
+    ``init:ARCH`` builds ARCH with random weights (``torch.manual_seed(seed)``) at the given
+    backbone and input size: the untrained control of the foreground-ratio measurement.
+    ``fused`` overrides the RGA path (the maps are the same either way).
+    """
+    from .checkpoint import load_model as load_checkpoint_model
+    from .models import build_model
+
+    if isinstance(spec, nn.Module):
+        model = spec
+    elif isinstance(spec, str) and spec.startswith("init:"):
+        torch.manual_seed(seed)
+        model = build_model(spec[5:], num_classes, height=height, width=width, backbone=backbone, pretrained=False)
+    else:
+        model, info = load_checkpoint_model(spec, with_info=True)
+        name = Path(spec).name if Path(spec).is_dir() else Path(info.path).parent.name
+        model.run_name = f"{name} ep{info.epoch}" if info.epoch is not None else name
+    if fused is not None:
+        model.fused = fused
+    if not hasattr(model, "run_name"):
+        model.run_name = str(spec) if isinstance(spec, str) else type(model).__name__
+    return model.to(device).eval()
+
+
+def _label(model) -> str:
+    from .models import PAPER_LABELS
+    return f"{PAPER_LABELS.get(model.variant, model.variant)} ({model.run_name})"
+
+
+def load_images(paths, height: int, width: int):
+    """(original RGB uint8 arrays, model input batch (N, 3, height, width), masks or None per image)."""
+    from .data import mask_path, read_image
+    from .transforms import build_test_transform
+
+    tf = build_test_transform(height, width)
+    originals, batch, masks = [], [], []
+    for p in paths:
+        img = read_image(p)
+        originals.append(np.asarray(img))
+        batch.append(tf(img))
+        mp = Path(mask_path(str(p)))
+        masks.append((np.asarray(read_image(mp).convert("L")) >= 128).astype(np.float32) if mp.is_file() else None)
+    return originals, torch.stack(batch), masks
+
+
+def dataset_images(dataset: str, data_root: str, split: str = "query", limit: int | None = None) -> list[str]:
+    from .data import build_dataset
+    ds = build_dataset(dataset, data_root, verbose=False)
+    items = getattr(ds, split)
+    paths = [p for p, pid, _cam in items]
+    return paths if limit is None else paths[:limit]
+
+
+# ----------------------------------------------------------------------------------------------
+# attention maps and the foreground ratio (Fig. 1)
+# ----------------------------------------------------------------------------------------------
+
+def _stage_modules(model) -> dict[int, nn.Module]:
+    mods = {}
+    for i in range(1, 5):
+        m = getattr(model.backbone, f"rga_att{i}", None)
+        if m is not None and not isinstance(m, nn.Identity):
+            mods[i] = m
+    return mods
+
+
+@torch.no_grad()
+def attention_maps(model, images: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+    """{stage: {"spatial": (B,1,h,w), "channel": (B,C,1,1), ...}} from one eval-mode forward of ``model``."""
+    mods = _stage_modules(model)
+    old = {i: getattr(m, "keep_attention", False) for i, m in mods.items()}
+    was_training = model.training
+    try:
+        for m in mods.values():
+            m.keep_attention = True
+            m.last_attention = {}
+        model.eval()
+        model(images)
+        out = {}
+        for i, m in mods.items():
+            kept = getattr(m, "last_attention", None)
+            if kept:
+                out[i] = {k: v.float().cpu() for k, v in kept.items()}
+        return out
+    finally:
+        for i, m in mods.items():
+            m.keep_attention = old[i]
+            m.last_attention = {}
+        model.train(was_training)
+
+
+def foreground_ratio(attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(Σ a·m / Σ a) / mean(m) per image. attention (B, 1, h, w) >= 0; mask (B, 1, H, W) in [0, 1].
+
+    The mask is area-averaged onto the attention's grid (each cell: the fraction of its pixels
+    inside the mask). 1.0: no preference; NaN where the mask is empty.
+    """
+    if attention.dim() != 4 or attention.shape[1] != 1:
+        raise ValueError(f"attention must be (B, 1, h, w), got {tuple(attention.shape)}")
+    mask = mask.to(attention.dtype)
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    if mask.shape[2:] != attention.shape[2:]:
+        mask = F.interpolate(mask, size=attention.shape[2:], mode="area")
+    a = attention.flatten(1).double()
+    m = mask.flatten(1).double()
+    share = (a * m).sum(1) / a.sum(1)
+    cover = m.mean(1)
+    return torch.where(cover > 0, share / cover, torch.full_like(share, float("nan"))).to(attention.dtype)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet",
+            vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """The RGB uint8 ``image`` blended with ``heat`` (any 2-D size, upsampled bilinearly) in a colour map.
+
+    The heat map is scaled to [0, 1] by vmin/vmax (default: its own min and max; a constant map
+    shows as the colour map's middle).
+    """
+    plt = _plt()
+    heat = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None, None]
+    h, w = image.shape[:2]
+    heat = F.interpolate(heat, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    lo = float(heat.min()) if vmin is None else vmin
+    hi = float(heat.max()) if vmax is None else vmax
+    norm = np.full_like(heat, 0.5) if hi - lo < 1e-12 else np.clip((heat - lo) / (hi - lo), 0, 1)
+    colour = plt.get_cmap(cmap)(norm)[..., :3] * 255.0
+    return np.clip((1 - alpha) * image.astype(np.float32) + alpha * colour, 0, 255).astype(np.uint8)
+
+
+def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path:
+    """Rows: images; columns: the image, then each run's spatial attention at each stage.
+
+    Each overlay's colours span that map's own min..max (printed as [min, max] above it), so
+    weak contrasts are visible; the numbers say how weak they are.
+
+    runs: [(label, {stage: (B,1,h,w)})]; ratios: optional [(label, {stage: (B,) tensor})] shown in titles.
+    """
+    plt = _plt()
+    cols = [("image", None, None)]
+    for r, (label, maps) in enumerate(runs):
+        for s in sorted(maps):
+            if stages is None or s in stages:
+                cols.append((label, s, r))
+    n = len(originals)
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 2.3 * n + 0.4), squeeze=False)
+    for i, img in enumerate(originals):
+        for j, (label, s, r) in enumerate(cols):
+            ax = axes[i, j]
+            ax.axis("off")
+            if s is None:
+                ax.imshow(img)
+                if i == 0:
+                    ax.set_title("image", fontsize=7)
+                continue
+            a = runs[r][1][s][i, 0].numpy()
+            ax.imshow(overlay(img, a))  # colours span this map's own range, printed in the title
+            title = f"{label.replace(' (', chr(10) + '(')}\nstage {s}\n" if i == 0 else ""
+            title += f"[{a.min():.2f}, {a.max():.2f}]"
+            if ratios is not None and s in ratios[r][1]:
+                title += f"\nfg {float(ratios[r][1][s][i]):.2f}"
+            ax.set_title(title, fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def spatial_maps(model, batch) -> dict[int, torch.Tensor]:
+    maps = attention_maps(model, batch)
+    return {s: d["spatial"] for s, d in maps.items() if "spatial" in d}
+
+
+# ----------------------------------------------------------------------------------------------
+# relation values R(i, :) (Fig. 4)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def relation_maps(model, image: torch.Tensor, stage: int, targets) -> tuple[np.ndarray, str]:
+    """The relation values from every position w.r.t. each target position at one stage.
+
+    image: (1, 3, H, W) model input; targets: [(row, col)] on that stage's feature grid.
+    Returns (maps (T, h, w), what): for an RGA module with a spatial branch, R(i, :) = θ_iᵀ φ_j
+    from the module's own embeddings of the input its spatial branch sees; for NL, the softmax
+    weights f(i, :) (NonLocal.relation).
+    """
+    from .attention import NonLocal
+    from .modules import RGAModule
+
+    mods = _stage_modules(model)
+    if stage not in mods:
+        raise ValueError(f"{model.variant} has no attention module at stage {stage}")
+    module = mods[stage]
+    if isinstance(module, RGAModule) and not module.use_spatial:
+        raise ValueError(f"{model.variant} has no spatial RGA branch: no spatial relations to show")
+    if not isinstance(module, (RGAModule, NonLocal)):
+        raise ValueError(f"{model.variant} ({type(module).__name__}) computes no pairwise relations; "
+                         "use an RGA model with a spatial branch or nl")
+    seen = {}
+
+    def grab(_m, args):
+        seen["x"] = args[0]
+
+    handle = module.register_forward_pre_hook(grab)
+    was_keep = getattr(module, "keep_attention", False)
+    try:
+        module.keep_attention = True
+        model.eval()
+        model(image)
+    finally:
+        handle.remove()
+        module.keep_attention = was_keep
+    x = seen["x"]
+    b, _, h, w = x.shape
+    if isinstance(module, NonLocal):
+        rel, what = module.relation(x), "NL: softmax weights f(i, j)"
+    else:
+        if module.use_channel and module.order == "cs":  # the spatial branch sees the channel-gated input
+            x = x * module.last_attention["channel"].to(x.dtype)
+        if not module.use_relation:
+            raise ValueError("this RGA module was built without relations (use_relation=False)")
+        theta, phi = module._embed_reference("spatial", x, b)
+        rel, what = theta.transpose(1, 2) @ phi, "RGA spatial branch: R(i, j) = θ_iᵀφ_j"
+    module.last_attention = {}
+    out = []
+    for r, c in targets:
+        if not (0 <= r < h and 0 <= c < w):
+            raise ValueError(f"target ({r}, {c}) is outside the {h}x{w} grid of stage {stage}")
+        out.append(rel[0, r * w + c].reshape(h, w).float().cpu().numpy())
+    return np.stack(out), what
+
+
+def position_invariance(maps: np.ndarray) -> float:
+    """Mean Pearson correlation between the relation maps of different targets (1.0: identical maps)."""
+    flat = maps.reshape(len(maps), -1).astype(np.float64)
+    corr = np.corrcoef(flat)
+    iu = np.triu_indices(len(maps), 1)
+    return float(np.nanmean(corr[iu]))
+
+
+def default_targets(h: int, w: int):
+    """Three positions: upper body, middle, lower body (rows at 25%, 50%, 80%; centre-ish columns)."""
+    return [(int(h * 0.25), w // 2), (int(h * 0.5), max(0, w // 2 - 1)), (int(h * 0.8), w // 4)]
+
+
+def relation_figure(original, rows, targets, grid, path) -> Path:
+    """rows: [(label, maps (T, h, w), invariance)]; a red square marks each target (Fig. 4's layout)."""
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    h, w = grid
+    ih, iw = original.shape[:2]
+    fig, axes = plt.subplots(len(rows), len(targets), figsize=(1.6 * len(targets), 2.9 * len(rows)), squeeze=False)
+    for r, (label, maps, inv) in enumerate(rows):
+        for t, (tr, tc) in enumerate(targets):
+            ax = axes[r, t]
+            ax.imshow(overlay(original, maps[t], alpha=0.6))
+            ax.add_patch(Rectangle((tc * iw / w, tr * ih / h), iw / w, ih / h, fill=False, edgecolor="red", lw=1.5))
+            ax.axis("off")
+            ax.set_title((f"{label}\ninvariance {inv:.2f}\n" if t == 0 else "\n\n") + f"target ({tr},{tc})", fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Grad-CAM (Fig. 5), through the grad-cam package
+# ----------------------------------------------------------------------------------------------
+
+class LogitsModel(nn.Module):
+    """The re-id model as a plain classifier for pytorch_grad_cam: images -> ID logits, in eval mode.
+
+    ``ResNetRGA`` returns a (pooled, bn, logits) tuple in train mode and a feature in eval mode;
+    Grad-CAM wants one logits tensor, computed with the BN running statistics.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        m = self.model
+        return m.cls(m.feat_bn(m.backbone(x).mean((2, 3))))
+
+
+def gradcam_maps(model, images: torch.Tensor, target_layer=None) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al. 2017) of the final stage (after its attention), (B, H, W) in [0, 1].
+
+    The target is each image's highest-scoring training identity (the usual choice for re-id
+    models, whose test identities are not among the classes). Uses ``pytorch_grad_cam.GradCAM``.
+    """
+    try:
+        from pytorch_grad_cam import GradCAM
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("gradcam needs the grad-cam package: pip install grad-cam (or the [vis] extra)") from e
+    model.eval()
+    layer = target_layer if target_layer is not None else model.backbone.rga_att4
+    with GradCAM(model=LogitsModel(model), target_layers=[layer]) as cam:
+        return cam(input_tensor=images, targets=None)
+
+
+def gradcam_figure(originals, runs, path, ratios=None) -> Path:
+    """Rows: images; columns: the image, then each run's Grad-CAM. runs: [(label, (B, H, W))]."""
+    plt = _plt()
+    n = len(originals)
+    fig, axes = plt.subplots(n, 1 + len(runs), figsize=(1.9 * (1 + len(runs)), 2.4 * n + 0.4), squeeze=False)
+    for i, img in enumerate(originals):
+        axes[i, 0].imshow(img)
+        axes[i, 0].axis("off")
+        for j, (label, cams) in enumerate(runs, start=1):
+            axes[i, j].imshow(overlay(img, cams[i], vmin=0.0, vmax=1.0))
+            axes[i, j].axis("off")
+            title = label if i == 0 else ""
+            if ratios is not None and not np.isnan(ratios[j - 1][i]):
+                title += f"\nfg {ratios[j - 1][i]:.2f}"
+            axes[i, j].set_title(title, fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# ranked lists and CMC (torchreid's visrank, in our own layout)
+# ----------------------------------------------------------------------------------------------
+
+def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: int = 12) -> dict:
+    """One sheet: a row per query, the query then its ranked gallery images.
+
+    queries: [(image path, pid)]; ranked: per query [(image path, pid)] in rank order. Each gallery
+    image gets a green border if its pid equals the query's, red otherwise; the query a grey one.
+    Returns the layout: {"path", "size", "cells": [[(x0, y0, x1, y1, colour), ...] per row]}
+    (outer border boxes), for checking.
+    """
+    from PIL import Image, ImageDraw
+
+    from .data import read_image
+
+    ch, cw = cell
+    top = max((len(r) for r in ranked), default=0)
+    W = border * 2 + cw + gap + top * (cw + 2 * border + 2)
+    H = len(queries) * (ch + 2 * border + 6)
+    sheet = Image.new("RGB", (max(W, 1), max(H, 1)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    cells = []
+    for r, ((qpath, qpid), row) in enumerate(zip(queries, ranked)):
+        y0 = r * (ch + 2 * border + 6)
+        boxes = []
+        x0 = 0
+        for k, (p, pid) in enumerate([(qpath, qpid)] + list(row)):
+            colour = GREY if k == 0 else (GREEN if pid == qpid else RED)
+            box = (x0, y0, x0 + cw + 2 * border - 1, y0 + ch + 2 * border - 1)
+            draw.rectangle(box, fill=colour)
+            sheet.paste(read_image(p).resize((cw, ch)), (x0 + border, y0 + border))
+            boxes.append((*box, colour))
+            x0 += cw + 2 * border + (gap if k == 0 else 2)
+        cells.append(boxes)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return {"path": str(path), "size": sheet.size, "cells": cells}
+
+
+def rank_gallery(qf, gf, q_pids, g_pids, q_camids, g_camids, top: int):
+    """Top-k gallery indices per query by cosine distance, without the gallery images of the query's
+    identity seen by the query's camera (the Market-1501 protocol's removal, as in rga.metrics)."""
+    qf = F.normalize(torch.as_tensor(qf).float(), dim=1)
+    gf = F.normalize(torch.as_tensor(gf).float(), dim=1)
+    dist = 1 - qf @ gf.T
+    g_pids, g_camids = np.asarray(g_pids), np.asarray(g_camids)
+    out = []
+    for i in range(dist.shape[0]):
+        order = torch.argsort(dist[i], stable=True).numpy()
+        keep = ~((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i]))
+        out.append(order[keep][:top])
+    return out
+
+
+def plot_cmc(cmc, path, *, label: str | None = None, max_rank: int = 20) -> Path:
+    """The CMC curve (rank-k matching rate, k = 1..max_rank) as a PNG. ``cmc``: fractions, rank 1 first.
+
+    ``rga.evaluate`` can call ``plot_cmc(result["cmc"], out_dir / "cmc.png")`` next to its
+    metrics JSON; several curves: pass a dict {label: cmc}.
+    """
+    plt = _plt()
+    curves = cmc if isinstance(cmc, dict) else {label or "CMC": cmc}
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    for name, c in curves.items():
+        c = np.asarray(c, dtype=np.float64)[:max_rank] * 100
+        ax.plot(np.arange(1, len(c) + 1), c, marker="o", ms=3, label=f"{name} (R1 {c[0]:.1f}%)")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("matching rate (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+def _model_args(p):
+    p.add_argument("--compare", action="append", default=[], metavar="RUN",
+                   help="another run (or init:ARCH) to show beside the first; repeatable")
+    p.add_argument("--backbone", default="resnet18", help="backbone for init:ARCH models (default resnet18)")
+    p.add_argument("--height", type=int, default=64, help="input height for init:ARCH models (default 64)")
+    p.add_argument("--width", type=int, default=32, help="input width for init:ARCH models (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of init:ARCH models")
+    p.add_argument("--out", default="figures", help="output folder")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rga.visualize", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("attention", help="spatial attention overlays per stage (Fig. 1) and the foreground ratio")
+    a.add_argument("run")
+    a.add_argument("images", nargs="*", help="image files (the synthetic set's have masks); or use --dataset")
+    a.add_argument("--dataset", help="take the images from this dataset's --split instead (e.g. synthetic)")
+    a.add_argument("--data-root", default="data")
+    a.add_argument("--split", default="query", choices=("query", "gallery", "train"))
+    a.add_argument("--limit", type=int, default=200, help="images taken from --dataset (default 200)")
+    a.add_argument("--show", type=int, default=6, help="images drawn in attention.png (default 6)")
+    a.add_argument("--stages", type=int, nargs="*", help="stages to draw (default: all with a spatial attention)")
+    _model_args(a)
+    r = sub.add_parser("relation", help="relation values R(i, :) for three target positions (Fig. 4)")
+    r.add_argument("run")
+    r.add_argument("image")
+    r.add_argument("--targets", nargs="+", metavar="ROW,COL", help="target cells on the stage's feature grid")
+    r.add_argument("--stage", type=int, default=1, help="stage (default 1, the finest grid)")
+    r.add_argument("--dataset", help="also average the position invariance over this dataset's query images")
+    r.add_argument("--data-root", default="data")
+    r.add_argument("--limit", type=int, default=50, help="images for the --dataset average (default 50)")
+    _model_args(r)
+    g = sub.add_parser("gradcam", help="Grad-CAM of the final stage for two models side by side (Fig. 5)")
+    g.add_argument("run")
+    g.add_argument("images", nargs="+")
+    g.add_argument("--show", type=int, default=6, help="images drawn in gradcam.png (default 6; the ratio uses all)")
+    _model_args(g)
+    k = sub.add_parser("ranks", help="query + top-k gallery sheet (green: same identity, red: not) and cmc.png")
+    k.add_argument("run")
+    k.add_argument("--dataset", default=None, help="dataset (default: the run's)")
+    k.add_argument("--data-root", default=None, help="dataset folder (default: the run's)")
+    k.add_argument("--top", type=int, default=10)
+    k.add_argument("--num-queries", type=int, default=8, help="queries drawn (default 8, evenly spaced)")
+    k.add_argument("--batch-size", type=int, default=64)
+    _model_args(k)
+    return p
+
+
+def _load_all(args):
+    kw = dict(backbone=args.backbone, height=args.height, width=args.width, seed=args.seed)
+    return [load_model(spec, **kw) for spec in [args.run] + list(args.compare)]
+
+
+def cmd_attention(args) -> dict:
+    models = _load_all(args)
+    paths = list(args.images)
+    if args.dataset:
+        paths += dataset_images(args.dataset, args.data_root, args.split, args.limit)
+    if not paths:
+        raise ValueError("give image files or --dataset")
+    summary = {"images": len(paths), "runs": []}
+    runs, ratios = [], []
+    show_orig = None
+    for model in models:
+        originals, batch, masks = load_images(paths, model.height, model.width)
+        maps = {}
+        for s in range(0, len(paths), 64):
+            for stage, m in spatial_maps(model, batch[s:s + 64]).items():
+                maps.setdefault(stage, []).append(m)
+        maps = {stage: torch.cat(v) for stage, v in maps.items()}
+        if not maps:
+            raise ValueError(f"{_label(model)} has no spatial attention map "
+                             "(channel-only or non-local designs); use an S, SC, CS or S//C model")
+        label = _label(model)
+        entry = {"run": model.run_name, "variant": model.variant, "stages": {}}
+        with_mask = [i for i, m in enumerate(masks) if m is not None]
+        run_ratios = {}
+        for stage, a in maps.items():
+            if with_mask:
+                mk = torch.stack([torch.from_numpy(masks[i]) for i in with_mask])[:, None]
+                rt = foreground_ratio(a[with_mask], mk)
+                full = torch.full((len(paths),), float("nan"))
+                full[with_mask] = rt
+                run_ratios[stage] = full
+                v = rt[~torch.isnan(rt)]
+                entry["stages"][stage] = {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0,
+                                          "median": float(v.median()), "n": int(len(v)),
+                                          "share_above_1": float((v > 1).float().mean())}
+        summary["runs"].append(entry)
+        runs.append((label, {s: a[:args.show] for s, a in maps.items()}))
+        ratios.append((label, {s: r[:args.show] for s, r in run_ratios.items()}))
+        show_orig = originals[:args.show]
+    out = Path(args.out)
+    stages = set(args.stages) if args.stages else None
+    summary["figure"] = str(attention_figure(show_orig, runs, out / "attention.png", stages=stages, ratios=ratios))
+    (out / "foreground_ratio.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"foreground attention ratio (mass share inside the person mask / mask's area share; 1.0 = no preference), "
+          f"{summary['images']} images:")
+    for entry in summary["runs"]:
+        for stage, st in sorted(entry["stages"].items()):
+            print(f"  {entry['variant']:<12} {entry['run']:<28} stage {stage}: mean {st['mean']:.3f} ± {st['std']:.3f} "
+                  f"(median {st['median']:.3f}, {100 * st['share_above_1']:.0f}% of images > 1, n={st['n']})")
+        if not entry["stages"]:
+            print(f"  {entry['variant']:<12} {entry['run']}: no masks for these images")
+    print(f"wrote {summary['figure']} and {out / 'foreground_ratio.json'}")
+    return summary
+
+
+def _parse_targets(texts):
+    out = []
+    for t in texts:
+        try:
+            r, c = (int(v) for v in t.split(","))
+        except ValueError:
+            raise ValueError(f"--targets wants ROW,COL, got {t!r}") from None
+        out.append((r, c))
+    return out
+
+
+def cmd_relation(args) -> dict:
+    from .models import stage_sizes
+    models = _load_all(args)
+    rows, summary = [], {"image": args.image, "stage": args.stage, "runs": []}
+    original = targets = grid = None
+    for model in models:
+        originals, batch, _ = load_images([args.image], model.height, model.width)
+        original = originals[0]
+        grid = stage_sizes(model.height, model.width)[args.stage - 1]
+        if targets is None:
+            targets = _parse_targets(args.targets) if args.targets else default_targets(*grid)
+        maps, what = relation_maps(model, batch, args.stage, targets)
+        inv = position_invariance(maps)
+        rows.append((_label(model), maps, inv))
+        entry = {"run": model.run_name, "variant": model.variant, "what": what, "invariance": inv}
+        print(f"{_label(model)}: {what}; position invariance (mean correlation between the targets' maps, "
+              f"1.0 = the same map for every target) {inv:.3f}")
+        if args.dataset:
+            paths = dataset_images(args.dataset, args.data_root, "query", args.limit)
+            _, many, _ = load_images(paths, model.height, model.width)
+            invs = np.array([position_invariance(relation_maps(model, many[i:i + 1], args.stage, targets)[0])
+                             for i in range(len(paths))])
+            entry["dataset_invariance"] = {"mean": float(np.nanmean(invs)), "std": float(np.nanstd(invs)),
+                                           "n": int(np.isfinite(invs).sum())}
+            print(f"  over {len(paths)} {args.dataset} query images: {np.nanmean(invs):.3f} ± {np.nanstd(invs):.3f}")
+        summary["runs"].append(entry)
+    summary["targets"] = targets
+    out = Path(args.out)
+    summary["figure"] = str(relation_figure(original, rows, targets, grid, out / "relation.png"))
+    (out / "relation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {summary['figure']}")
+    return summary
+
+
+def cmd_gradcam(args) -> dict:
+    models = _load_all(args)
+    runs, ratios, summary = [], [], {"images": args.images, "runs": []}
+    originals = None
+    for model in models:
+        originals, batch, masks = load_images(args.images, model.height, model.width)
+        cams = np.concatenate([gradcam_maps(model, batch[s:s + 32]) for s in range(0, len(batch), 32)])
+        big = [F.interpolate(torch.from_numpy(c)[None, None], size=o.shape[:2], mode="bilinear",
+                             align_corners=False)[0, 0].numpy() for c, o in zip(cams, originals)]
+        rt = [float(foreground_ratio(torch.from_numpy(b)[None, None] + 1e-12, torch.from_numpy(m)[None, None]))
+              if m is not None else float("nan") for b, m in zip(big, masks)]
+        runs.append((_label(model), big))
+        ratios.append(rt)
+        summary["runs"].append({"run": model.run_name, "variant": model.variant, "foreground_ratio": rt})
+        v = [x for x in rt if not np.isnan(x)]
+        print(f"{_label(model)}: Grad-CAM foreground ratio mean {np.mean(v):.3f} over {len(v)} images" if v
+              else f"{_label(model)}: no masks")
+    out = Path(args.out)
+    k = args.show
+    summary["figure"] = str(gradcam_figure(originals[:k], [(label, cams[:k]) for label, cams in runs],
+                                           out / "gradcam.png", ratios=[r[:k] for r in ratios]))
+    (out / "gradcam.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {summary['figure']}")
+    return summary
+
+
+def cmd_ranks(args) -> dict:
+    from .checkpoint import read_model_checkpoint
+    from .data import build_dataset
+    from .engine import build_test_loader, extract_features
+    from .metrics import evaluate_features
+
+    model = _load_all(args)[0]
+    dataset, root = "synthetic", "data"
+    if not args.run.startswith("init:"):
+        run_cfg = read_model_checkpoint(args.run).config
+        if run_cfg is not None:
+            dataset, root = run_cfg.data.dataset, run_cfg.data.data_root
+    ds = build_dataset(args.dataset or dataset, args.data_root or root, verbose=False)
+    dev = torch.device("cpu")
+    kw = dict(height=model.height, width=model.width, batch_size=args.batch_size, workers=0, device=dev)
+    qf, q_pids, q_camids = extract_features(model, build_test_loader(ds.query, **kw), device=dev, show_progress=False)
+    gf, g_pids, g_camids = extract_features(model, build_test_loader(ds.gallery, **kw), device=dev,
+                                            show_progress=False)
+    res = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids)
+    nq = len(ds.query)
+    picks = np.unique(np.linspace(0, nq - 1, min(args.num_queries, nq)).round().astype(int))
+    ranked = rank_gallery(qf[picks], gf, q_pids[picks], g_pids, q_camids[picks], g_camids, args.top)
+    queries = [(ds.query[i][0], int(q_pids[i])) for i in picks]
+    rows = [[(ds.gallery[j][0], int(g_pids[j])) for j in r] for r in ranked]
+    out = Path(args.out)
+    layout = rank_sheet(queries, rows, out / "ranks.png")
+    cmc_path = plot_cmc(res["cmc"], out / "cmc.png", label=_label(model))
+    hits = [sum(pid == q[1] for _, pid in row) for q, row in zip(queries, rows)]
+    summary = {"figure": layout["path"], "cmc": str(cmc_path), "R1": float(res["cmc"][0]), "mAP": float(res["mAP"]),
+               "queries": [{"image": q[0], "pid": q[1], "top": [{"image": p, "pid": pid} for p, pid in row]}
+                           for q, row in zip(queries, rows)]}
+    (out / "ranks.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{_label(model)}: R1 {100 * res['cmc'][0]:.2f}%  mAP {100 * res['mAP']:.2f}% on {len(ds.query)} queries; "
+          f"drawn: {len(queries)} queries, correct in top {args.top}: {hits}")
+    print(f"wrote {layout['path']} and {cmc_path}")
+    return summary
+
+
+def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cmd = {"attention": cmd_attention, "relation": cmd_relation, "gradcam": cmd_gradcam, "ranks": cmd_ranks}
+    try:
+        cmd[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:
+        print(f"rga.visualize {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
