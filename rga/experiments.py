@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .cli import ERRORS
+    from .errors import user_message
 
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
@@ -273,8 +273,11 @@ def main(argv=None) -> int:
         try:
             res = run_row(row, out, preset=args.preset or None, dataset=args.dataset, data_root=args.data_root,
                           extra=extra)
-        except ERRORS as e:
-            print(f"rga.experiments: error in row {row.slug}: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - a user-fixable failure is one line, anything else a bug
+            message = user_message(e)
+            if message is None:
+                raise
+            print(f"rga.experiments: error in row {row.slug}: {message}", file=sys.stderr)
             return 2
         print(f"== {row.label}: R1 {_pct(res['R1'])}%  mAP {_pct(res['mAP'])}%  mINP {_pct(res['mINP'])}%  "
               f"{res['params'] / 1e6:.2f} M params  {res['train_seconds'] / 60:.1f} min training")
