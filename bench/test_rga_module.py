@@ -12,9 +12,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rga import RGAModule, build_model
+from train_step import _step_fn as train_step_fn  # bench/ is on sys.path under pytest
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 64 if DEVICE == "cuda" else 8
@@ -120,13 +120,5 @@ def test_train_step_resnet50_rga_sc(bench_record, impl):
     opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
     x = torch.randn(64, 3, 256, 128, device=DEVICE)
     y = torch.randint(0, 751, (64,), device=DEVICE)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, _, logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        loss.backward()
-        opt.step()
-
+    step = train_step_fn(model, opt, x, y)  # the same step as bench/train_step.py
     bench_record("train step ResNet-50 + RGA-SC b64 256x128 bf16", impl, step, DEVICE, rounds=ROUNDS)
