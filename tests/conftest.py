@@ -68,3 +68,18 @@ def assert_within_torch_error(name, got, ref64, torch_lowp, k=3.0, rel_floor=1e-
     else:
         tol = k * (torch_lowp.double() - ref64).abs().max().item() + rel_floor * scale + 1e-12
     assert err <= tol, f"{name} {got.dtype}: error {err:.3e} > tolerance {tol:.3e} (max |ref| {scale:.3g})"
+
+
+def read_only_folder(tmp_path):
+    """A folder this process cannot create files in (root ignores permission bits: use sysfs)."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    d = "/sys/kernel"
+    try:
+        os.close(os.open(os.path.join(d, ".rga-probe"), os.O_WRONLY | os.O_CREAT, 0o666))
+    except OSError:
+        return d
+    pytest.skip("no read-only folder available to this user")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rga.train as rtrain
+from conftest import read_only_folder
 from rga import evaluate as reval
 from rga.data.__main__ import main as data_main
 
@@ -189,15 +190,6 @@ def test_final_checkpoint_still_holds_the_final_metrics(run2):
 
 
 # --------------------------------------------------------------------------- 7 and 8: one error line, exit 2
-
-def read_only_folder(tmp_path):
-    if os.geteuid() != 0:
-        d = tmp_path / "ro"
-        d.mkdir()
-        d.chmod(0o555)
-        return d
-    return "/sys/kernel"  # root ignores permission bits; sysfs refuses new files even to root
-
 
 TEXT = "hello, I am not a checkpoint\n"
 

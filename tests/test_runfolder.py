@@ -12,23 +12,9 @@ import pytest
 import torch
 
 from rga.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from conftest import read_only_folder
 from rga.errors import RunFolderError, find_os_error, run_cli, user_message
 from rga.runfolder import LOCK_NAME, RunFolder, check_output_file, clean_temp_files, resume_checkpoint
-
-
-def read_only_folder(tmp_path):
-    """A folder this process cannot create files in (root ignores permission bits: use sysfs)."""
-    if os.geteuid() != 0:
-        d = tmp_path / "ro"
-        d.mkdir()
-        d.chmod(0o555)
-        return d
-    d = "/sys/kernel"
-    try:
-        os.close(os.open(os.path.join(d, ".rga-probe"), os.O_WRONLY | os.O_CREAT, 0o666))
-    except OSError:
-        return d
-    pytest.skip("no read-only folder available to this user")
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
