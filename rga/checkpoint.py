@@ -15,6 +15,7 @@ Checkpoint layouts that load_model reads:
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -40,55 +41,89 @@ def checkpoint_name(epoch: int) -> str:
     return f"checkpoint_ep{epoch:04d}.pth"
 
 
-TMP_SUFFIX = ".tmp"
+# Every temporary file this package writes starts with this prefix, so a folder's clean-up
+# (rga.runfolder.clean_temp_files) can never take a user's own file for one of ours.
+TEMP_PREFIX = ".rga-tmp-"
 
 
 def temp_name_for(path: Path) -> Path:
-    """A fresh temporary name next to `path`: `.NAME.PID-RANDOM.tmp` (hidden; a run folder's
-    leftovers of this form are removed at the next start, see rga.runfolder)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
-
-
-def atomic_save(obj, path) -> Path:
-    """torch.save to a temp file in the same folder, fsync it, os.replace it onto `path`, fsync the
-    folder. A crash at any point leaves either the old file or the new one, never half of one.
-
-    The file gets the usual permissions (0666 less the umask, like any file this process writes).
-    A failed write (disk full, file too large, no permission) is a CheckpointError naming the file
-    and the operating system's reason; the temporary file is removed."""
+    """A fresh temporary name next to `path`: `.rga-tmp-PID-RANDOM-NAME` (hidden; the name keeps
+    the target's suffix, which some writers read to pick a format)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name_for(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-    except Exception as e:  # noqa: BLE001 - an OS failure gets its root cause in the message
-        from .errors import describe_os_error, find_os_error
+    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
 
-        os_err = find_os_error(e)
-        if os_err is None:
-            raise
-        raise CheckpointError(f"could not write checkpoint {path}: {describe_os_error(os_err)}") from e
-    try:  # make the rename itself durable (not possible on every OS / filesystem)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+
+def _fsync_folder(folder: Path) -> None:
+    try:  # make a rename durable (not possible on every OS / filesystem)
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def atomic_write(path, write, *, what: str = "file", error=None) -> Path:
+    """Write `path` atomically: ``write(f)`` fills a temporary file in the target's folder
+    (``temp_name_for``), given as a binary file object ``f`` open for writing (a writer that wants
+    a path may write to ``f.name``; writing through ``f`` is better: the OS's reason for a failed
+    write then reaches the message, where C++ writers give a bare "iostream error"). The file is
+    fsynced and renamed over `path` (then the folder is fsynced). A crash at any point leaves the
+    old file or the new one, never half of one.
+
+    A failure that has an OSError in its chain (disk full, no permission, a file where a folder
+    should be) removes the temporary file, leaves the old `path` as it was and raises `error`
+    (default OutputWriteError) "could not write WHAT PATH: REASON"; any other failure removes the
+    temporary file and propagates unchanged."""
+    from .errors import OutputWriteError, describe_os_error, find_os_error
+
+    path = Path(path)
+    tmp = None
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name_for(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except Exception as e:  # noqa: BLE001 - an OS failure gets its root cause in the message
+        os_err = find_os_error(e)
+        if os_err is None:
+            raise
+        if isinstance(os_err, FileExistsError) or isinstance(os_err, NotADirectoryError):
+            from .runfolder import _file_in_the_way
+
+            blocker = _file_in_the_way(path.parent)
+            if blocker is not None:
+                raise (error or OutputWriteError)(f"could not write {what} {path}: {blocker} is a file, "
+                                                  "not a folder") from e
+        reason = describe_os_error(os_err)
+        if tmp is not None:
+            reason = reason.replace(str(tmp), str(path))
+        raise (error or OutputWriteError)(f"could not write {what} {path}: {reason}") from e
+    _fsync_folder(path.parent)
     return path
+
+
+def atomic_save(obj, path) -> Path:
+    """torch.save through :func:`atomic_write`: the old checkpoint or the new one, never half of one.
+
+    The file gets the usual permissions (0666 less the umask, like any file this process writes).
+    A failed write (disk full, file too large, no permission) is a CheckpointError naming the file
+    and the operating system's reason; the temporary file is removed."""
+    return atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint", error=CheckpointError)
 
 
 def list_checkpoints(folder) -> list:

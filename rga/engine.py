@@ -153,8 +153,13 @@ def build_test_loader(items, *, height, width, batch_size, workers, device):
 # --------------------------------------------------------------------------- training
 
 def train_one_epoch(model, loader, criterion, optimizer, *, device, amp_dtype=None, scaler=None,
-                    channels_last=False, show_progress=True, desc="train", step_fn=None) -> dict:
-    """One pass over `loader`. Returns the epoch's mean loss terms and accuracies (this rank's)."""
+                    channels_last=False, show_progress=True, desc="train", step_fn=None, loss_watch=None) -> dict:
+    """One pass over `loader`. Returns the epoch's mean loss terms and accuracies (this rank's).
+    `loss_watch`: an rga.divergence.LossWatch (default: a fresh one) whose rule every batch's loss
+    must pass (FloatingPointError otherwise)."""
+    if loss_watch is None:
+        from .divergence import LossWatch
+        loss_watch = LossWatch()
     model.train()
     sums, count = {}, 0
     t0 = time.perf_counter()
@@ -167,8 +172,7 @@ def train_one_epoch(model, loader, criterion, optimizer, *, device, amp_dtype=No
         with autocast(device, amp_dtype):
             outputs = model(imgs)
         loss, parts = criterion(outputs, pids)
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"loss became {loss.item()} (lower --lr, or try --amp off)")
+        loss_watch.check(float(loss.detach()))
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -256,8 +260,21 @@ def format_metrics(m: dict) -> str:
 
 
 def write_json(obj, path) -> None:
+    """`obj` as indented JSON, written atomically (rga.checkpoint.atomic_write)."""
+    from .checkpoint import atomic_write
+
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()), what="JSON file")
+
+
+def append_json_line(obj, path) -> None:
+    """Add `obj` as one JSON line to `path`, by rewriting the file atomically (the old lines and
+    the new one): a failed or killed write leaves the old file whole."""
+    from .checkpoint import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    old = path.read_bytes() if path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    line = (json.dumps(obj, default=str) + "\n").encode()
+    atomic_write(path, lambda f: f.write(old + line), what="JSON lines file")

@@ -30,7 +30,28 @@ class DatasetCheckError(ReidError, ValueError):
 
 
 class TrainingDivergedError(ReidError, FloatingPointError):
-    """The loss became NaN or infinite."""
+    """Training diverged: the loss became NaN, infinite or exploded, or a weight or batch-norm
+    statistic is no longer finite."""
+
+
+class DegenerateFeaturesError(ReidError, ValueError):
+    """Features cannot be ranked: non-finite values, or all of them identical (every distance
+    ties), so any number computed from them would be an artefact of the gallery order."""
+
+
+class NoValidQueryError(ReidError, ValueError):
+    """No query has a true match (same identity, another camera) in the gallery: the protocol
+    cannot score anything."""
+
+
+class OutputWriteError(ReidError):
+    """A result file (export, index, figure, JSON) could not be written; the old file, if any, is
+    unchanged. The message names the path and the operating system's reason."""
+
+
+class UntrustedFileError(ReidError):
+    """A file would run code when loaded (pickled entries), or does not belong with the model or
+    index it is used with."""
 
 
 def find_os_error(exc: BaseException):

@@ -6,8 +6,9 @@
   process dies, however it dies, so the lock of a killed run is stale by construction: the next
   run takes it over and says whose it was. Creating the lock file is also the check that the
   folder is a writable folder, before any work is done.
-- With the lock held, leftover temporary files (``.NAME.tmp`` / ``.NAME.PID-XXXX.tmp`` of an
-  interrupted atomic write) are removed: nobody else can be writing them.
+- With the lock held, leftover temporary files of an interrupted atomic write are removed: nobody
+  else can be writing them. Only names this package gives its temporary files
+  (``.rga-tmp-PID-RANDOM-NAME``, rga.checkpoint.temp_name_for) are touched, never a user's file.
 - :func:`resume_checkpoint` is the resume rule. A run may write checkpoints into a folder only if
   it continues that folder's newest checkpoint (``--resume auto`` or that file's path), or if the
   folder holds none. Resuming an older checkpoint into the folder is refused (it would overwrite
@@ -25,12 +26,12 @@ import socket
 import sys
 from pathlib import Path
 
-from .checkpoint import CKPT_PATTERN, list_checkpoints
+from .checkpoint import CKPT_PATTERN, TEMP_PREFIX, list_checkpoints
 from .errors import RunFolderError, describe_os_error
 
 LOCK_NAME = ".rga-run.lock"
-# temporary files of atomic_save (.NAME.PID-RANDOM.tmp) and write_json (.NAME.tmp)
-TEMP_PATTERN = re.compile(r"^\..+\.tmp$")
+# temporary files of rga.checkpoint.atomic_write: .rga-tmp-PID-RANDOM-NAME
+TEMP_PATTERN = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"\d+-[0-9a-f]{8}-.+$")
 TEMP_SUBFOLDERS = ("", "metrics")
 
 try:

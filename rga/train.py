@@ -11,7 +11,6 @@ training, an evaluation every `eval_every` epochs, a checkpoint every `ckpt_ever
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,10 +25,12 @@ from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkp
 from .cli import (UsageError, add_field_arguments, add_layer_arguments, check_fused_backend, find_pretrained,
                   layers_from_args, load_dataset, section_fields)
 from .data.check import check_dataset
+from .divergence import LossWatch, check_finite_state
 from .errors import TrainingDivergedError, run_cli
 from .runfolder import acquire_run_folder, resume_checkpoint
 from .engine import (barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model, format_metrics,
-                     make_logger, resolve_amp, seed_everything, setup_runtime, train_one_epoch, write_json)
+                     make_logger, resolve_amp, seed_everything, setup_runtime, train_one_epoch, write_json,
+                     append_json_line)
 from .losses import ReidLoss
 from .samplers import RandomIdentityBatchSampler
 from .schedulers import WarmupMultiStepLR
@@ -158,6 +159,7 @@ class TrainingParts:
     criterion: ReidLoss
     sampler: RandomIdentityBatchSampler
     loader: object
+    loss_watch: LossWatch
 
 
 def build_training_parts(cfg: C.RunConfig, rt, dataset, model, amp_dtype) -> TrainingParts:
@@ -172,7 +174,7 @@ def build_training_parts(cfg: C.RunConfig, rt, dataset, model, amp_dtype) -> Tra
     transform = build_train_transform(cfg.model.height, cfg.model.width, flip=d.flip_prob, crop=d.crop,
                                       crop_prob=d.crop_prob, pad=d.pad, erasing=d.erasing_prob)
     loader = build_train_loader(dataset, sampler, transform, workers=d.workers, device=rt.device)
-    return TrainingParts(model, optimizer, scheduler, scaler, criterion, sampler, loader)
+    return TrainingParts(model, optimizer, scheduler, scaler, criterion, sampler, loader, LossWatch())
 
 
 def restore_training_state(parts: TrainingParts, ckpt: dict, rt, log) -> tuple:
@@ -284,7 +286,7 @@ def run_epoch(cfg, parts: TrainingParts, train_model, epoch: int, rt, amp_dtype,
         stats = train_one_epoch(train_model, parts.loader, parts.criterion, parts.optimizer, device=rt.device,
                                 amp_dtype=amp_dtype, scaler=parts.scaler, channels_last=channels_last,
                                 show_progress=rt.is_main and cfg.run.progress,
-                                desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
+                                desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", loss_watch=parts.loss_watch)
     except FloatingPointError as e:  # a diverged loss: one error line saying what is kept
         kept = find_latest(cfg.run.output_dir)
         raise TrainingDivergedError(f"epoch {epoch + 1}: {e}; "
@@ -313,8 +315,7 @@ def evaluate_epoch(cfg, model, dataset, done: int, stats: dict, out_dir: Path, r
     result = {"epoch": done, **metrics}
     log(f"eval @ epoch {done}: {format_metrics(metrics)}")
     write_json({**result, "train": stats}, out_dir / "metrics" / f"epoch_{done:04d}.json")
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({**result, "train": stats}, default=str) + "\n")
+    append_json_line({**result, "train": stats}, out_dir / "metrics.jsonl")
     if writer is not None:
         for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"):
             writer.add_scalar(f"eval/{k}", metrics[k], done)
@@ -323,6 +324,8 @@ def evaluate_epoch(cfg, model, dataset, done: int, stats: dict, out_dir: Path, r
 
 def save_checkpoint(cfg, parts: TrainingParts, done: int, num_classes: int, metrics: dict, rng_states,
                     out_dir: Path, rt) -> Path:
+    # never a checkpoint with NaN / Inf weights over a good one
+    check_finite_state(parts.model, done, kept=find_latest(out_dir))
     state = {"format_version": C.FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": num_classes,
              "epoch": done, "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
              "scheduler": parts.scheduler.state_dict(), "sampler": parts.sampler.state_dict(),
@@ -402,6 +405,7 @@ def train(cfg: C.RunConfig) -> dict:
         for epoch in range(start_epoch, cfg.optim.epochs):
             stats = run_epoch(cfg, parts, train_model, epoch, rt, amp_dtype, channels_last, log, writer)
             done = epoch + 1
+            check_finite_state(model, done, kept=find_latest(out_dir))  # before any evaluation or save
             do_eval = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs
             do_save = done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs
             if do_save:  # before the evaluation (its failure then loses no training), again after it

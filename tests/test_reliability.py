@@ -88,7 +88,7 @@ def test_second_run_into_a_busy_folder_is_refused_then_a_killed_run_is_taken_ove
         first.wait(timeout=60)
         first.stderr.close()
     # killed: its lock file stays, as would a half-written checkpoint's temporary file
-    leftover = out / ".checkpoint_ep0099.pth.12345-dead.tmp"
+    leftover = out / ".rga-tmp-12345-0000dead-checkpoint_ep0099.pth"
     leftover.write_bytes(b"x" * 1000)
     assert (out / ".rga-run.lock").exists()
     capsys.readouterr()
@@ -96,7 +96,7 @@ def test_second_run_into_a_busy_folder_is_refused_then_a_killed_run_is_taken_ove
     log = (out / "train.log").read_text()
     assert f"took over the lock of a run that ended without releasing it (PID {first.pid}" in log
     assert "leftover temporary file(s) of an interrupted write" in log and leftover.name in log
-    assert not leftover.exists() and not list(out.glob(".*.tmp"))
+    assert not leftover.exists() and not list(out.glob(".rga-tmp-*"))
     assert not (out / ".rga-run.lock").exists()  # released at the end
     assert log.count("took over the lock") == 1 and "in use by another run" not in log
 

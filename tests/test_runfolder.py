@@ -61,8 +61,11 @@ def test_lock_held_by_another_process_then_stale_after_kill(tmp_path):
 def test_leftover_temp_files_are_removed_on_acquire(tmp_path):
     run = tmp_path / "run"
     (run / "metrics").mkdir(parents=True)
-    left = [run / ".checkpoint_ep0003.pth.123-abcd.tmp", run / ".config.json.tmp", run / "metrics" / ".epoch_0002.json.tmp"]
-    keep = [run / "checkpoint_ep0002.pth", run / "notes.tmp", run / "train.log"]
+    left = [run / ".rga-tmp-123-abcd0123-checkpoint_ep0003.pth", run / ".rga-tmp-9-00ff00ff-config.json",
+            run / "metrics" / ".rga-tmp-77-12345678-epoch_0002.json"]
+    # a user's own temporary files are never ours to remove (issue 15, case 4)
+    keep = [run / "checkpoint_ep0002.pth", run / "notes.tmp", run / ".notes.tmp", run / ".config.json.tmp",
+            run / "train.log"]
     for p in left + keep:
         p.write_bytes(b"x" * 10)
     with RunFolder(run) as f:
