@@ -6,8 +6,14 @@ Protocol (the one every Market-1501 / CUHK03 / MSMT17 number is reported with):
   removed from its ranking (they would be trivial matches).
 * A query with no remaining true match (same identity, other camera) is skipped; the number of
   queries kept is returned as ``num_valid_queries``.
-* The remaining gallery is ranked by increasing distance. Ties are broken by gallery index (the
-  order of a stable sort), so results never depend on the sorting algorithm.
+* The remaining gallery is ranked by increasing distance. Ties are ranked pessimistically: within
+  a group of equal distances the true matches come after the other items (a tie is never a
+  success), so the numbers depend on the distances alone, never on the gallery's order or the
+  sorting algorithm. ``num_tied_queries`` counts the queries where a true match ties with
+  another item (a warning says so when there are any).
+* Features that cannot be ranked are an error (DegenerateFeaturesError), not a number: NaN or
+  infinite values, or all features identical (every distance ties; a collapsed or diverged
+  model). A distance matrix whose entries are all equal is refused the same way.
 * CMC[k] = fraction of valid queries whose first true match is at rank <= k + 1.
 * AP is non-interpolated: the mean, over the query's true matches, of the precision at the rank of
   each true match. mAP is the mean AP over valid queries.
@@ -24,12 +30,16 @@ chunk size), and the per-query arithmetic only ever sees that query's row.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .errors import DegenerateFeaturesError, NoValidQueryError
+
 __all__ = [
+    "check_features",
     "evaluate_rank",
     "evaluate_features",
     "pairwise_distance",
@@ -125,6 +135,42 @@ def pairwise_distance(qf, gf, metric: str = "cosine", device=None) -> np.ndarray
     return db.rows(0, db.num_query) if db.num_query else np.zeros((0, db.num_gallery), np.float32)
 
 
+def _max_row_deviation(x: torch.Tensor, ref: torch.Tensor, unit: bool) -> float:
+    """max |row - ref| over the rows of x (rows scaled to unit length first when `unit`), in slices."""
+    worst = 0.0
+    for xs in x.split(4096):
+        if unit:
+            xs = xs / xs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        worst = max(worst, float((xs - ref).abs().max())) if len(xs) else worst
+    return worst
+
+
+def check_features(qf, gf, metric: str = "cosine") -> None:
+    """Raise DegenerateFeaturesError when query / gallery features cannot be ranked: NaN or
+    infinite values, or all of them the same (the same direction, for cosine), so that every
+    distance ties and any score would only reflect the gallery's order."""
+    q = _as_tensor(qf, qf.device if isinstance(qf, torch.Tensor) else "cpu")
+    g = _as_tensor(gf, q.device)
+    for name, t in (("query", q), ("gallery", g)):
+        bad = (~torch.isfinite(t)).any(1) if len(t) else torch.zeros(0, dtype=torch.bool)
+        if bool(bad.any()):
+            raise DegenerateFeaturesError(f"{int(bad.sum())} of {len(t)} {name} features hold NaN or Inf; "
+                                          "the model's output is not finite (diverged training?)")
+    n = len(q) + len(g)
+    if n < 2:
+        return
+    unit = metric == "cosine"
+    first = (g if len(g) else q)[:1].to(torch.float64)
+    ref = first / first.norm().clamp_min(1e-12) if unit else first
+    scale = float(ref.abs().max())
+    spread = max(_max_row_deviation(t.to(torch.float64), ref, unit) for t in (q, g))
+    if spread <= 1e-6 * max(scale, 1e-30):
+        what = "point the same way" if unit and scale > 0 else "are identical"
+        raise DegenerateFeaturesError(f"all {n} features ({len(q)} query, {len(g)} gallery) {what}: every "
+                                      f"{metric} distance ties, so the ranking would only reflect the gallery's "
+                                      "order; the model has collapsed (diverged training?)")
+
+
 # --------------------------------------------------------------------------------------------
 # ranking
 # --------------------------------------------------------------------------------------------
@@ -158,6 +204,8 @@ class _Ranker:
         self.ap = np.full(nq, np.nan)
         self.inp = np.full(nq, np.nan)
         self.first = np.zeros(nq, np.int64)  # 1-based rank of the first true match, 0 = invalid
+        self.tied = np.zeros(nq, bool)  # a true match ties with another item
+        self.lo, self.hi = np.inf, -np.inf  # the smallest and largest distance seen
         # gallery indices of each identity, ascending
         order = np.argsort(self.g_pids, kind="stable")
         pids, starts, counts = np.unique(self.g_pids[order], return_index=True, return_counts=True)
@@ -168,7 +216,10 @@ class _Ranker:
             raise ValueError(f"distance rows have shape {dist.shape}, expected (*, {len(self.g_pids)})")
         srt = np.sort(dist, axis=1)  # NaN sorts last
         if dist.shape[1] and np.isnan(srt[:, -1]).any():
-            raise ValueError("distance matrix contains NaN")
+            raise DegenerateFeaturesError(f"the distance matrix contains NaN ({int(np.isnan(srt[:, -1]).sum())} of "
+                                          f"{dist.shape[0]} rows): non-finite features?")
+        if dist.size:
+            self.lo, self.hi = min(self.lo, float(srt[:, 0].min())), max(self.hi, float(srt[:, -1].max()))
         for r in range(dist.shape[0]):
             self._one(start + r, dist[r], srt[r])
 
@@ -177,19 +228,23 @@ class _Ranker:
         if idx is None:
             return
         d = row[idx]
-        left = np.searchsorted(srow, d, side="left")
-        right = np.searchsorted(srow, d, side="right")
-        pos = left.astype(np.int64)  # 0-based position in the full ranking (stable tie-break)
-        for t in np.nonzero(right - left > 1)[0]:
-            pos[t] += np.count_nonzero(row[: idx[t]] == d[t])
         removed = self.g_camids[idx] == self.q_camids[qi]
-        pos_true = np.sort(pos[~removed])
-        n = len(pos_true)
+        d_true = np.sort(d[~removed])  # the true matches' distances
+        n = len(d_true)
         if n == 0:
             return
-        pos_removed = np.sort(pos[removed])
-        # 1-based rank once the same-camera items are taken out of the list
-        rank = pos_true - np.searchsorted(pos_removed, pos_true) + 1
+        d_removed = np.sort(d[removed])  # same identity and camera: not in the ranking
+
+        def kept(side):  # per true match: ranked items (removed ones left out) at distance < or <= it
+            return (np.searchsorted(srow, d_true, side=side) - np.searchsorted(d_removed, d_true, side=side))
+
+        at_most, below = kept("right"), kept("left")
+        # true matches tied with each other, counted from each one's position in d_true
+        true_right = np.searchsorted(d_true, d_true, side="right")
+        true_left = np.searchsorted(d_true, d_true, side="left")
+        # pessimistic ties: the true matches of a tie group take its last places
+        rank = at_most - (true_right - 1 - np.arange(n))
+        self.tied[qi] = bool(np.any(at_most - below > true_right - true_left))
         hits = np.arange(1, n + 1, dtype=np.float64)
         self.ap[qi] = float(np.sum(hits / rank)) / n
         self.inp[qi] = n / float(rank[-1])
@@ -199,7 +254,18 @@ class _Ranker:
         valid = self.first > 0
         nv = int(valid.sum())
         if nv == 0:
-            raise ValueError("no query has a true match (same id, other camera) in the gallery")
+            raise NoValidQueryError(f"no query has a true match (same identity, another camera) in the gallery "
+                                    f"({len(self.first)} queries, {len(self.g_pids)} gallery images), so nothing "
+                                    "can be scored")
+        if self.hi <= self.lo:
+            raise DegenerateFeaturesError(f"every distance in the {len(self.first)} x {len(self.g_pids)} matrix is "
+                                          f"the same ({self.hi:g}): the ranking would only reflect the gallery's "
+                                          "order (collapsed features?)")
+        tied = int(self.tied[valid].sum())
+        if tied:
+            warnings.warn(f"{tied} of {nv} queries have a true match tied with another gallery item at the same "
+                          "distance; ties are ranked pessimistically (true matches last)", RuntimeWarning,
+                          stacklevel=3)
         first = self.first[valid]
         counts = np.bincount(np.minimum(first, self.max_rank + 1), minlength=self.max_rank + 2)
         cmc = np.cumsum(counts[1:self.max_rank + 1]) / nv
@@ -209,6 +275,7 @@ class _Ranker:
             "mINP": float(np.mean(self.inp[valid])),
             "num_valid_queries": nv,
             "num_queries": len(self.first),
+            "num_tied_queries": tied,
             "AP": self.ap.copy(),  # per query, NaN for skipped queries
         }
 
@@ -254,6 +321,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric: str = 
     on the CPU. rerank: k-reciprocal re-ranking (needs (Q+G)^2 memory; see rerank_distance).
     The numbers do not depend on chunk_size.
     """
+    check_features(qf, gf, metric)
     if rerank:
         dist = rerank_distance(qf, gf, metric=metric, k1=k1, k2=k2, lambda_value=lambda_value,
                                device=device, chunk_size=chunk_size)

@@ -8,11 +8,12 @@ from rga.metrics import (GEMM_BLOCK, evaluate_features, evaluate_rank, k_recipro
 
 
 def naive_eval(dist, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """The protocol written the plain way: one full stable argsort per query."""
+    """The protocol written the plain way: one full sort per query, by distance, and within equal
+    distances the true matches last (pessimistic ties)."""
     cmc = np.zeros(max_rank)
     aps, inps = [], []
     for i in range(dist.shape[0]):
-        order = np.argsort(dist[i], kind="stable")
+        order = np.lexsort((g_pids == q_pids[i], dist[i]))
         same = g_pids[order] == q_pids[i]
         keep = ~(same & (g_camids[order] == q_camids[i]))
         match = same[keep]
@@ -79,13 +80,16 @@ def test_distractors_count_as_negatives():
     assert r["mINP"] == pytest.approx((3 / 4 + 1) / 2)
 
 
-def test_ties_broken_by_gallery_index():
-    g_pids = np.array([5, 1, 5, 1])
-    g_camids = np.array([1, 1, 1, 1])
-    dist = np.zeros((1, 4), np.float32)  # all tied: order is 0,1,2,3
-    r = evaluate_rank(dist, np.array([1]), g_pids, np.array([0]), g_camids, max_rank=4)
-    assert r["mAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)
-    np.testing.assert_allclose(r["cmc"], [0, 1, 1, 1])
+def test_ties_rank_true_matches_last():
+    g_pids = np.array([5, 1, 5, 1, 7])
+    g_camids = np.array([1, 1, 1, 1, 1])
+    dist = np.array([[0.3, 0.3, 0.3, 0.3, 0.1]], np.float32)  # g4 first, then a tie of four
+    with pytest.warns(RuntimeWarning, match="1 of 1 queries have a true match tied"):
+        r = evaluate_rank(dist, np.array([1]), g_pids, np.array([0]), g_camids, max_rank=5)
+    # the true matches g1, g3 take the tie's last places: ranks 4 and 5
+    assert r["mAP"] == pytest.approx((1 / 4 + 2 / 5) / 2)
+    np.testing.assert_allclose(r["cmc"], [0, 0, 0, 1, 1])
+    assert r["num_tied_queries"] == 1
 
 
 def test_no_valid_query_raises():
