@@ -19,7 +19,7 @@ import torch
 from . import config as C
 from .checkpoint import load_model
 from .cli import UsageError, add_field_arguments, check_fused_backend, given_flags, load_dataset
-from .data.check import check_dataset
+from .data.check import check_dataset, unmatched_note
 from .engine import evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
 from .errors import run_cli
 from .runfolder import check_output_file
@@ -89,7 +89,9 @@ def evaluate(ns: argparse.Namespace) -> dict:
     channels_last = r.channels_last == "on" or (r.channels_last == "auto" and rt.device.type == "cuda")
     check_fused_backend(model.fused, rt.device.type == "cuda")
     dataset = load_dataset(cfg.data)
-    check_dataset(dataset, ("query", "gallery"))  # all problems in one message, before any feature
+    report = check_dataset(dataset, ("query", "gallery"))  # all problems in one message, before any feature
+    if unmatched_note(report, dataset):
+        print(unmatched_note(report, dataset), flush=True)
     model.to(rt.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -24,7 +24,7 @@ from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkp
                          load_checkpoint, load_model, prune_checkpoints, restore_rng_state)
 from .cli import (UsageError, add_field_arguments, add_layer_arguments, check_fused_backend, find_pretrained,
                   layers_from_args, load_dataset, section_fields)
-from .data.check import check_dataset
+from .data.check import check_dataset, unmatched_note
 from .divergence import LossWatch, check_finite_state
 from .errors import TrainingDivergedError, run_cli
 from .runfolder import acquire_run_folder, resume_checkpoint
@@ -364,7 +364,10 @@ def train(cfg: C.RunConfig) -> dict:
         # Rank 0 builds the dataset first (the synthetic one is generated on first use), then the others.
         dataset = load_dataset(cfg.data) if rt.is_main else None
         if rt.is_main:  # every split non-empty, every image decodable: found now, not after the last epoch
-            log(f"dataset check: {check_dataset(dataset)['images']} images decode")
+            report = check_dataset(dataset)
+            log(f"dataset check: {report['images']} images decode")
+            if unmatched_note(report, dataset):
+                log(unmatched_note(report, dataset))
         barrier(rt)
         if not rt.is_main:
             dataset = load_dataset(cfg.data)

@@ -14,7 +14,7 @@ import warnings
 from ..config import parse_kv
 from ..errors import DatasetCheckError, ReidError, run_cli
 from . import DATASETS, build_dataset
-from .check import SPLITS, check_dataset
+from .check import SPLITS, check_dataset, unmatched_note
 
 
 def check(a) -> None:
@@ -39,6 +39,8 @@ def check(a) -> None:
                 print(f"  {path}: {why}")
         raise
     print(f"all {report['images']} images decode")
+    if unmatched_note(report, ds):
+        print(unmatched_note(report, ds))
 
 
 def main(argv=None) -> int:

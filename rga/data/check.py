@@ -1,5 +1,6 @@
 """Check a whole dataset before training or evaluating on it: every split non-empty, every image
-readable and decodable (JPEGs at 1/8 size: fast, and the whole file is still read)."""
+readable and decodable (JPEGs at 1/8 size: fast, and the whole file is still read), and queries
+the evaluation protocol can score (a gallery image of the same identity from another camera)."""
 from __future__ import annotations
 
 import os
@@ -36,15 +37,33 @@ def find_bad_images(paths: Sequence[str], threads: int = 0) -> List[Tuple[str, s
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
+def queries_without_cross_camera_match(query, gallery) -> int:
+    """How many query items have no gallery item of their identity from another camera: the
+    protocol leaves those out of every score (rga.metrics)."""
+    cams: Dict[int, set] = {}
+    for item in gallery:
+        cams.setdefault(int(item[1]), set()).add(int(item[2]))
+    return sum(1 for item in query if not (cams.get(int(item[1]), set()) - {int(item[2])}))
+
+
 def check_dataset(dataset, splits: Sequence[str] = SPLITS, *, images: bool = True, threads: int = 0) -> Dict:
     """Raise DatasetCheckError (one message naming every problem kind and the first files) if a
-    split is empty or an image cannot be read. Returns {"images": N, "bad": {split: [(path, why)]}}
-    (bad is empty when it returns)."""
+    split is empty, an image cannot be read, or (query and gallery checked) no query has a gallery
+    image of its identity from another camera. Returns {"images": N, "bad": {split: [(path, why)]},
+    "queries_without_match": K} (bad is empty when it returns; K queries the protocol will skip,
+    0 unless query and gallery are checked)."""
     problems: List[str] = []
     empty = [s for s in splits if not getattr(dataset, s)]
     if empty:
         root = getattr(dataset, "root", "?")
         problems.append(f"empty split(s): {', '.join(empty)} (no usable image under {root})")
+    unmatched = 0
+    if "query" in splits and "gallery" in splits and dataset.query and dataset.gallery:
+        unmatched = queries_without_cross_camera_match(dataset.query, dataset.gallery)
+        if unmatched == len(dataset.query):
+            problems.append(f"none of the {unmatched} query images has a gallery image of its identity from another "
+                            "camera, which the evaluation protocol needs (same-camera matches do not count): "
+                            "nothing could be scored")
     bad: Dict[str, List[Tuple[str, str]]] = {}
     n = 0
     if images:
@@ -70,4 +89,13 @@ def check_dataset(dataset, splits: Sequence[str] = SPLITS, *, images: bool = Tru
                                    if n_bad else ""))
         err.bad = bad  # every unreadable file, per split
         raise err
-    return {"images": n, "bad": bad}
+    return {"images": n, "bad": bad, "queries_without_match": unmatched}
+
+
+def unmatched_note(report: Dict, dataset) -> str:
+    """A line for the log when some (not all) queries will be skipped by the protocol; "" if none."""
+    k = report.get("queries_without_match", 0)
+    if not k:
+        return ""
+    return (f"note: {k} of {len(dataset.query)} query images have no gallery image of their identity from another "
+            "camera; the evaluation leaves them out")

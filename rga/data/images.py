@@ -10,6 +10,8 @@ TIFF almost all 0. Here those are scaled instead, or refused by name when their 
   1) is refused, since its scale cannot be told from the file;
 - 32-bit integer (``I`` from TIFF and others): refused (no known scale);
 - any other mode: PIL's conversion to RGB.
+
+A camera's EXIF orientation is applied (``upright``), so a photo stored sideways is read upright.
 """
 from __future__ import annotations
 
@@ -61,6 +63,19 @@ def to_rgb8(im):
         raise UnsupportedImageError(f"cannot convert mode {mode} to RGB: {e}") from e
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(im):
+    """The image as it is meant to be seen: a camera's EXIF orientation tag (a portrait photo
+    stored sideways) applied with Pillow's ``ImageOps.exif_transpose``; unchanged without one."""
+    from PIL import ImageOps
+
+    if im.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def read_image(path, *, draft: bool = False):
     """The image at `path` as an 8-bit PIL RGB image; any failure is an ImageReadError naming the file.
 
@@ -73,7 +88,7 @@ def read_image(path, *, draft: bool = False):
             if draft and im.format == "JPEG":
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
-            return to_rgb8(im)
+            return to_rgb8(upright(im))
     except UnsupportedImageError as e:
         raise ImageReadError(f"cannot use image {path}: {e}") from e
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
