@@ -109,7 +109,7 @@ def _dataset(tmp_path, n_bad=0, empty=()):
         for i in range(3):
             p = tmp_path / f"{split}_{i}.jpg"
             Image.fromarray(gradient()).save(p)
-            items[split].append((str(p), i, 0))
+            items[split].append((str(p), i, 1 if split == "gallery" else 0))  # cross-camera matches
     bad = []
     for i in range(n_bad):
         p = tmp_path / f"gallery_bad{i}.jpg"
