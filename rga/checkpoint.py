@@ -85,9 +85,9 @@ def atomic_write(path, write, *, what: str = "file", error=None) -> Path:
             raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_name_for(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        f = open(tmp, "xb")  # O_EXCL; 0666 less the umask
         try:
-            with os.fdopen(fd, "wb") as f:
+            with f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())

@@ -95,18 +95,27 @@ def layers_from_args(ns: argparse.Namespace, cli_names) -> list:
 
 
 def check_fused_backend(fused, on_gpu: bool) -> None:
-    """A --fused-rga backend name that this machine cannot run is a usage error, caught up front."""
-    if not isinstance(fused, str):
+    """A --fused-rga backend name (or, for --fused-rga on/auto, an RGA_KERNELS_BACKEND value) that
+    this machine cannot run is a usage error, caught up front rather than at the first forward."""
+    import os
+
+    env = os.environ.get("RGA_KERNELS_BACKEND", "auto")
+    if isinstance(fused, str) and fused != "auto":
+        name, source = fused, f"--fused-rga {fused}"
+    elif fused and env != "auto":
+        name, source = env, f"RGA_KERNELS_BACKEND={env} (environment variable, used by the fused RGA path)"
+    else:
         return
     import rga_kernels
 
     device = "cuda" if on_gpu else "cpu"
     status = rga_kernels.backend_status(device)
-    if fused not in status:
-        raise UsageError(f"--fused-rga {fused}: unknown backend; expected on/off/auto or one of {list(status)}")
-    ok, why = status[fused]
+    if name not in status:
+        choices = "on/off/auto" if name == fused else "auto"
+        raise UsageError(f"{source}: unknown backend; expected {choices} or one of {list(status)}")
+    ok, why = status[name]
     if not ok:
-        raise UsageError(f"--fused-rga {fused} cannot run on {device} here: {why}; available: "
+        raise UsageError(f"{source} cannot run on {device} here: {why}; available: "
                          f"{rga_kernels.available_backends(device)}")
 
 

@@ -45,8 +45,12 @@ INPUT_NAME, OUTPUT_NAME = "images", "features"
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export wants a finite range to reason with)
 
 
-class ExportError(RuntimeError):
-    """An export or its check failed; the message says which step and why."""
+from .errors import ReidError
+
+
+class ExportError(ReidError, RuntimeError):
+    """An export or its check failed, or an exported file cannot be used; the message says which
+    step and why."""
 
 
 def _first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:
@@ -210,10 +214,12 @@ def _export_onnx_torchscript(fm, path, dynamic_batch, batch_size, opset):
         raise ExportError(f"the TorchScript ONNX exporter failed: {_first_line(e)}") from e
 
 
-def _finish_onnx(path: Path, meta: dict) -> dict:
-    """Name the batch dimension, embed the metadata, run onnx.checker; returns the metadata."""
+def _finish_onnx(path: Path, meta: dict, name=None) -> dict:
+    """Name the batch dimension, embed the metadata, run onnx.checker; returns the metadata.
+    `name`: the file's name in messages (`path` may be a temporary file)."""
     onnx = _onnx_module()
     proto = onnx.load(str(path))
+    path = name or path
     meta["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if meta["dynamic_batch"]:
         old = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
@@ -231,8 +237,7 @@ def _finish_onnx(path: Path, meta: dict) -> dict:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"onnx.checker rejected {path}: {_first_line(e)}") from e
-    onnx.save(proto, str(path))
-    return meta
+    return proto
 
 
 def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_size: int = 1, opset: int | None = None,
@@ -246,36 +251,62 @@ def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_siz
     _check_batch(batch_size)
     if opset is not None and not 7 <= opset <= 30:
         raise ValueError(f"opset must be an ONNX opset number (7..30), got {opset}")
-    _onnx_module()
+    onnx = _onnx_module()
     fm = prepare_for_export(model, normalize=normalize)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    used, why = exporter, None
-    if exporter in ("auto", "dynamo"):
-        try:
-            _export_onnx_dynamo(fm, program, path, dynamic_batch, batch_size, opset)
-            used = "dynamo"
-        except ExportError as e:
-            if exporter == "dynamo":
-                raise
-            why = str(e)
-            warnings.warn(f"{why}; falling back to the TorchScript ONNX exporter", RuntimeWarning, stacklevel=2)
-            used = "torchscript"
-    if used == "torchscript":
-        _export_onnx_torchscript(fm, path, dynamic_batch, batch_size, opset)
-    meta = metadata(fm, fmt="onnx", dynamic_batch=dynamic_batch, batch_size=batch_size, exporter=used,
-                    source=source, opset=opset)
-    if why:
-        meta["fallback_reason"] = why
-    meta = _finish_onnx(path, meta)
-    _write_sidecar(path, meta)
-    return meta
+    out = {}
+
+    def write(f):  # the exporters write by path: the temporary file's (rga.checkpoint.atomic_write)
+        tmp = Path(f.name)
+        used, why = exporter, None
+        if exporter in ("auto", "dynamo"):
+            try:
+                _export_onnx_dynamo(fm, program, tmp, dynamic_batch, batch_size, opset)
+                used = "dynamo"
+            except ExportError as e:
+                if exporter == "dynamo" or _os_error(e) is not None:
+                    raise  # a file-system failure is the path's fault, not the exporter's: no fallback
+                why = str(e).replace(str(tmp), str(path))
+                warnings.warn(f"{why}; falling back to the TorchScript ONNX exporter", RuntimeWarning, stacklevel=3)
+                used = "torchscript"
+        if used == "torchscript":
+            _export_onnx_torchscript(fm, tmp, dynamic_batch, batch_size, opset)
+        meta = metadata(fm, fmt="onnx", dynamic_batch=dynamic_batch, batch_size=batch_size, exporter=used,
+                        source=source, opset=opset)
+        if why:
+            meta["fallback_reason"] = why
+        proto = _finish_onnx(tmp, meta, name=path)
+        f.seek(0)
+        f.truncate()
+        f.write(proto.SerializeToString())
+        out["meta"] = meta
+
+    _write_output(path, write, "ONNX model")
+    _write_sidecar(path, out["meta"])
+    return out["meta"]
+
+
+def _os_error(e: BaseException):
+    from .errors import find_os_error
+
+    return find_os_error(e)
+
+
+def _write_output(path: Path, write, what: str) -> Path:
+    """`write(f)` into a temporary file, renamed over `path` when it succeeded (the old file stays
+    otherwise): rga.checkpoint.atomic_write. A file-system failure becomes an ExportError naming
+    the path and the operating system's reason."""
+    from .checkpoint import atomic_write
+
+    return atomic_write(path, write, what=what, error=ExportError)
 
 
 def save_program(program: torch.export.ExportedProgram, path, meta: dict) -> dict:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path), extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+    # through a Python file object: a failed write is then an OSError (torch's C++ file writer
+    # aborts the process on a full disk)
+    _write_output(path, lambda f: torch.export.save(program, f, extra_files={f"{METADATA_KEY}.json": json.dumps(meta)}),
+                  "ExportedProgram")
     _write_sidecar(path, meta)
     return meta
 
@@ -299,7 +330,8 @@ def _check_batch(batch_size) -> None:
 
 
 def _write_sidecar(path: Path, meta: dict) -> None:
-    Path(str(path) + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    text = json.dumps(meta, indent=2) + "\n"
+    _write_output(Path(str(path) + ".json"), lambda f: f.write(text.encode()), "export metadata")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,25 +343,87 @@ def read_metadata(path) -> dict:
     path = Path(path)
     side = Path(str(path) + ".json")
     if side.is_file():
-        return json.loads(side.read_text())
+        try:
+            meta = json.loads(side.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ExportError(f"{side} is not export metadata (not JSON: {e})") from e
+        if not isinstance(meta, dict):
+            raise ExportError(f"{side} is not export metadata (a JSON {type(meta).__name__}, not an object)")
+        return meta
     if path.suffix == ".onnx":
-        proto = _onnx_module().load(str(path), load_external_data=False)
+        try:
+            proto = _onnx_module().load(str(path), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise ExportError(f"{path} is not a complete ONNX model (truncated or damaged?): {_first_line(e)}") from e
         for entry in proto.metadata_props:
             if entry.key == METADATA_KEY:
                 return json.loads(entry.value)
     else:
         import zipfile
 
-        with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                if name.endswith(f"extra/{METADATA_KEY}.json"):
-                    return json.loads(z.read(name))
+        try:
+            with zipfile.ZipFile(path) as z:
+                for name in z.namelist():
+                    if name.endswith(f"extra/{METADATA_KEY}.json"):
+                        return json.loads(z.read(name))
+        except zipfile.BadZipFile as e:
+            raise ExportError(f"{path} is not a complete .pt2 archive (truncated or damaged?): {e}") from e
     raise ExportError(f"{path} carries no rga export metadata (no {side.name}); was it written by rga.export?")
 
 
-def load_exported(path):
+def find_pickles_in_pt2(path) -> list:
+    """The entries of a .pt2 archive that ``torch.export.load`` would unpickle with
+    ``weights_only=False`` (running any code they reference): weights or constants marked
+    ``use_pickle`` in the archive's payload configs, and every embedded torch.save file (sample
+    inputs, legacy weights) that ``torch.load(weights_only=True)`` refuses. rga.export never
+    writes either kind. Raises ExportError for a file that is not a readable archive."""
+    import io
+    import pickle
+    import zipfile
+
+    found = []
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.endswith("_config.json") and "/data/" in f"/{name}":
+                    try:
+                        config = json.loads(z.read(name)).get("config", {})
+                    except (ValueError, AttributeError) as e:
+                        raise ExportError(f"{path}: {name} is not a payload config ({e})") from e
+                    found += [f"{name}: {key}" for key, entry in config.items()
+                              if isinstance(entry, dict) and entry.get("use_pickle")]
+                elif name.endswith(".pt") or name.endswith(".pkl"):
+                    try:
+                        torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                    except pickle.UnpicklingError:
+                        found.append(name)
+                    except Exception:  # noqa: BLE001 - unreadable for another reason: still refused
+                        found.append(name)
+    except zipfile.BadZipFile as e:
+        raise ExportError(f"{path} is not a complete .pt2 archive (truncated or damaged?): {e}") from e
+    return found
+
+
+def check_pt2_safe(path, trust_pickles: bool = False) -> None:
+    """Refuse (UntrustedFileError) a .pt2 whose loading would unpickle objects, unless the caller
+    trusts the file (``--trust-pickles``)."""
+    from .errors import UntrustedFileError
+
+    if trust_pickles:
+        return
+    found = find_pickles_in_pt2(path)
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise UntrustedFileError(f"{path} holds pickled entries ({shown}); torch.export.load would unpickle them "
+                                 "without weights_only, which runs any code they reference. rga.export never "
+                                 "writes these; load the file only if you trust where it came from "
+                                 "(--trust-pickles)")
+
+
+def load_exported(path, *, trust_pickles: bool = False):
     """A callable ``fn(batch: Tensor (N, 3, H, W)) -> Tensor (N, D)`` for an exported file, and its
-    metadata. ``.onnx``: ONNX Runtime on the CPU execution provider; otherwise ``torch.export.load``."""
+    metadata. ``.onnx``: ONNX Runtime on the CPU execution provider; otherwise ``torch.export.load``,
+    after :func:`check_pt2_safe` (a .pt2 with pickled entries is refused unless ``trust_pickles``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
@@ -339,12 +433,20 @@ def load_exported(path):
             import onnxruntime as ort
         except ImportError as e:
             raise ExportError("running an ONNX model needs onnxruntime: pip install 'rga-kernels[deploy]'") from e
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - a truncated or damaged file
+            raise ExportError(f"{path} cannot be loaded by ONNX Runtime (truncated or damaged?): "
+                              f"{_first_line(e)}") from e
 
         def run(batch: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {meta["input"]: batch.float().numpy()})[0])
     else:
-        module = torch.export.load(str(path)).module()
+        check_pt2_safe(path, trust_pickles)
+        try:
+            module = torch.export.load(str(path)).module()
+        except Exception as e:  # noqa: BLE001 - a damaged archive
+            raise ExportError(f"{path} cannot be loaded by torch.export.load: {_first_line(e)}") from e
 
         def run(batch: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -403,11 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .runfolder import check_output_file
 
     try:
         _check_batch(args.batch_size)
         model = load_trained_model(args.run, feat=args.feat)
         out = Path(args.out) if args.out else default_output(args.run, args.format)
+        check_output_file(out)  # a folder, a read-only place, a file in the way: said now, not after exporting
         source = str(Path(args.run))
         t0 = time.perf_counter()
         common = dict(dynamic_batch=args.dynamic_batch, batch_size=args.batch_size, normalize=not args.no_normalize,
@@ -432,7 +536,7 @@ def main(argv=None) -> int:
                   f"(random batches of {'1, 7 and 32' if args.dynamic_batch else args.batch_size})")
             if err > 1e-3:
                 raise ExportError(f"the exported model differs from the PyTorch model by {err:.2e}")
-    except (CheckpointError, ExportError, ValueError, TypeError, FileNotFoundError) as e:
+    except (CheckpointError, ReidError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"rga.export: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -11,24 +11,28 @@ named on stderr, counted, recorded in the index and skipped. MODEL is a run fold
 of ``rga.train``, or a file written by ``rga.export`` (``.onnx``, run in ONNX Runtime; ``.pt2``,
 run by ``torch.export.load``).
 
-``query`` extracts the query images' features with the index's model (or ``--model``) and ranks
-the gallery by cosine similarity: an exact search, by a torch matrix product by default or by
-``faiss.IndexFlatIP`` (``pip install faiss-cpu``; ``--backend auto`` takes it for galleries of
-100,000 images and more). ``--plot FILE`` draws each query and its top matches (matplotlib).
+``query`` extracts the query images' features with ``--model`` (required: an index never loads a
+model on its own) and ranks the gallery by cosine similarity: an exact search, by a torch matrix
+product by default or by ``faiss.IndexFlatIP`` (``pip install faiss-cpu``; ``--backend auto``
+takes it for galleries of 100,000 images and more). The model must be the one that built the
+index: the index stores its fingerprint (kind, architecture, input size, feature size and a
+SHA-256 of the weights, or of the exported file), and another model is refused.
+``--plot FILE`` draws each query and its top matches (matplotlib).
 
-The index file is an ``.npz`` written without pickled objects and read with
+The index file is an ``.npz`` written atomically, without pickled objects, and read with
 ``allow_pickle=False``: arrays ``features`` (N, D) float32, ``paths`` (unicode), ``pids``,
-``camids`` (int64, -1 where unknown) and ``meta`` (a JSON string: format version, model, input
-size, counts, skipped files).
+``camids`` (int64, -1 where unknown) and ``meta`` (a JSON object: format version, the model's
+path and fingerprint, input size, counts, skipped files). Loading checks it: finite features of
+unit length, consistent arrays. A ``.pt2`` model holding pickled entries is refused unless
+``--trust-pickles`` (see rga.export.check_pt2_safe).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +40,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the model's fingerprint in meta; features checked on load
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SEARCH_BACKENDS = ("auto", "torch", "faiss")
 FAISS_AUTO_MIN = 100_000  # --backend auto uses faiss (when installed) from this gallery size on
 _LOOSE_NAME = re.compile(r"^(-?\d+)_c(\d+)", re.IGNORECASE)
 
 
-class SearchError(RuntimeError):
+from .errors import ReidError
+
+
+class SearchError(ReidError, RuntimeError):
     """A bad index file, model or input; the message says which and why."""
 
 
@@ -80,23 +87,71 @@ class FeatureModel:
     width: int
     source: str
     kind: str
+    arch: str = ""
+    weights_sha256: str = ""
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(self.run(batch).float(), dim=1)
 
+    def fingerprint(self, feature_dim: int) -> dict:
+        """What an index records of the model that built it (see :func:`check_fingerprint`)."""
+        return {"kind": self.kind, "arch": self.arch, "height": self.height, "width": self.width,
+                "feature_dim": int(feature_dim), "weights_sha256": self.weights_sha256}
 
-def load_model(source, device=None) -> FeatureModel:
-    """A run folder / checkpoint of rga.train (PyTorch, FeatureExtractor), or an exported .onnx / .pt2."""
+
+def _state_dict_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over a model's state_dict: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(source, device=None, *, trust_pickles: bool = False) -> FeatureModel:
+    """A run folder / checkpoint of rga.train (PyTorch, FeatureExtractor), or an exported .onnx /
+    .pt2 (a .pt2 with pickled entries only with ``trust_pickles``)."""
     path = Path(source)
     if path.suffix in (".onnx", ".pt2"):
         from .export import load_exported
 
-        run, meta = load_exported(path)
-        return FeatureModel(run, int(meta["height"]), int(meta["width"]), str(path), meta["format"])
+        run, meta = load_exported(path, trust_pickles=trust_pickles)
+        return FeatureModel(run, int(meta["height"]), int(meta["width"]), str(path), meta["format"],
+                            arch=f"{meta.get('variant')}/{meta.get('backbone')}", weights_sha256=_file_sha256(path))
     from .extractor import FeatureExtractor
 
     extractor = FeatureExtractor(path, device=device)
-    return FeatureModel(extractor, extractor.height, extractor.width, str(path), "pytorch")
+    net = extractor.model
+    return FeatureModel(extractor, extractor.height, extractor.width, str(path), "pytorch",
+                        arch=f"{getattr(net, 'variant', type(net).__name__)}/{getattr(net, 'arch', '?')}",
+                        weights_sha256=_state_dict_sha256(net))
+
+
+def check_fingerprint(index: "GalleryIndex", model: FeatureModel, index_path="the index") -> None:
+    """SearchError unless `model` is the model that built `index` (same kind, architecture, input
+    size and weights): features of another model live in another space, and ranking them against
+    the index would give confident nonsense."""
+    want = index.meta.get("fingerprint")
+    if not isinstance(want, dict):
+        raise SearchError(f"{index_path} records no model fingerprint; rebuild it with rga.search build")
+    have = model.fingerprint(index.features.shape[1])
+    differ = [f"{k} {want.get(k)!r} vs {have[k]!r}" for k in ("kind", "arch", "height", "width")
+              if want.get(k) != have[k]]
+    if not differ and want.get("weights_sha256") != have["weights_sha256"]:
+        differ.append(f"weights sha256 {str(want.get('weights_sha256'))[:12]}... vs {have['weights_sha256'][:12]}...")
+    if differ:
+        raise SearchError(f"--model {model.source} is not the model that built {index_path} "
+                          f"({index.meta.get('model', '?')}): {'; '.join(differ)}. Query with that model, or "
+                          "rebuild the index with this one")
 
 
 def _progress(iterable, total, desc, enabled):
@@ -160,21 +215,17 @@ class GalleryIndex:
         return len(self.paths)
 
     def save(self, path) -> Path:
-        """Write the index (atomically) as an .npz of plain arrays."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the index (atomically: rga.checkpoint.atomic_write) as an .npz of plain arrays."""
+        from .checkpoint import atomic_write
+
         meta = dict(self.meta, index_version=INDEX_VERSION, size=len(self), dim=int(self.features.shape[1]))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
-                np.savez(f, features=self.features.numpy().astype(np.float32),
-                         paths=np.array(self.paths, dtype=np.str_), pids=self.pids.astype(np.int64),
-                         camids=self.camids.astype(np.int64), meta=np.array(json.dumps(meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+
+        def write(f):  # a file object: np.savez adds no ".npz" to the name
+            np.savez(f, features=self.features.numpy().astype(np.float32),
+                     paths=np.array(self.paths, dtype=np.str_), pids=self.pids.astype(np.int64),
+                     camids=self.camids.astype(np.int64), meta=np.array(json.dumps(meta)))
+
+        return atomic_write(path, write, what="index", error=SearchError)
 
     @classmethod
     def load(cls, path) -> "GalleryIndex":
@@ -189,21 +240,48 @@ class GalleryIndex:
         missing = {"features", "paths", "pids", "camids", "meta"} - set(arrays)
         if missing:
             raise SearchError(f"{path} is not an index written by rga.search build (missing {sorted(missing)})")
-        meta = json.loads(str(arrays["meta"]))
+        try:
+            meta = json.loads(str(arrays["meta"]))
+        except ValueError as e:
+            raise SearchError(f"{path}: its meta is not JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise SearchError(f"{path}: its meta is a JSON {type(meta).__name__}, not an object; "
+                              "not an index written by rga.search build")
         version = meta.get("index_version")
         if version != INDEX_VERSION:
-            raise SearchError(f"{path}: index format version {version}, this rga.search reads version {INDEX_VERSION}")
+            raise SearchError(f"{path}: index format version {version}, this rga.search reads version {INDEX_VERSION} "
+                              "(rebuild the index with rga.search build)")
+        if not np.issubdtype(arrays["features"].dtype, np.floating):
+            raise SearchError(f"{path}: features of type {arrays['features'].dtype}, expected floats")
         feats = torch.from_numpy(arrays["features"].astype(np.float32))
         n = feats.shape[0]
         if feats.dim() != 2 or not (len(arrays["paths"]) == len(arrays["pids"]) == len(arrays["camids"]) == n):
             raise SearchError(f"{path}: inconsistent index (features {tuple(feats.shape)}, "
                               f"{len(arrays['paths'])} paths)")
+        check_index_features(feats, path)
         return cls(feats, [str(p) for p in arrays["paths"]], arrays["pids"], arrays["camids"], meta)
 
     def search(self, queries: torch.Tensor, top: int = 10, backend: str = "auto"):
         """(similarities (Q, k), indices (Q, k)) of the k = min(top, N) most similar gallery
         entries per query, best first (cosine similarity: features are unit vectors)."""
         return search(self.features, queries, top=top, backend=backend)
+
+
+def check_index_features(feats: torch.Tensor, where="the index", tol: float = 1e-3) -> None:
+    """SearchError unless every feature row is finite and of unit length (rga.search build writes
+    L2-normalized features; anything else would rank by similarities that mean nothing)."""
+    if feats.numel() == 0:
+        return
+    bad = (~torch.isfinite(feats)).any(1)
+    if bool(bad.any()):
+        raise SearchError(f"{where}: {int(bad.sum())} of {len(feats)} features hold NaN or Inf; "
+                          "the index is damaged (rebuild it)")
+    norms = feats.double().norm(dim=1)
+    off = (norms - 1).abs() > tol
+    if bool(off.any()):
+        raise SearchError(f"{where}: {int(off.sum())} of {len(feats)} features are not of unit length (norms "
+                          f"{float(norms.min()):.4g} to {float(norms.max()):.4g}); rga.search build writes "
+                          "L2-normalized features: the index is damaged or not ours (rebuild it)")
 
 
 def resolve_backend(backend: str, size: int) -> str:
@@ -252,10 +330,11 @@ def search(gallery: torch.Tensor, queries: torch.Tensor, top: int = 10, backend:
     return torch.cat(sims), torch.cat(idx)
 
 
-def build_index(model, gallery_dir, *, batch_size: int = 64, device=None, progress: bool = False) -> GalleryIndex:
+def build_index(model, gallery_dir, *, batch_size: int = 64, device=None, progress: bool = False,
+                trust_pickles: bool = False) -> GalleryIndex:
     """Features of every image under ``gallery_dir`` with ``model`` (a run folder, checkpoint,
     exported file or a loaded :class:`FeatureModel`)."""
-    fm = model if isinstance(model, FeatureModel) else load_model(model, device=device)
+    fm = model if isinstance(model, FeatureModel) else load_model(model, device=device, trust_pickles=trust_pickles)
     paths = list_images(gallery_dir)
     if not paths:
         raise SearchError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {gallery_dir}")
@@ -264,7 +343,10 @@ def build_index(model, gallery_dir, *, batch_size: int = 64, device=None, progre
     if not kept:
         raise SearchError(f"none of the {len(paths)} images under {gallery_dir} could be read")
     ids = np.array([parse_name(p) for p in kept], dtype=np.int64).reshape(-1, 2)
+    if not bool(torch.isfinite(feats).all()):
+        raise SearchError(f"the model {fm.source} gives non-finite features (NaN or Inf): diverged weights?")
     meta = {"model": str(Path(fm.source).resolve()), "model_kind": fm.kind, "height": fm.height, "width": fm.width,
+            "fingerprint": fm.fingerprint(feats.shape[1]), "normalized": True,
             "gallery_dir": str(Path(gallery_dir).resolve()), "found": len(paths), "skipped": len(skipped),
             "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
             "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -352,9 +434,13 @@ def plot_results(results: list[dict], out, *, top: int = 10):
                     spine.set_edgecolor(color)
                     spine.set_linewidth(3)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    from .checkpoint import atomic_write
+
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, dpi=100, format=Path(out).suffix[1:].lower() or "png"),
+                     what="figure", error=SearchError)
+    finally:
+        plt.close(fig)
     return Path(out)
 
 
@@ -382,12 +468,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_positive_int, default=64)
     b.add_argument("--device", help="cpu or cuda (PyTorch models; default: cuda when available)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--trust-pickles", action="store_true",
+                   help="load a .pt2 model even if it holds pickled entries (they can run code: trusted files only)")
     q = sub.add_parser("query", help="rank the gallery for query images")
     q.add_argument("index", metavar="FILE", help="index file written by build")
     q.add_argument("images", metavar="IMAGE", nargs="+", help="query images")
     q.add_argument("--top", type=_positive_int, default=10, help="results per query (default 10)")
     q.add_argument("--json", action="store_true", help="print the results as JSON")
-    q.add_argument("--model", help="model for the query features (default: the one that built the index)")
+    q.add_argument("--model", required=True,
+                   help="the model that built the index (run folder, checkpoint, .onnx or .pt2); checked against "
+                        "the fingerprint the index stores")
+    q.add_argument("--trust-pickles", action="store_true",
+                   help="load a .pt2 model even if it holds pickled entries (they can run code: trusted files only)")
     q.add_argument("--backend", choices=SEARCH_BACKENDS, default="auto",
                    help=f"exact search by torch or faiss.IndexFlatIP (auto: faiss from {FAISS_AUTO_MIN:,} images when installed)")
     q.add_argument("--cross-camera", action="store_true",
@@ -398,8 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_build(args) -> int:
+    from .runfolder import check_output_file
+
+    check_output_file(args.index)  # before extracting any feature
     index = build_index(args.model, args.gallery, batch_size=args.batch_size, device=args.device,
-                        progress=not args.no_progress and sys.stderr.isatty())
+                        progress=not args.no_progress and sys.stderr.isatty(), trust_pickles=args.trust_pickles)
     path = index.save(args.index)
     m = index.meta
     print(f"indexed {len(index)} of {m['found']} images ({m['skipped']} unreadable, skipped) from {args.gallery} "
@@ -410,10 +505,8 @@ def _cmd_build(args) -> int:
 
 def _cmd_query(args) -> int:
     index = GalleryIndex.load(args.index)
-    model = load_model(args.model or index.meta["model"], device=args.device)
-    if (model.height, model.width) != (index.meta.get("height"), index.meta.get("width")):
-        print(f"note: the query model's input {model.height}x{model.width} differs from the index's "
-              f"{index.meta.get('height')}x{index.meta.get('width')}", file=sys.stderr)
+    model = load_model(args.model, device=args.device, trust_pickles=args.trust_pickles)
+    check_fingerprint(index, model, args.index)
     results, skipped = rank(index, model, args.images, top=args.top, backend=args.backend,
                             cross_camera=args.cross_camera)
     if skipped:
@@ -446,7 +539,7 @@ def main(argv=None) -> int:
 
     try:
         return _cmd_build(args) if args.command == "build" else _cmd_query(args)
-    except (SearchError, CheckpointError, ExportError, ValueError, FileNotFoundError) as e:
+    except (ReidError, CheckpointError, ExportError, ValueError, FileNotFoundError) as e:
         print(f"rga.search: error: {e}", file=sys.stderr)
         return 2
 

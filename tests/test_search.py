@@ -85,7 +85,8 @@ def test_build_skips_unreadable_and_answers_queries(run, data, tmp_path, capsys)
 
     query_files = sorted(str(p) for p in queries.iterdir())
     bad = str(tmp_path / "missing.jpg")
-    assert main(["query", str(index_file), *query_files, bad, "--top", "4", "--json", "--device", "cpu"]) == 0
+    assert main(["query", str(index_file), *query_files, bad, "--top", "4", "--json", "--device", "cpu",
+                 "--model", str(folder)]) == 0
     captured = capsys.readouterr()
     assert "1 of 6 query images unreadable" in captured.err and "missing.jpg" in captured.err
     out = json.loads(captured.out)
@@ -103,7 +104,7 @@ def test_build_skips_unreadable_and_answers_queries(run, data, tmp_path, capsys)
     # text output, the cross-camera protocol and the plot
     plot = tmp_path / "q.png"
     assert main(["query", str(index_file), query_files[0], "--top", "3", "--cross-camera", "--plot", str(plot),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--model", str(folder)]) == 0
     text = capsys.readouterr().out
     assert text.count("\n  ") == 3 and "top-1 same identity: 1/1" in text, text
     pytest.importorskip("matplotlib")
@@ -155,6 +156,7 @@ def test_search_exact_and_bad_input():
 
 
 def test_index_file_errors(tmp_path, capsys, run, data):
+    folder, _ = run
     with pytest.raises(SearchError, match="not found"):
         GalleryIndex.load(tmp_path / "none.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
@@ -177,8 +179,7 @@ def test_index_file_errors(tmp_path, capsys, run, data):
     with pytest.raises(SearchError, match="not an index"):
         GalleryIndex.load(tmp_path / "pickled.npz")
     # CLI: errors are messages with exit status 2
-    folder, _ = run
-    assert main(["query", str(tmp_path / "junk.npz"), "x.jpg"]) == 2
+    assert main(["query", str(tmp_path / "junk.npz"), "x.jpg", "--model", str(folder)]) == 2
     assert "rga.search: error:" in capsys.readouterr().err
     assert main(["build", str(folder), str(tmp_path / "nowhere"), "--index", str(tmp_path / "i.npz")]) == 2
     assert "gallery folder not found" in capsys.readouterr().err
