@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import sys
 import time
@@ -303,10 +304,11 @@ def _write_output(path: Path, write, what: str) -> Path:
 
 def save_program(program: torch.export.ExportedProgram, path, meta: dict) -> dict:
     path = Path(path)
-    # through a Python file object: a failed write is then an OSError (torch's C++ file writer
-    # aborts the process on a full disk)
-    _write_output(path, lambda f: torch.export.save(program, f, extra_files={f"{METADATA_KEY}.json": json.dumps(meta)}),
-                  "ExportedProgram")
+    # serialized in memory, then written by Python: a failed write (a full disk) is then an
+    # OSError; torch's C++ archive writer, given a file that fails, aborts the process
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+    _write_output(path, lambda f: f.write(buffer.getbuffer()), "ExportedProgram")
     _write_sidecar(path, meta)
     return meta
 
