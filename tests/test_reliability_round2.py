@@ -409,9 +409,12 @@ def test_case8_bogus_kernel_backend_is_one_error_line(market_root, tmp_path, mon
     assert "RGA_KERNELS_BACKEND=bogus" in line, line
 
 
-@pytest.mark.parametrize("meta", [["a", "list"], {"index_version": 2}])
+@pytest.mark.parametrize("meta", [["a", "list"], "no model"])
 def test_case8_index_meta_a_list_or_without_model(tmp_path, tiny_checkpoint, gallery, meta, capsys):
-    from rga.search import main as search_main
+    from rga.search import INDEX_VERSION, main as search_main
+
+    if meta == "no model":
+        meta = {"index_version": INDEX_VERSION}
 
     feats = torch.nn.functional.normalize(torch.randn(2, 8), dim=1).numpy()
     np.savez(tmp_path / "i.npz", features=feats, paths=np.array(["a.png", "b.png"]), pids=np.array([1, 2]),
