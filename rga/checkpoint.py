@@ -117,6 +117,19 @@ def atomic_write(path, write, *, what: str = "file", error=None) -> Path:
     return path
 
 
+def atomic_write_text(path, text: str, *, what: str = "file", error=None) -> Path:
+    """`text` (UTF-8) into `path` through :func:`atomic_write`."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), what=what, error=error)
+
+
+def atomic_save_figure(fig, path, *, dpi: int = 100, error=None) -> Path:
+    """A matplotlib figure into `path` (format from its suffix, PNG without one) through
+    :func:`atomic_write`."""
+    fmt = Path(path).suffix[1:].lower() or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format=fmt), what="figure", error=error)
+
+
 def atomic_save(obj, path) -> Path:
     """torch.save through :func:`atomic_write`: the old checkpoint or the new one, never half of one.
 

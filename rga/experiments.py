@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write_text
+
 
 @dataclass(frozen=True)
 class Row:
@@ -159,11 +161,8 @@ def run_row(row: Row, out: Path, *, preset, dataset, data_root, extra, log=print
               "last_call_wall_seconds": wall, "run_dir": str(run_dir),
               "dataset": cfg.data.dataset, "backbone": m.backbone, "input": f"{m.height}x{m.width}",
               "preset": preset, "extra_args": list(extra), "fused_rga": m.fused, "train_argv": argv}
-    path = out / "rows" / f"{row.slug}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write_text(out / "rows" / f"{row.slug}.json", json.dumps(result, indent=2, default=str) + "\n",
+                      what="JSON file")
     return result
 
 
@@ -210,14 +209,14 @@ def write_table(table: str, out: Path, meta: dict) -> tuple[Path, Path]:
                       f"{100 / max(min(x for x in ids if x), 1):.1f}%). Train time: the sum of the epochs' "
                       "training times in train.log (evaluation not included)."]
     md = out / f"{table}.md"
-    md.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n", what="table")
     js = out / f"{table}.json"
-    js.write_text(json.dumps({"table": table, "title": title, **meta,
+    atomic_write_text(js, json.dumps({"table": table, "title": title, **meta,
                               "rows": [{"slug": row.slug, "label": row.label, "group": row.group,
                                         "paper": dict(zip(("cuhk03_R1", "cuhk03_mAP", "market_R1", "market_mAP"),
                                                           row.paper)) if row.paper else None,
                                         "ours": res} for row, res in found]},
-                             indent=2, default=str) + "\n")
+                             indent=2, default=str) + "\n", what="JSON file")
     return md, js
 
 

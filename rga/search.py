@@ -434,11 +434,10 @@ def plot_results(results: list[dict], out, *, top: int = 10):
                     spine.set_edgecolor(color)
                     spine.set_linewidth(3)
     fig.tight_layout()
-    from .checkpoint import atomic_write
+    from .checkpoint import atomic_save_figure
 
     try:
-        atomic_write(out, lambda f: fig.savefig(f, dpi=100, format=Path(out).suffix[1:].lower() or "png"),
-                     what="figure", error=SearchError)
+        atomic_save_figure(fig, out, dpi=100, error=SearchError)
     finally:
         plt.close(fig)
     return Path(out)

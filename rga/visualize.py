@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import atomic_save_figure, atomic_write, atomic_write_text
+
 __all__ = ["load_model", "attention_maps", "foreground_ratio", "overlay", "attention_figure", "relation_maps",
            "position_invariance", "relation_figure", "gradcam_maps", "gradcam_figure", "rank_sheet", "plot_cmc",
            "main"]
@@ -219,9 +221,10 @@ def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path
             ax.set_title(title, fontsize=6)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -319,9 +322,10 @@ def relation_figure(original, rows, targets, grid, path) -> Path:
             ax.set_title((f"{label}\ninvariance {inv:.2f}\n" if t == 0 else "\n\n") + f"target ({tr},{tc})", fontsize=6)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -378,9 +382,10 @@ def gradcam_figure(originals, runs, path, ratios=None) -> Path:
             axes[i, j].set_title(title, fontsize=6)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -420,8 +425,8 @@ def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: i
             x0 += cw + 2 * border + (gap if k == 0 else 2)
         cells.append(boxes)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda f: sheet.save(f, format=fmt), what="figure")
     return {"path": str(path), "size": sheet.size, "cells": cells}
 
 
@@ -459,9 +464,10 @@ def plot_cmc(cmc, path, *, label: str | None = None, max_rank: int = 20) -> Path
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -565,7 +571,7 @@ def cmd_attention(args) -> dict:
     out = Path(args.out)
     stages = set(args.stages) if args.stages else None
     summary["figure"] = str(attention_figure(show_orig, runs, out / "attention.png", stages=stages, ratios=ratios))
-    (out / "foreground_ratio.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "foreground_ratio.json", json.dumps(summary, indent=2) + "\n", what="JSON file")
     print(f"foreground attention ratio (mass share inside the person mask / mask's area share; 1.0 = no preference), "
           f"{summary['images']} images:")
     for entry in summary["runs"]:
@@ -618,7 +624,7 @@ def cmd_relation(args) -> dict:
     summary["targets"] = targets
     out = Path(args.out)
     summary["figure"] = str(relation_figure(original, rows, targets, grid, out / "relation.png"))
-    (out / "relation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "relation.json", json.dumps(summary, indent=2) + "\n", what="JSON file")
     print(f"wrote {summary['figure']}")
     return summary
 
@@ -644,7 +650,7 @@ def cmd_gradcam(args) -> dict:
     k = args.show
     summary["figure"] = str(gradcam_figure(originals[:k], [(label, cams[:k]) for label, cams in runs],
                                            out / "gradcam.png", ratios=[r[:k] for r in ratios]))
-    (out / "gradcam.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "gradcam.json", json.dumps(summary, indent=2) + "\n", what="JSON file")
     print(f"wrote {summary['figure']}")
     return summary
 
@@ -680,7 +686,7 @@ def cmd_ranks(args) -> dict:
     summary = {"figure": layout["path"], "cmc": str(cmc_path), "R1": float(res["cmc"][0]), "mAP": float(res["mAP"]),
                "queries": [{"image": q[0], "pid": q[1], "top": [{"image": p, "pid": pid} for p, pid in row]}
                            for q, row in zip(queries, rows)]}
-    (out / "ranks.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "ranks.json", json.dumps(summary, indent=2) + "\n", what="JSON file")
     print(f"{_label(model)}: R1 {100 * res['cmc'][0]:.2f}%  mAP {100 * res['mAP']:.2f}% on {len(ds.query)} queries; "
           f"drawn: {len(queries)} queries, correct in top {args.top}: {hits}")
     print(f"wrote {layout['path']} and {cmc_path}")
