@@ -32,12 +32,30 @@ def non_finite_tensors(model: torch.nn.Module) -> list:
             if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def check_finite_state(model: torch.nn.Module, epoch: int, *, kept=None) -> None:
+def _any_rank(flag: bool) -> bool:
+    """`flag` or-ed over the ranks of a running torch.distributed job (so that every rank stops
+    together rather than leaving the others waiting in a collective); `flag` alone otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def check_finite_state(model: torch.nn.Module, epoch: int, *, kept=None, all_ranks: bool = True) -> None:
     """Raise TrainingDivergedError naming `epoch` (1-based, the epoch just trained) when a
-    parameter or buffer of `model` is not finite. `kept`: the checkpoint that stays as it is."""
+    parameter or buffer of `model` is not finite. all_ranks: on any rank of a distributed job
+    (a collective: call it on every rank); False: this process's model only (e.g. in rank 0's
+    save). `kept`: the checkpoint that stays as it is."""
     bad = non_finite_tensors(model)
-    if not bad:
+    if not (_any_rank(bool(bad)) if all_ranks else bad):
         return
+    if not bad:
+        raise TrainingDivergedError(f"epoch {epoch}: training diverged on another process (weights or statistics "
+                                    "hold NaN or Inf there)")
     names = ", ".join(bad[:SHOWN]) + (f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else "")
     raise TrainingDivergedError(
         f"epoch {epoch}: training diverged: {len(bad)} weight/statistic tensor(s) hold NaN or Inf ({names}); "
@@ -47,13 +65,29 @@ def check_finite_state(model: torch.nn.Module, epoch: int, *, kept=None) -> None
 
 class LossWatch:
     """The per-batch loss rule (module docstring); `check` raises FloatingPointError, which the
-    training loop turns into a TrainingDivergedError naming the epoch."""
+    training loop turns into a TrainingDivergedError naming the epoch. In a distributed job the
+    rule is applied to the loss averaged over the ranks (one scalar all-reduce per batch), so all
+    ranks stop at the same batch."""
 
     def __init__(self, factor: float | None = None):
         self.factor = float(EXPLOSION_FACTOR if factor is None else factor)
         self.first: float | None = None
 
-    def check(self, loss: float) -> None:
+    def check(self, loss) -> None:
+        """`loss`: a float, or a (detached) scalar tensor."""
+        import torch.distributed as dist
+
+        if isinstance(loss, torch.Tensor):
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                loss = loss.detach().float().reshape(1).clone()
+                if dist.get_backend() != "nccl":
+                    loss = loss.cpu()
+                dist.all_reduce(loss)
+                loss = loss / dist.get_world_size()
+            loss = float(loss)
+        self._check(loss)
+
+    def _check(self, loss: float) -> None:
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} (lower --lr, or try --amp off)")
         if self.first is None:

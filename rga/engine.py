@@ -172,7 +172,7 @@ def train_one_epoch(model, loader, criterion, optimizer, *, device, amp_dtype=No
         with autocast(device, amp_dtype):
             outputs = model(imgs)
         loss, parts = criterion(outputs, pids)
-        loss_watch.check(float(loss.detach()))
+        loss_watch.check(loss.detach())
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)

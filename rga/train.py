@@ -325,7 +325,7 @@ def evaluate_epoch(cfg, model, dataset, done: int, stats: dict, out_dir: Path, r
 def save_checkpoint(cfg, parts: TrainingParts, done: int, num_classes: int, metrics: dict, rng_states,
                     out_dir: Path, rt) -> Path:
     # never a checkpoint with NaN / Inf weights over a good one
-    check_finite_state(parts.model, done, kept=find_latest(out_dir))
+    check_finite_state(parts.model, done, kept=find_latest(out_dir), all_ranks=False)  # rank 0 alone saves
     state = {"format_version": C.FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": num_classes,
              "epoch": done, "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
              "scheduler": parts.scheduler.state_dict(), "sampler": parts.sampler.state_dict(),

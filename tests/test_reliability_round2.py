@@ -101,6 +101,19 @@ def test_case1_non_finite_batch_norm_statistics_stop_the_run(market_root, tmp_pa
     assert not list(out.glob("checkpoint_ep*.pth"))
 
 
+def test_case1_diverged_distributed_run_stops_on_every_rank(market_root, tmp_path):
+    """2 processes (gloo): the rule sees the loss averaged over the ranks, so both stop at the same
+    batch with the same error (no rank left waiting in a collective)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rga.train",
+           *train_args(market_root, out, "--epochs", "3", "--milestones", "1", "--lr", "1e8", "--batch-ids", "2")]
+    r = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("rga.train: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "epoch 1:" in errors[0], r.stderr[-3000:]
+    assert not list(out.glob("checkpoint_ep*.pth"))
+
+
 def test_case1_no_non_finite_checkpoint_over_a_good_one(tmp_path):
     from rga.divergence import LossWatch, check_finite_state
     from rga.errors import TrainingDivergedError
