@@ -102,7 +102,7 @@ def atomic_write(path, write, *, what: str = "file", error=None) -> Path:
         os_err = find_os_error(e)
         if os_err is None:
             raise
-        if isinstance(os_err, FileExistsError) or isinstance(os_err, NotADirectoryError):
+        if isinstance(os_err, (FileExistsError, NotADirectoryError)):
             from .runfolder import _file_in_the_way
 
             blocker = _file_in_the_way(path.parent)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ReidError, find_os_error
+
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -44,9 +46,6 @@ METADATA_KEY = "rga_export"
 METADATA_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export wants a finite range to reason with)
-
-
-from .errors import ReidError
 
 
 class ExportError(ReidError, RuntimeError):
@@ -215,9 +214,10 @@ def _export_onnx_torchscript(fm, path, dynamic_batch, batch_size, opset):
         raise ExportError(f"the TorchScript ONNX exporter failed: {_first_line(e)}") from e
 
 
-def _finish_onnx(path: Path, meta: dict, name=None) -> dict:
-    """Name the batch dimension, embed the metadata, run onnx.checker; returns the metadata.
-    `name`: the file's name in messages (`path` may be a temporary file)."""
+def _finish_onnx(path: Path, meta: dict, name=None):
+    """The ONNX model at `path` with the batch dimension named, the metadata embedded (its opset
+    filled in), checked by onnx.checker. `name`: the file's name in messages (`path` may be a
+    temporary file)."""
     onnx = _onnx_module()
     proto = onnx.load(str(path))
     path = name or path
@@ -252,7 +252,7 @@ def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_siz
     _check_batch(batch_size)
     if opset is not None and not 7 <= opset <= 30:
         raise ValueError(f"opset must be an ONNX opset number (7..30), got {opset}")
-    onnx = _onnx_module()
+    _onnx_module()
     fm = prepare_for_export(model, normalize=normalize)
     path = Path(path)
     out = {}
@@ -265,7 +265,7 @@ def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_siz
                 _export_onnx_dynamo(fm, program, tmp, dynamic_batch, batch_size, opset)
                 used = "dynamo"
             except ExportError as e:
-                if exporter == "dynamo" or _os_error(e) is not None:
+                if exporter == "dynamo" or find_os_error(e) is not None:
                     raise  # a file-system failure is the path's fault, not the exporter's: no fallback
                 why = str(e).replace(str(tmp), str(path))
                 warnings.warn(f"{why}; falling back to the TorchScript ONNX exporter", RuntimeWarning, stacklevel=3)
@@ -285,12 +285,6 @@ def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_siz
     _write_output(path, write, "ONNX model")
     _write_sidecar(path, out["meta"])
     return out["meta"]
-
-
-def _os_error(e: BaseException):
-    from .errors import find_os_error
-
-    return find_os_error(e)
 
 
 def _write_output(path: Path, write, what: str) -> Path:
