@@ -246,6 +246,9 @@ class ModelConfig:
     cha_ratio: int = opt(8, "RGA: channel reduction s1 (lower it for small inputs)", positive_int, arch=True)
     spa_ratio: int = opt(8, "RGA: spatial reduction s1 (lower it for small inputs)", positive_int, arch=True)
     down_ratio: int = opt(8, "RGA: reduction s2 of the attention MLP", positive_int, arch=True)
+    gate_init: str = opt("public", "RGA: initial gamma of each attention branch's last BN: public (1, the public "
+                         "code's) or zero (every gate starts at 0.5; beyond the paper, for training from random "
+                         "weights)", choice("public", "zero"))
     pretrained: object = opt("auto", "ImageNet weights for the backbone: a local torchvision file, 'auto' (the "
                              "torchvision file in ./pretrained or the torch hub cache if there is one, else random "
                              "init with a warning) or 'none' (random init)", optional_path, metavar="PATH|auto|none")

@@ -42,7 +42,11 @@ ATTENTIONS.update({name: cls for name, (cls, _label) in DESIGNS.items()})
 ATTENTION_VARIANTS = {name: label for name, (_cls, label) in DESIGNS.items()}
 VARIANTS.update({name: dict(attention=name) for name in DESIGNS})
 ALIASES = {"rga": "rga_sc", "rgasc": "rga_sc", "rgas": "rga_s", "rgac": "rga_c", "rgacs": "rga_cs"}
-RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8, down_ratio=8)
+RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8, down_ratio=8,
+                   gate_init="public")
+#: options that only set initial values: accepted (and ignored) by models without RGA modules, so
+#: one preset can train every design
+INIT_OPTIONS = ("gate_init",)
 NECK_FEATS = ("bn", "pool")
 STAGES = (1, 2, 3, 4)  # the ResNet stages that can get an attention module (the paper: all four)
 
@@ -192,6 +196,9 @@ class ResNetRGA(nn.Module):
         if unknown:
             raise TypeError(f"unknown RGA option(s) {sorted(unknown)}; valid: {sorted(RGA_OPTIONS)}")
         spec = VARIANTS[variant]
+        if spec is None or spec.get("attention", "rga") != "rga":
+            for name in INIT_OPTIONS:  # no RGA gates to initialise
+                rga_options.pop(name, None)
         if spec is None:
             # `fused` is accepted (the same model either way); options that change RGA modules are not
             changed = {k: v for k, v in rga_options.items() if v != RGA_OPTIONS[k]}
