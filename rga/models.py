@@ -311,17 +311,22 @@ def _find_hub_checkpoint(arch: str) -> str:
 def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50") -> str:
     """Load a torchvision ResNet state dict (path, mapping, or True for the torch hub cache) into ``backbone``.
 
-    The torchvision ``fc.*`` entries are ignored; every trunk parameter must be present.
+    ``source`` may also be a checkpoint or run folder of ``rga.train`` (the paper's protocol at small
+    scale: a model trained here stands in for ImageNet): its ResNet trunk is loaded, its neck,
+    classifier and attention modules are not. The torchvision ``fc.*`` entries are ignored; every
+    trunk parameter must be present.
     Returns a description of the source.
     """
     if source is True:
         source = _find_hub_checkpoint(arch)
     if isinstance(source, (str, os.PathLike)):
         desc = os.fspath(source)
+        from .checkpoint import load_checkpoint, resolve_checkpoint  # the safe loader, with its clear errors
+
+        if os.path.isdir(desc):  # a run folder of rga.train: its newest checkpoint
+            desc = os.fspath(resolve_checkpoint(desc))
         if not os.path.isfile(desc):
             raise FileNotFoundError(f"pretrained checkpoint not found: {desc}")
-        from .checkpoint import load_checkpoint  # the safe loader, with its clear errors
-
         state = load_checkpoint(desc)
     elif isinstance(source, Mapping):
         desc, state = "<state dict>", source
@@ -331,7 +336,11 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if any(k.startswith("backbone.") for k in state):
+        # a model of this package (rga.train checkpoint or run folder): its trunk only; the neck,
+        # the classifier and any attention modules are left out, so new attention starts fresh
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "rga_att"))}
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch, e.g. a resnet18 file for a resnet50 model

@@ -77,8 +77,8 @@ def check_runtime(cfg: C.RunConfig) -> None:
         raise UsageError("--sync-bn needs CUDA GPUs (PyTorch's DistributedDataParallel supports SyncBatchNorm "
                          "only on GPU modules); leave it off on CPU")
     p = cfg.model.pretrained
-    if p not in (None, "auto") and not Path(p).is_file():
-        raise UsageError(f"--pretrained file not found: {p}")
+    if p not in (None, "auto") and not (Path(p).is_file() or Path(p).is_dir()):
+        raise UsageError(f"--pretrained file not found: {p} (expected a torchvision .pth, or a run folder or checkpoint of rga.train)")
     if r.resume not in (None, "auto") and not Path(r.resume).is_file():
         raise CheckpointError(f"--resume: checkpoint not found: {r.resume}")
 
@@ -110,6 +110,7 @@ def pretrained_source(cfg: C.RunConfig, log):
     if p is None:
         log(f"note: --pretrained none: the {backbone} starts from random weights (the paper starts from ImageNet)")
         return False
+    log(f"backbone weights: {p}" + (" (a run folder: its newest checkpoint's trunk)" if Path(p).is_dir() else ""))
     return p
 
 
