@@ -96,7 +96,8 @@ def _any_colour(r: np.random.Generator, s: float = 18.0) -> np.ndarray:
 # cameras: a cluttered panorama each
 # ---------------------------------------------------------------------------------------------
 def _stripes(d, r, box, fill, vertical: Optional[bool] = None) -> None:
-    """Stripes of ``fill`` (a PIL fill: RGB tuple or grey level) over ``box`` (x0, y0, x1, y1): vertical, horizontal or diagonal."""
+    """Stripes of ``fill`` (a PIL fill: RGB tuple or grey level) over ``box`` (x0, y0, x1, y1):
+    vertical, horizontal or diagonal."""
     x0, y0, x1, y1 = box
     period = float(r.uniform(5, 26))
     width = period * float(r.uniform(0.25, 0.6))
@@ -107,7 +108,8 @@ def _stripes(d, r, box, fill, vertical: Optional[bool] = None) -> None:
     elif kind == 1:
         for y in np.arange(y0, y1, period):
             d.rectangle([x0, y, x1, y + width], fill=fill)
-    else:  # diagonal, clipped to the box by drawing into it only
+    else:  # diagonal: may run past the box's left and right edges (more clutter where drawn
+        # straight onto the panorama; clipped by the object's alpha in _paint)
         slope = float(r.choice([-1.0, 1.0])) * float(r.uniform(0.5, 1.5))
         span = abs(slope) * (y1 - y0)
         for x in np.arange(x0 - span, x1 + span, period):
