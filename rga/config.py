@@ -288,7 +288,8 @@ _RGA_FIELDS = ("use_relation", "use_original", "embedding", "cha_ratio", "spa_ra
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("synthetic", "dataset: synthetic (generated under --data-root on first use), market1501, "
+    dataset: str = opt("synthetic", "dataset: synthetic (generated under --data-root on first use), synthetic_scenes "
+                       "(generated too: people in cluttered scenes), market1501, "
                        "cuhk03, msmt17", string)
     data_root: str = opt("data", "folder holding the datasets", string)
     dataset_opt: dict = opt({}, "extra keyword for rga.data.build_dataset, repeatable (e.g. variant=detected)",
