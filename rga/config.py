@@ -505,6 +505,7 @@ PRESETS = {
         "gate_init": "zero",
         "backbone": "resnet18",
         "pretrained": "runs/showcase/pretrain",
+        "fused": True,
         "height": 128,
         "width": 64,
         "sampler": "all_groups",
