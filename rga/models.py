@@ -42,7 +42,11 @@ ATTENTIONS.update({name: cls for name, (cls, _label) in DESIGNS.items()})
 ATTENTION_VARIANTS = {name: label for name, (_cls, label) in DESIGNS.items()}
 VARIANTS.update({name: dict(attention=name) for name in DESIGNS})
 ALIASES = {"rga": "rga_sc", "rgasc": "rga_sc", "rgas": "rga_s", "rgac": "rga_c", "rgacs": "rga_cs"}
-RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8, down_ratio=8)
+RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8, down_ratio=8,
+                   gate_init="public")
+#: options that only set initial values: accepted (and ignored) by models without RGA modules, so
+#: one preset can train every design
+INIT_OPTIONS = ("gate_init",)
 NECK_FEATS = ("bn", "pool")
 STAGES = (1, 2, 3, 4)  # the ResNet stages that can get an attention module (the paper: all four)
 
@@ -192,6 +196,9 @@ class ResNetRGA(nn.Module):
         if unknown:
             raise TypeError(f"unknown RGA option(s) {sorted(unknown)}; valid: {sorted(RGA_OPTIONS)}")
         spec = VARIANTS[variant]
+        if spec is None or spec.get("attention", "rga") != "rga":
+            for name in INIT_OPTIONS:  # no RGA gates to initialise
+                rga_options.pop(name, None)
         if spec is None:
             # `fused` is accepted (the same model either way); options that change RGA modules are not
             changed = {k: v for k, v in rga_options.items() if v != RGA_OPTIONS[k]}
@@ -304,17 +311,22 @@ def _find_hub_checkpoint(arch: str) -> str:
 def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50") -> str:
     """Load a torchvision ResNet state dict (path, mapping, or True for the torch hub cache) into ``backbone``.
 
-    The torchvision ``fc.*`` entries are ignored; every trunk parameter must be present.
+    ``source`` may also be a checkpoint or run folder of ``rga.train`` (the paper's protocol at small
+    scale: a model trained here stands in for ImageNet): its ResNet trunk is loaded, its neck,
+    classifier and attention modules are not. The torchvision ``fc.*`` entries are ignored; every
+    trunk parameter must be present.
     Returns a description of the source.
     """
     if source is True:
         source = _find_hub_checkpoint(arch)
     if isinstance(source, (str, os.PathLike)):
         desc = os.fspath(source)
+        from .checkpoint import load_checkpoint, resolve_checkpoint  # the safe loader, with its clear errors
+
+        if os.path.isdir(desc):  # a run folder of rga.train: its newest checkpoint
+            desc = os.fspath(resolve_checkpoint(desc))
         if not os.path.isfile(desc):
             raise FileNotFoundError(f"pretrained checkpoint not found: {desc}")
-        from .checkpoint import load_checkpoint  # the safe loader, with its clear errors
-
         state = load_checkpoint(desc)
     elif isinstance(source, Mapping):
         desc, state = "<state dict>", source
@@ -324,7 +336,11 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if any(k.startswith("backbone.") for k in state):
+        # a model of this package (rga.train checkpoint or run folder): its trunk only; the neck,
+        # the classifier and any attention modules are left out, so new attention starts fresh
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "rga_att"))}
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch, e.g. a resnet18 file for a resnet50 model
