@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import DESIGN_LABELS
+
 __all__ = ["CBAMSpatial", "CBAMChannel", "CBAM", "SqueezeExcitation", "FCSpatial", "FCChannel", "FCParallel",
            "NonLocal", "SimplifiedNonLocal", "DESIGNS", "build_design"]
 
@@ -372,18 +374,11 @@ class SimplifiedNonLocal(_Attention):
         return x + self.transform(context)
 
 
-# name -> (class, the paper's row label, which maps it keeps)
-DESIGNS = {
-    "cbam_s": (CBAMSpatial, "CBAM-S"),
-    "cbam_c": (CBAMChannel, "CBAM-C"),
-    "cbam_cs": (CBAM, "CBAM-CS"),
-    "se": (SqueezeExcitation, "SE"),
-    "fc_s": (FCSpatial, "FC-S"),
-    "fc_c": (FCChannel, "FC-C"),
-    "fc_s_par_c": (FCParallel, "FC-S//C"),
-    "nl": (NonLocal, "NL"),
-    "snl": (SimplifiedNonLocal, "SNL"),
-}
+_CLASSES = {"cbam_s": CBAMSpatial, "cbam_c": CBAMChannel, "cbam_cs": CBAM, "se": SqueezeExcitation,
+            "fc_s": FCSpatial, "fc_c": FCChannel, "fc_s_par_c": FCParallel, "nl": NonLocal,
+            "snl": SimplifiedNonLocal}
+# name -> (class, the paper's row label); the names and labels are rga.registry.DESIGN_LABELS'
+DESIGNS = {name: (_CLASSES[name], label) for name, label in DESIGN_LABELS.items()}
 
 
 def build_design(name: str, in_channels: int, spatial_size, **kwargs) -> nn.Module:

@@ -8,7 +8,8 @@ import dataclasses
 from pathlib import Path
 
 from . import config as C
-from .engine import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
+from .registry import model_rows
+from .errors import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
 
 
 def flag_of(name: str) -> str:
@@ -63,7 +64,7 @@ def add_layer_arguments(parser: argparse.ArgumentParser, *, presets: bool = True
                             help="named set of values applied before --config: paper (the defaults: the paper's "
                                  "recipe), quick (the README's CPU smoke test)")
     if model:
-        names = list(C.model_presets())
+        names = list(model_rows())
         parser.add_argument("--model", metavar="NAME", default=argparse.SUPPRESS,
                             help="the network, by the paper's row names: sets --variant and every RGA option. "
                                  f"One of: {', '.join(names)} (default: rga_sc)")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import sys
@@ -16,11 +15,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .errors import UsageError
+from .fileio import write_json  # noqa: F401 - the metrics writer, used by rga.train and rga.evaluate
 from .transforms import build_test_transform
-
-
-class UsageError(ValueError):
-    """A bad flag, flag combination or input: the CLI prints the message and exits with code 2."""
 
 
 # --------------------------------------------------------------------------- device & distributed
@@ -253,11 +250,3 @@ def format_metrics(m: dict) -> str:
             f"R20 {100 * m['R20']:.2f}%  mAP {100 * m['mAP']:.2f}%  mINP {100 * m['mINP']:.2f}%  "
             f"({m['num_valid_queries']} queries, {m['num_gallery']} gallery, {m['num_test_ids']} query ids; "
             f"chance R1 ~ {100 / max(m['num_test_ids'], 1):.2f}%)")
-
-
-def write_json(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ExportError
+
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -43,10 +45,6 @@ METADATA_KEY = "rga_export"
 METADATA_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export wants a finite range to reason with)
-
-
-class ExportError(RuntimeError):
-    """An export or its check failed; the message says which step and why."""
 
 
 def _first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:

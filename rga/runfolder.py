@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .checkpoint import CKPT_PATTERN, list_checkpoints
 from .errors import RunFolderError, describe_os_error
+from .fileio import temp_path_for
 
 LOCK_NAME = ".rga-run.lock"
 # temporary files of atomic_save (.NAME.PID-RANDOM.tmp) and write_json (.NAME.tmp)
@@ -284,14 +285,12 @@ def resume_checkpoint(out_dir, resume):
 def check_output_file(path) -> Path:
     """Make sure a result file can be written at `path` before the work that produces it: creates
     its folder if needed and writes (then removes) a temporary file there. RunFolderError if not."""
-    from .checkpoint import temp_name_for
-
     path = Path(path)
     if path.is_dir():
         raise RunFolderError(f"cannot write {path}: it is a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = temp_name_for(path)
+        probe = temp_path_for(path)
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         os.unlink(probe)
     except OSError as e:

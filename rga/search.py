@@ -36,15 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import SearchError
+
 INDEX_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SEARCH_BACKENDS = ("auto", "torch", "faiss")
 FAISS_AUTO_MIN = 100_000  # --backend auto uses faiss (when installed) from this gallery size on
 _LOOSE_NAME = re.compile(r"^(-?\d+)_c(\d+)", re.IGNORECASE)
-
-
-class SearchError(RuntimeError):
-    """A bad index file, model or input; the message says which and why."""
 
 
 def parse_name(path) -> tuple[int, int]:

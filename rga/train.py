@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import config as C
+from .models import build_from_config
 from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkpoint_name, find_latest,
                          load_checkpoint, load_model, prune_checkpoints, restore_rng_state)
 from .cli import (UsageError, add_field_arguments, add_layer_arguments, check_fused_backend, find_pretrained,
@@ -115,7 +116,7 @@ def pretrained_source(cfg: C.RunConfig, log):
 
 def new_model(cfg: C.RunConfig, num_classes: int, log):
     try:
-        return cfg.model.build(num_classes, pretrained=pretrained_source(cfg, log), neck_feat=cfg.eval.eval_feat)
+        return build_from_config(cfg.model, num_classes, pretrained=pretrained_source(cfg, log), neck_feat=cfg.eval.eval_feat)
     except (KeyError, ValueError, FileNotFoundError, TypeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise UsageError(f"could not build model {cfg.model.label()} (backbone {cfg.model.backbone}): {msg}") from e

@@ -81,7 +81,7 @@ def load_model(spec, *, device="cpu", fused=None, backbone: str = "resnet18", he
 
 
 def _label(model) -> str:
-    from .models import PAPER_LABELS
+    from .registry import PAPER_LABELS
     return f"{PAPER_LABELS.get(model.variant, model.variant)} ({model.run_name})"
 
 
