@@ -24,11 +24,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .config import ARCH_FIELDS, FORMAT_VERSION, ConfigError, ModelConfig, RunConfig, from_legacy
+from .config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, from_legacy
 from .errors import CheckpointError
 from .fileio import load_torch, save_torch
 from .models import build_from_config, stage_sizes
 
+#: of the checkpoint layout: 2 = RunConfig.to_dict() as "config"; 1 = the flat argparse config of
+#: earlier versions (read through rga.config.from_legacy)
+FORMAT_VERSION = 2
 CKPT_PATTERN = re.compile(r"^checkpoint_ep(\d+)\.pth$")
 
 
@@ -40,6 +43,19 @@ def atomic_save(obj, path) -> Path:
     """torch.save to `path` atomically (rga.fileio.atomic_write): a crash leaves the old file or the
     new one; a failed write is a CheckpointError naming the file and the operating system's reason."""
     return save_torch(obj, path, what="checkpoint", error=CheckpointError)
+
+
+def save_training_checkpoint(folder, epoch: int, *, config: dict, num_classes: int, model, optimizer, scheduler,
+                             sampler, scaler, rng, metrics: dict, world_size: int, keep: int = 0) -> Path:
+    """Write ``checkpoint_epNNNN.pth`` (format FORMAT_VERSION: the run's config, the weights, and the
+    training state a resume needs) atomically into `folder`, then keep the newest `keep` (0: all)."""
+    state = {"format_version": FORMAT_VERSION, "config": config, "num_classes": num_classes, "epoch": epoch,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "sampler": sampler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+             "rng": rng, "metrics": metrics, "world_size": world_size, "torch_version": str(torch.__version__)}
+    path = atomic_save(state, Path(folder) / checkpoint_name(epoch))
+    prune_checkpoints(folder, keep)
+    return path
 
 
 def list_checkpoints(folder) -> list:

@@ -18,8 +18,8 @@ that sets the variant and every RGA option to one row of the paper's tables (rga
 other keys of the same source then override single fields. Unknown keys and bad values are
 errors that name the key, the source and what was expected.
 
-A checkpoint stores ``RunConfig.to_dict()`` (and FORMAT_VERSION); ``RunConfig.from_dict`` reads it
-back, and :func:`from_legacy` reads the flat argparse dicts of checkpoints written before this.
+A checkpoint stores ``RunConfig.to_dict()`` (and rga.checkpoint.FORMAT_VERSION); ``RunConfig.from_dict``
+reads it back, and :func:`from_legacy` reads the flat argparse dicts of checkpoints written before this.
 """
 from __future__ import annotations
 
@@ -33,8 +33,6 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .registry import BACKBONES, RGA_OPTIONS, VARIANTS, model_rows
-
-FORMAT_VERSION = 2  # of the checkpoint layout; 1 = the flat argparse config of earlier versions
 
 
 # ------------------------------------------------------------------------------------ value parsers
@@ -518,13 +516,13 @@ def load_config_file(path) -> dict:
 
 # ------------------------------------------------------------------------------ legacy checkpoints
 
-#: keys of the flat argparse config that checkpoints held before FORMAT_VERSION 2 and that have
+#: keys of the flat argparse config that checkpoints held before checkpoint format 2 and that have
 #: no field now (they were flags of the command, not of the run)
 _LEGACY_DROPPED = ("config", "preset")
 
 
 def from_legacy(flat: dict) -> RunConfig:
-    """The RunConfig of a checkpoint written before FORMAT_VERSION 2 (``vars(args)`` of rga.train)."""
+    """The RunConfig of a checkpoint written before checkpoint format 2 (``vars(args)`` of rga.train)."""
     values = {}
     for key, value in flat.items():
         if key in _LEGACY_DROPPED:

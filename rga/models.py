@@ -357,7 +357,7 @@ def build_from_config(model_cfg, num_classes: int, *, pretrained=False, neck_fea
     return build_model(model_cfg.variant, int(num_classes), height=model_cfg.height, width=model_cfg.width,
                        backbone=model_cfg.backbone, stages=tuple(model_cfg.stages), pretrained=pretrained,
                        fused=model_cfg.fused if fused is None else fused, neck_feat=neck_feat,
-                       **model_cfg.rga_options())
+                       **{k: getattr(model_cfg, k) for k, v in RGA_OPTIONS.items() if getattr(model_cfg, k) != v})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rga import config as C
+from rga.checkpoint import FORMAT_VERSION
 from rga.models import build_from_config
 from rga.modules import RGAModule
 
@@ -158,7 +159,7 @@ def test_another_attention_design_is_one_table_entry(monkeypatch, tmp_path):
     assert cfg.model.label() == "gate-s4"
     model = build_from_config(cfg.model, 3)
     assert isinstance(model.backbone.rga_att4, _Gate) and model.backbone.rga_att4.fc[0].out_features == 256
-    torch.save({"format_version": C.FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": 3,
+    torch.save({"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": 3,
                 "model": model.state_dict()}, tmp_path / "g.pth")
     again = load_model(tmp_path / "g.pth")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
