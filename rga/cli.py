@@ -51,6 +51,18 @@ def add_field_arguments(parser: argparse.ArgumentParser, names, *, title: str | 
         group.add_argument(flag_of(name), **kw)
 
 
+def flag_type(parse):
+    """An argparse ``type=`` from a value parser of rga.config: its ValueError becomes argparse's
+    error, with the parser's own reason (e.g. ``--top: must be >= 1, got 0``)."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def section_fields(*sections: str, exclude=()) -> list:
     return [n for n, (sec, _) in C.FIELDS.items() if sec in sections and n not in exclude]
 
