@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import write_text
 from .registry import PAPER_LABELS, RGA_OPTIONS, model_rows
 
 
@@ -45,7 +46,7 @@ class Row:
         return self.title or PAPER_LABELS[self.model]
 
     @property
-    def arch(self) -> str:
+    def variant(self) -> str:
         """The row's variant (build_model name)."""
         return model_rows()[self.model]["variant"]
 
@@ -149,21 +150,17 @@ def run_row(row: Row, out: Path, *, preset, dataset, data_root, extra, log=print
         raise RuntimeError(f"{row.slug}: training returned no metrics (see {run_dir / 'train.log'})")
     ckpt = load_checkpoint(find_latest(run_dir))
     m = cfg.model
-    params = count_parameters(row.arch, int(ckpt["num_classes"]), height=m.height, width=m.width,
+    params = count_parameters(row.variant, int(ckpt["num_classes"]), height=m.height, width=m.width,
                               backbone=m.backbone, **row.options)
     secs, epochs = train_seconds(run_dir)
-    result = {"slug": row.slug, "label": row.label, "arch": row.arch, "options": row.options,
+    result = {"slug": row.slug, "label": row.label, "arch": row.variant, "options": row.options,
               "R1": metrics["R1"], "R5": metrics["R5"], "mAP": metrics["mAP"], "mINP": metrics["mINP"],
               "num_query": metrics.get("num_query"), "num_test_ids": metrics.get("num_test_ids"),
               "epoch": metrics.get("epoch"), "params": params, "train_seconds": secs, "epochs_logged": epochs,
               "last_call_wall_seconds": wall, "run_dir": str(run_dir),
               "dataset": cfg.data.dataset, "backbone": m.backbone, "input": f"{m.height}x{m.width}",
               "preset": preset, "extra_args": list(extra), "fused_rga": m.fused, "train_argv": argv}
-    path = out / "rows" / f"{row.slug}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_text(json.dumps(result, indent=2, default=str) + "\n", out / "rows" / f"{row.slug}.json")
     return result
 
 
@@ -210,14 +207,14 @@ def write_table(table: str, out: Path, meta: dict) -> tuple[Path, Path]:
                       f"{100 / max(min(x for x in ids if x), 1):.1f}%). Train time: the sum of the epochs' "
                       "training times in train.log (evaluation not included)."]
     md = out / f"{table}.md"
-    md.write_text("\n".join(lines) + "\n")
+    write_text("\n".join(lines) + "\n", md)
     js = out / f"{table}.json"
-    js.write_text(json.dumps({"table": table, "title": title, **meta,
-                              "rows": [{"slug": row.slug, "label": row.label, "group": row.group,
-                                        "paper": dict(zip(("cuhk03_R1", "cuhk03_mAP", "market_R1", "market_mAP"),
-                                                          row.paper)) if row.paper else None,
-                                        "ours": res} for row, res in found]},
-                             indent=2, default=str) + "\n")
+    write_text(json.dumps({"table": table, "title": title, **meta,
+                           "rows": [{"slug": row.slug, "label": row.label, "group": row.group,
+                                     "paper": dict(zip(("cuhk03_R1", "cuhk03_mAP", "market_R1", "market_mAP"),
+                                                       row.paper)) if row.paper else None,
+                                     "ours": res} for row, res in found]},
+                          indent=2, default=str) + "\n", js)
     return md, js
 
 
