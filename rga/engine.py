@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .errors import UsageError
+from .extractor import FeatureExtractor, progress
 from .fileio import write_json  # noqa: F401 - the metrics writer, used by rga.train and rga.evaluate
 from .transforms import build_test_transform
 
@@ -141,14 +142,6 @@ def close_logger(logger: logging.Logger) -> None:
         logger.removeHandler(h)
 
 
-def progress(iterable, *, total=None, desc="", enabled=True):
-    """tqdm only on an interactive terminal and only where enabled (rank 0)."""
-    if not enabled or not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 # --------------------------------------------------------------------------- data
 
 def build_train_loader(dataset, sampler, transform, *, workers, device):
@@ -203,26 +196,6 @@ def train_one_epoch(model, loader, criterion, optimizer, rt: Runtime, *, scaler=
 
 # --------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def extract_features(model, loader, rt: Runtime, *, flip=False, show_progress=True, desc="features"):
-    """Run the model in eval mode over a loader. flip=True averages each image's feature with the
-    feature of its mirror image. Returns (features float32 CPU (N, D), pids (N,), camids (N,))."""
-    was_training = model.training
-    model.eval()
-    feats, pids, camids = [], [], []
-    for imgs, pid, camid, _paths in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
-        imgs = to_device(imgs, rt)
-        with autocast(rt.device, rt.amp_dtype):
-            f = model(imgs).float()
-            if flip:
-                f = (f + model(torch.flip(imgs, dims=[3])).float()) / 2
-        feats.append(f.cpu())
-        pids.append(torch.as_tensor(pid))
-        camids.append(torch.as_tensor(camid))
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(pids).numpy(), torch.cat(camids).numpy()
-
-
 @dataclass
 class EvalSettings:
     """What an evaluation needs besides the model, the dataset and the runtime: the input size,
@@ -253,14 +226,15 @@ def evaluate_model(model, dataset, spec: EvalSettings, rt: Runtime) -> dict:
 
     if spec.feat not in ("bn", "pool"):
         raise UsageError(f"--feat must be bn or pool, got {spec.feat}")
-    old_feat = getattr(model, "neck_feat", None)
-    model.neck_feat = spec.feat
+    old_feat, was_training = getattr(model, "neck_feat", None), model.training
     try:
         t0 = time.perf_counter()
-        parts = [extract_features(model, build_test_loader(items, height=spec.height, width=spec.width,
-                                                           batch_size=spec.batch_size, workers=spec.workers,
-                                                           device=rt.device),
-                                  rt, flip=spec.flip, show_progress=spec.progress, desc=desc)
+        extractor = FeatureExtractor(model, device=rt.device, feat=spec.feat, height=spec.height, width=spec.width,
+                                     normalize=False, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last)
+        parts = [extractor.extract_loader(build_test_loader(items, height=spec.height, width=spec.width,
+                                                            batch_size=spec.batch_size, workers=spec.workers,
+                                                            device=rt.device),
+                                          flip=spec.flip, show_progress=spec.progress, desc=desc)
                  for items, desc in ((dataset.query, "query"), (dataset.gallery, "gallery"))]
         (qf, q_pids, q_camids), (gf, g_pids, g_camids) = parts
         t1 = time.perf_counter()
@@ -269,6 +243,7 @@ def evaluate_model(model, dataset, spec: EvalSettings, rt: Runtime) -> dict:
     finally:
         if old_feat is not None:
             model.neck_feat = old_feat
+        model.train(was_training)
     cmc = np.asarray(res["cmc"], dtype=np.float64)
 
     def rank(k):

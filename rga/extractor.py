@@ -16,6 +16,7 @@ feature loop for images: ``rga.search`` indexes and queries through it (``extrac
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,14 @@ from .data import read_image
 from .transforms import build_test_transform
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files of rga.export
+
+
+def progress(iterable, *, total=None, desc="", enabled=True):
+    """tqdm only on an interactive terminal and only where enabled (rank 0)."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 class FeatureExtractor:
@@ -48,7 +57,8 @@ class FeatureExtractor:
     """
 
     def __init__(self, model, *, device=None, feat: str = "bn", fused=None, height: int | None = None,
-                 width: int | None = None, batch_size: int = 64, normalize: bool = True, hints: dict | None = None):
+                 width: int | None = None, batch_size: int = 64, normalize: bool = True, hints: dict | None = None,
+                 amp_dtype=None, channels_last: bool = False):
         if feat not in ("bn", "pool"):
             raise ValueError(f"feat must be 'bn' or 'pool', got {feat!r}")
         self.source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
@@ -82,6 +92,21 @@ class FeatureExtractor:
         self.transform = build_test_transform(self.height, self.width)
         self.batch_size = batch_size
         self.normalize = normalize
+        self.amp_dtype, self.channels_last = amp_dtype, channels_last
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 features of one preprocessed batch, where the extractor runs (not normalized)."""
+        if self.run is not None:
+            return self.run(x).float()
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with (torch.autocast(device_type=self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+              else contextlib.nullcontext()):
+            return self.model(x).float()
+
+    def _finish(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(feats, dim=1) if self.normalize else feats
 
     def _batch(self, inputs) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor) and inputs.dtype == torch.uint8:
@@ -120,12 +145,23 @@ class FeatureExtractor:
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Features (N, D), float32 on the CPU, of a preprocessed batch, in chunks of batch_size."""
-        out = []
-        for start in range(0, batch.shape[0], self.batch_size):
-            x = batch[start:start + self.batch_size]
-            out.append((self.run(x) if self.run is not None else self.model(x.to(self.device))).float().cpu())
-        feats = torch.cat(out)
-        return torch.nn.functional.normalize(feats, dim=1) if self.normalize else feats
+        return self._finish(torch.cat([self._features(batch[start:start + self.batch_size]).cpu()
+                                       for start in range(0, batch.shape[0], self.batch_size)]))
+
+    @torch.no_grad()
+    def extract_loader(self, loader, *, flip: bool = False, show_progress: bool = False, desc: str = "features"):
+        """Features of a DataLoader of (images, pids, camids, paths) batches (a test loader of
+        rga.engine): (features (N, D) float32 CPU, pids (N,), camids (N,)). flip=True averages each
+        image's feature with its mirror image's."""
+        feats, pids, camids = [], [], []
+        for imgs, pid, camid, _paths in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
+            f = self._features(imgs)
+            if flip:
+                f = (f + self._features(torch.flip(imgs, dims=[3]))) / 2
+            feats.append(f.cpu())
+            pids.append(torch.as_tensor(pid))
+            camids.append(torch.as_tensor(camid))
+        return self._finish(torch.cat(feats)), torch.cat(pids).numpy(), torch.cat(camids).numpy()
 
     def __call__(self, inputs) -> torch.Tensor:
         """Features (N, D), float32 on the CPU (unit L2 norm unless normalize=False)."""

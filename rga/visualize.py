@@ -622,7 +622,8 @@ def cmd_gradcam(args) -> dict:
 def cmd_ranks(args) -> dict:
     from .checkpoint import read_model_checkpoint
     from .data import build_dataset
-    from .engine import Runtime, build_test_loader, extract_features
+    from .engine import build_test_loader
+    from .extractor import FeatureExtractor
     from .metrics import evaluate_features, ranked_gallery
 
     model = _load_all(args)[0]
@@ -632,10 +633,10 @@ def cmd_ranks(args) -> dict:
         if run_cfg is not None:
             dataset, root = run_cfg.data.dataset, run_cfg.data.data_root
     ds = build_dataset(args.dataset or dataset, args.data_root or root, verbose=False)
-    rt = Runtime(torch.device("cpu"))
-    kw = dict(height=model.height, width=model.width, batch_size=args.batch_size, workers=0, device=rt.device)
-    qf, q_pids, q_camids = extract_features(model, build_test_loader(ds.query, **kw), rt, show_progress=False)
-    gf, g_pids, g_camids = extract_features(model, build_test_loader(ds.gallery, **kw), rt, show_progress=False)
+    extract = FeatureExtractor(model, device="cpu", feat=getattr(model, "neck_feat", "bn"), normalize=False)
+    kw = dict(height=model.height, width=model.width, batch_size=args.batch_size, workers=0, device=extract.device)
+    qf, q_pids, q_camids = extract.extract_loader(build_test_loader(ds.query, **kw))
+    gf, g_pids, g_camids = extract.extract_loader(build_test_loader(ds.gallery, **kw))
     res = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids)
     nq = len(ds.query)
     picks = np.unique(np.linspace(0, nq - 1, min(args.num_queries, nq)).round().astype(int))
