@@ -2,7 +2,6 @@
 k-reciprocal Encoding", CVPR 2017): from a full distance matrix, or from features in chunks."""
 from __future__ import annotations
 
-import math
 from typing import List, Tuple
 
 import numpy as np
