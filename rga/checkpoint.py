@@ -16,7 +16,6 @@ Checkpoint layouts that load_model reads:
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 from dataclasses import dataclass, replace
@@ -26,17 +25,13 @@ import torch
 
 from .config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, from_legacy
 from .errors import CheckpointError
-from .fileio import load_torch, save_torch
+from .fileio import (CKPT_PATTERN, checkpoint_name, find_latest, list_checkpoints, load_torch,  # noqa: F401
+                     resolve_checkpoint, save_torch)
 from .models import build_from_config, stage_sizes
 
 #: of the checkpoint layout: 2 = RunConfig.to_dict() as "config"; 1 = the flat argparse config of
 #: earlier versions (read through rga.config.from_legacy)
 FORMAT_VERSION = 2
-CKPT_PATTERN = re.compile(r"^checkpoint_ep(\d+)\.pth$")
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"checkpoint_ep{epoch:04d}.pth"
 
 
 def atomic_save(obj, path) -> Path:
@@ -55,35 +50,6 @@ def save_training_checkpoint(folder, epoch: int, *, config: dict, num_classes: i
              "rng": rng, "metrics": metrics, "world_size": world_size, "torch_version": str(torch.__version__)}
     path = atomic_save(state, Path(folder) / checkpoint_name(epoch))
     prune_checkpoints(folder, keep)
-    return path
-
-
-def list_checkpoints(folder) -> list:
-    """[(epoch, path)] of checkpoint_epNNNN.pth files in `folder`, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        m = CKPT_PATTERN.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def find_latest(folder):
-    found = list_checkpoints(folder)
-    return found[-1][1] if found else None
-
-
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint file as given, or the newest checkpoint in a run folder."""
-    path = Path(path)
-    if path.is_dir():
-        latest = find_latest(path)
-        if latest is None:
-            raise CheckpointError(f"no checkpoint_epNNNN.pth in {path}")
-        return latest
     return path
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .fileio import write_text
-from .registry import PAPER_LABELS, RGA_OPTIONS, model_rows
+from .registry import PAPER_LABELS, RGA_OPTIONS, ROW_OPTIONS, model_rows
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Row:
     def options(self) -> dict:
         """The row's RGA options that differ from the defaults."""
         row = model_rows()[self.model]
-        return {k: row[k] for k, v in RGA_OPTIONS.items() if row[k] != v}
+        return {k: row[k] for k in ROW_OPTIONS if row[k] != RGA_OPTIONS[k]}
 
 
 BASE = Row("baseline", "baseline", "Baseline", (73.8, 69.0, 94.2, 83.7))
@@ -94,6 +94,11 @@ TABLES = {
          Row("fc_s_par_c", "fc_s_par_c", "Both", (78.4, 73.2, 94.8, 85.0)),
          RGA_SC],
     ),
+    # The showcase (issue 14): the paper's four headline rows on the cluttered synthetic set, seeds
+    "showcase": (
+        "Showcase: baseline, RGA-S, RGA-C, RGA-SC on synthetic_scenes",
+        [BASE, RGA_S, RGA_C, RGA_SC],
+    ),
     # Table 4: the embedding functions of RGA-SC ("asymmetric" is RGA-SC itself, run once)
     "table4": (
         "Table 4: embedding functions (RGA-SC)",
@@ -107,9 +112,15 @@ TABLES = {
 EPOCH_LINE = re.compile(r"epoch \d+/\d+ .* (\d+) batches in ([0-9.]+)s")
 
 
+def run_slug(row: Row, seed: int | None) -> str:
+    """A run's folder and result name: the row's slug, with -seedN when the runner repeats seeds."""
+    return row.slug if seed is None else f"{row.slug}-seed{seed}"
+
+
 def train_argv(row: Row, run_dir: Path, preset: str | None, dataset: str | None, data_root: str | None,
-               extra: list[str]) -> list[str]:
-    """rga.train's command line for one row: preset, dataset, the extra flags, then the row's --model."""
+               extra: list[str], seed: int | None = None) -> list[str]:
+    """rga.train's command line for one row: preset, dataset, the extra flags, then the row's --model
+    (and --seed when the runner repeats seeds)."""
     argv = []
     if preset:
         argv += ["--preset", preset]
@@ -117,8 +128,8 @@ def train_argv(row: Row, run_dir: Path, preset: str | None, dataset: str | None,
         argv += ["--dataset", dataset]
     if data_root:
         argv += ["--data-root", data_root]
-    return argv + list(extra) + ["--model", row.model, "--output-dir", str(run_dir), "--resume", "auto",
-                                 "--no-progress"]
+    argv += list(extra) + (["--seed", str(seed)] if seed is not None else [])
+    return argv + ["--model", row.model, "--output-dir", str(run_dir), "--resume", "auto", "--no-progress"]
 
 
 def train_seconds(run_dir: Path) -> tuple[float, int]:
@@ -134,88 +145,216 @@ def train_seconds(run_dir: Path) -> tuple[float, int]:
     return total, n
 
 
-def run_row(row: Row, out: Path, *, preset, dataset, data_root, extra, log=print) -> dict:
+def run_row(row: Row, out: Path, *, preset, dataset, data_root, extra, seed: int | None = None,
+            runs: Path | None = None, log=print) -> dict:
     from . import train as T
     from .checkpoint import find_latest, load_checkpoint
     from .models import count_parameters
 
-    run_dir = out / "runs" / row.slug
-    argv = train_argv(row, run_dir, preset, dataset, data_root, extra)
+    slug = run_slug(row, seed)
+    run_dir = (out / "runs" if runs is None else runs) / slug
+    argv = train_argv(row, run_dir, preset, dataset, data_root, extra, seed)
     cfg = T.parse_config(argv)
-    log(f"== {row.label} ({row.slug}): python -m rga.train {' '.join(argv)}")
+    log(f"== {row.label} ({slug}): python -m rga.train {' '.join(argv)}")
     t0 = time.perf_counter()
     metrics = T.train(cfg)
     wall = time.perf_counter() - t0
     if not metrics:
-        raise RuntimeError(f"{row.slug}: training returned no metrics (see {run_dir / 'train.log'})")
+        raise RuntimeError(f"{slug}: training returned no metrics (see {run_dir / 'train.log'})")
     ckpt = load_checkpoint(find_latest(run_dir))
     m = cfg.model
     params = count_parameters(row.variant, int(ckpt["num_classes"]), height=m.height, width=m.width,
                               backbone=m.backbone, **row.options)
     secs, epochs = train_seconds(run_dir)
-    result = {"slug": row.slug, "label": row.label, "arch": row.variant, "options": row.options,
+    result = {"slug": slug, "row": row.slug, "seed": cfg.run.seed, "label": row.label, "arch": row.variant,
+              "options": row.options,
               "R1": metrics["R1"], "R5": metrics["R5"], "mAP": metrics["mAP"], "mINP": metrics["mINP"],
               "num_query": metrics.get("num_query"), "num_test_ids": metrics.get("num_test_ids"),
               "epoch": metrics.get("epoch"), "params": params, "train_seconds": secs, "epochs_logged": epochs,
               "last_call_wall_seconds": wall, "run_dir": str(run_dir),
-              "dataset": cfg.data.dataset, "backbone": m.backbone, "input": f"{m.height}x{m.width}",
+              "dataset": cfg.data.dataset, "data_root": cfg.data.data_root, "backbone": m.backbone, "input": f"{m.height}x{m.width}",
               "preset": preset, "extra_args": list(extra), "fused_rga": m.fused, "train_argv": argv}
-    write_text(json.dumps(result, indent=2, default=str) + "\n", out / "rows" / f"{row.slug}.json")
+    write_text(json.dumps(result, indent=2, default=str) + "\n", out / "rows" / f"{slug}.json")
     return result
 
 
-def collect(table: str, out: Path) -> list[tuple[Row, dict | None]]:
+def collect(table: str, out: Path, seeds=None) -> list[tuple[Row, dict | None]]:
+    """(row, result) in the table's order; with seeds, the result is the mean over the finished
+    seeds (R1, mAP, mINP, train time) with their standard deviations and the per-seed results."""
     _title, rows = TABLES[table]
     found = []
     for row in rows:
-        p = out / "rows" / f"{row.slug}.json"
-        found.append((row, json.loads(p.read_text()) if p.is_file() else None))
+        if seeds is None:
+            p = out / "rows" / f"{row.slug}.json"
+            found.append((row, json.loads(p.read_text()) if p.is_file() else None))
+            continue
+        per_seed = [json.loads(p.read_text()) for p in (out / "rows" / f"{run_slug(row, s)}.json" for s in seeds)
+                    if p.is_file()]
+        found.append((row, aggregate(per_seed) if per_seed else None))
     return found
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Mean and sample standard deviation (0 for one seed) of the metrics over seeds."""
+    out = dict(results[0])
+    for key in ("R1", "R5", "mAP", "mINP", "train_seconds"):
+        v = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
+        out[key] = float(v.mean())
+        out[key + "_std"] = float(v.std()) if len(v) > 1 else 0.0
+    out["seeds"] = [r.get("seed") for r in results]
+    out["per_seed"] = [{k: r.get(k) for k in ("seed", "R1", "mAP", "mINP", "train_seconds")} for r in results]
+    return out
+
+
+def _pm(res, key) -> str:
+    if "seeds" not in res:
+        return _pct(res[key])
+    return f"{_pct(res[key])} ± {_pct(res[key + '_std'])}"
 
 
 def _pct(v):
     return f"{100 * v:.1f}"
 
 
-def write_table(table: str, out: Path, meta: dict) -> tuple[Path, Path]:
+def write_table(table: str, out: Path, meta: dict, seeds=None) -> tuple[Path, Path]:
     """DIR/<table>.md and .json from the finished rows (pending rows marked), in the paper's order."""
     title, _rows = TABLES[table]
-    found = collect(table, out)
+    found = collect(table, out, seeds)
     done = [r for _, r in found if r is not None]
     setup = sorted({f"{r['dataset']} {r['backbone']} {r['input']}" for r in done}) or ["-"]
     lines = [f"# {title}", "",
              f"Ours: {', '.join(setup)}, preset {meta.get('preset')}, extra flags "
              f"{' '.join(meta.get('extra_args') or []) or '(none)'}; {meta.get('hardware', '')}. "
              "Paper: ResNet-50 at 256x128 with ImageNet weights, 600 epochs (CUHK03 labeled / Market-1501).", "",
-             "| group | model | R1 | mAP | mINP | params (M) | train time | paper CUHK03(L) R1 / mAP | "
-             "paper Market R1 / mAP |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| group | model | " + ("seeds | " if seeds is not None else "") + "R1 | mAP | mINP | params (M) | "
+             "train time | paper CUHK03(L) R1 / mAP | paper Market R1 / mAP |",
+             "|---|---|" + ("---|" if seeds is not None else "") + "---|---|---|---|---|---|---|"]
     for row, res in found:
         paper = row.paper
         pc = f"{paper[0]:.1f} / {paper[1]:.1f}" if paper else "-"
         pm = f"{paper[2]:.1f} / {paper[3]:.1f}" if paper else "-"
+        n = "" if seeds is None else (f"{len(res['seeds'])} of {len(seeds)} | " if res else f"0 of {len(seeds)} | ")
         if res is None:
-            lines.append(f"| {row.group} | {row.label} | pending | | | | | {pc} | {pm} |")
+            lines.append(f"| {row.group} | {row.label} | {n}pending | | | | | {pc} | {pm} |")
             continue
         t = res["train_seconds"]
-        lines.append(f"| {row.group} | {row.label} | {_pct(res['R1'])} | {_pct(res['mAP'])} | {_pct(res['mINP'])} | "
+        lines.append(f"| {row.group} | {row.label} | {n}{_pm(res, 'R1')} | {_pm(res, 'mAP')} | {_pm(res, 'mINP')} | "
                      f"{res['params'] / 1e6:.2f} | {t / 60:.1f} min | {pc} | {pm} |")
     if done:
         ids = {r.get("num_test_ids") for r in done}
         lines += ["", f"R1 / mAP / mINP in %, ours on {done[0].get('num_query')} queries of "
                       f"{', '.join(str(i) for i in sorted(x for x in ids if x))} identities (chance R1 about "
                       f"{100 / max(min(x for x in ids if x), 1):.1f}%). Train time: the sum of the epochs' "
-                      "training times in train.log (evaluation not included)."]
+                      "training times in train.log (evaluation not included)."
+                      + (" With seeds: mean ± sample standard deviation over the finished seeds; the "
+                         "per-seed values are in the JSON." if seeds is not None else "")]
     md = out / f"{table}.md"
     write_text("\n".join(lines) + "\n", md)
     js = out / f"{table}.json"
-    write_text(json.dumps({"table": table, "title": title, **meta,
+    write_text(json.dumps({"table": table, "title": title, **meta, "seeds": seeds,
                            "rows": [{"slug": row.slug, "label": row.label, "group": row.group,
                                      "paper": dict(zip(("cuhk03_R1", "cuhk03_mAP", "market_R1", "market_mAP"),
                                                        row.paper)) if row.paper else None,
                                      "ours": res} for row, res in found]},
                           indent=2, default=str) + "\n", js)
     return md, js
+
+
+def ensure_pretrain(runs: Path, extra: list[str], *, data_root=None, log=print) -> list[str]:
+    """The showcase's stand-in for ImageNet: the quick preset's baseline in RUNS/pretrain, trained
+    here if it has not finished yet (resumable like the rows). Returns `extra` with --pretrained
+    pointing at it (unless the user gave --pretrained)."""
+    from . import train as T
+    from .checkpoint import find_latest, load_checkpoint
+
+    if "--pretrained" in extra:
+        return extra
+    run_dir = runs / "pretrain"
+    argv = ["--preset", "quick", "--model", "baseline", "--output-dir", str(run_dir), "--resume", "auto",
+            "--no-progress"] + (["--data-root", data_root] if data_root else [])
+    if "--threads" in extra:
+        argv += ["--threads", extra[extra.index("--threads") + 1]]
+    cfg = T.parse_config(argv)
+    latest = find_latest(run_dir) if run_dir.is_dir() else None
+    if latest is None or load_checkpoint(latest).get("epoch") != cfg.optim.epochs:
+        log(f"== pretraining (stand-in for ImageNet): python -m rga.train {' '.join(argv)}")
+        if not T.train(cfg):
+            raise RuntimeError(f"the pretraining run returned no metrics (see {run_dir / 'train.log'})")
+    return list(extra) + ["--pretrained", str(run_dir)]
+
+
+SPATIAL_ROWS = ("rga_s", "rga_sc")  # showcase rows with a spatial attention map (the foreground ratio)
+
+
+def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=None, limit: int = 200) -> dict:
+    """The foreground-attention ratio per stage of each finished spatial row and seed (rga.visualize
+    attention over the first `limit` query images, which have person masks), its mean ± std over
+    seeds in OUT/foreground_ratio.md/.json, and OUT/attention.png: seed 0's maps beside an untrained
+    RGA-SC (the control: 1.00 means no preference for the person)."""
+    from . import visualize as V
+
+    found = {}
+    for slug in SPATIAL_ROWS:
+        for seed in seeds or [None]:
+            res_path = out / "rows" / f"{run_slug(Row(slug, slug), seed)}.json"
+            if res_path.is_file():
+                found.setdefault(slug, []).append((seed, json.loads(res_path.read_text())))
+    if not found:
+        return {}
+    summary = {"limit": limit, "rows": {}}
+    for slug, results in found.items():
+        per_seed = []
+        for seed, res in results:
+            dest = out / "attention" / res["slug"]
+            json_path = dest / "foreground_ratio.json"
+            if not json_path.is_file():
+                V.main(["attention", res["run_dir"], "--dataset", dataset or res["dataset"], "--data-root",
+                        data_root or res.get("data_root") or "data", "--limit", str(limit), "--out", str(dest)])
+            stages = json.loads(json_path.read_text())["runs"][0]["stages"]
+            per_seed.append({"seed": seed, **{s: v["mean"] for s, v in stages.items()}})
+        stage_keys = sorted({k for r in per_seed for k in r if k != "seed"})
+        stats = {}
+        for k in stage_keys:
+            v = torch.tensor([r[k] for r in per_seed if k in r], dtype=torch.float64)
+            stats[k] = {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0, "n": len(v)}
+        summary["rows"][slug] = {"per_seed": per_seed, "stages": stats}
+    # the figure: seed 0 of each spatial row beside the untrained control
+    first = {slug: res for slug, results in found.items() for seed, res in results[:1]}
+    if first:
+        some = next(iter(first.values()))
+        h, w = (int(x) for x in some["input"].split("x"))
+        argv = ["attention", first[SPATIAL_ROWS[-1]]["run_dir"] if SPATIAL_ROWS[-1] in first
+                else some["run_dir"]]
+        for slug, res in first.items():
+            if res["run_dir"] != argv[1]:
+                argv += ["--compare", res["run_dir"]]
+        argv += ["--compare", "init:rga_sc", "--backbone", some["backbone"], "--height", str(h), "--width", str(w),
+                 "--dataset", dataset or some["dataset"], "--data-root", data_root or some.get("data_root") or "data",
+                 "--limit", str(limit), "--out", str(out / "attention" / "figure")]
+        V.main(argv)
+        fig = out / "attention" / "figure" / "attention.png"
+        if fig.is_file():
+            (out / "attention.png").write_bytes(fig.read_bytes())
+        control = json.loads((out / "attention" / "figure" / "foreground_ratio.json").read_text())["runs"][-1]
+        summary["untrained_rga_sc"] = {s: v["mean"] for s, v in control["stages"].items()}
+    lines = ["# Foreground-attention ratio, showcase", "",
+             f"Share of each spatial attention map's mass inside the person mask divided by the mask's share of "
+             f"the image (1.00: no preference), mean over the first {limit} query images of each run, then mean ± "
+             "std over seeds. Written by `python -m rga.experiments showcase`.", "",
+             "| model | seeds | stage 1 | stage 2 | stage 3 | stage 4 |", "|---|---|---|---|---|---|"]
+    labels = {"rga_s": "RGA-S", "rga_sc": "RGA-SC"}
+    for slug, row in summary["rows"].items():
+        cells = [f"{row['stages'][k]['mean']:.3f} ± {row['stages'][k]['std']:.3f}" if k in row["stages"] else ""
+                 for k in ("1", "2", "3", "4")]
+        lines.append(f"| {labels[slug]} | {len(row['per_seed'])} | " + " | ".join(cells) + " |")
+    if "untrained_rga_sc" in summary:
+        u = summary["untrained_rga_sc"]
+        lines.append("| RGA-SC, untrained (control) | - | " + " | ".join(
+            f"{u[k]:.3f}" if k in u else "" for k in ("1", "2", "3", "4")) + " |")
+    write_text("\n".join(lines) + "\n", out / "foreground_ratio.md")
+    write_text(json.dumps(summary, indent=2) + "\n", out / "foreground_ratio.json")
+    print("\n".join(lines))
+    return summary
 
 
 def _hardware() -> str:
@@ -230,8 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", choices=sorted(TABLES))
     p.add_argument("--dataset", default=None, help="dataset (default: the preset's, else rga.train's)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--preset", default="quick", help="rga.train preset for every row (default quick; '' for none)")
-    p.add_argument("--out", default=None, help="output folder (default runs/experiments/<table>)")
+    p.add_argument("--preset", default=None,
+                   help="rga.train preset for every row (default: showcase for the showcase, else quick; '' for none)")
+    p.add_argument("--out", default=None, help="output folder (default runs/experiments/<table>; for the showcase "
+                   "docs/figures/showcase, its runs under runs/showcase)")
+    p.add_argument("--runs", default=None, help="folder of the runs (default OUT/runs; showcase: runs/showcase)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train each row with seeds 0..N-1 and report mean ± std (default: showcase 3, tables 1 "
+                        "run without --seed)")
     p.add_argument("--rows", nargs="+", metavar="SLUG", help="run only these rows (default: all, in order)")
     p.add_argument("--list", action="store_true", help="list the rows and their state, run nothing")
     return p
@@ -246,7 +391,15 @@ def main(argv=None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
-    out = Path(args.out or f"runs/experiments/{args.table}")
+    showcase = args.table == "showcase"
+    out = Path(args.out or ("docs/figures/showcase" if showcase else f"runs/experiments/{args.table}"))
+    runs = Path(args.runs) if args.runs else (Path("runs/showcase") if showcase and not args.out else out / "runs")
+    preset = args.preset if args.preset is not None else ("showcase" if showcase else "quick")
+    n_seeds = args.seeds if args.seeds is not None else (3 if showcase else None)
+    if n_seeds is not None and n_seeds < 1:
+        print(f"rga.experiments: error: --seeds must be >= 1, got {n_seeds}", file=sys.stderr)
+        return 2
+    seeds = list(range(n_seeds)) if n_seeds is not None else None
     out.mkdir(parents=True, exist_ok=True)
     _title, rows = TABLES[args.table]
     if args.rows:
@@ -256,30 +409,46 @@ def main(argv=None) -> int:
                   f"{[r.slug for r in rows]}", file=sys.stderr)
             return 2
         rows = [r for r in rows if r.slug in args.rows]
-    meta = {"preset": args.preset or None, "extra_args": extra, "hardware": _hardware(),
+    meta = {"preset": preset or None, "extra_args": extra, "hardware": _hardware(),
             "command": "python -m rga.experiments " + " ".join(argv + (["--"] + extra if extra else []))}
+    # seed-major order: every row of seed 0 first, so a partial run already has one of each row
+    jobs = [(row, seed) for seed in (seeds or [None]) for row in rows]
     if args.list:
-        for row, res in collect(args.table, out):
-            state = "done" if res else ("started" if (out / "runs" / row.slug).is_dir() else "pending")
-            print(f"{row.slug:<14} {row.label:<22} {state}")
+        for row, seed in jobs:
+            slug = run_slug(row, seed)
+            state = "done" if (out / "rows" / f"{slug}.json").is_file() else (
+                "started" if (runs / slug).is_dir() else "pending")
+            print(f"{slug:<20} {row.label:<22} {state}")
         return 0
-    for row in rows:
-        if (out / "rows" / f"{row.slug}.json").is_file():
-            print(f"== {row.label} ({row.slug}): done, skipped")
+    if showcase and preset == "showcase":
+        try:
+            extra = ensure_pretrain(runs, extra, data_root=args.data_root)
+        except Exception as e:  # noqa: BLE001
+            message = user_message(e)
+            if message is None:
+                raise
+            print(f"rga.experiments: error in the pretraining run: {message}", file=sys.stderr)
+            return 2
+    for row, seed in jobs:
+        slug = run_slug(row, seed)
+        if (out / "rows" / f"{slug}.json").is_file():
+            print(f"== {row.label} ({slug}): done, skipped")
             continue
         try:
-            res = run_row(row, out, preset=args.preset or None, dataset=args.dataset, data_root=args.data_root,
-                          extra=extra)
+            res = run_row(row, out, preset=preset or None, dataset=args.dataset, data_root=args.data_root,
+                          extra=extra, seed=seed, runs=runs)
         except Exception as e:  # noqa: BLE001 - a user-fixable failure is one line, anything else a bug
             message = user_message(e)
             if message is None:
                 raise
-            print(f"rga.experiments: error in row {row.slug}: {message}", file=sys.stderr)
+            print(f"rga.experiments: error in row {slug}: {message}", file=sys.stderr)
             return 2
-        print(f"== {row.label}: R1 {_pct(res['R1'])}%  mAP {_pct(res['mAP'])}%  mINP {_pct(res['mINP'])}%  "
+        print(f"== {row.label} ({slug}): R1 {_pct(res['R1'])}%  mAP {_pct(res['mAP'])}%  mINP {_pct(res['mINP'])}%  "
               f"{res['params'] / 1e6:.2f} M params  {res['train_seconds'] / 60:.1f} min training")
-        write_table(args.table, out, meta)
-    md, js = write_table(args.table, out, meta)
+        write_table(args.table, out, meta, seeds)
+    if showcase:
+        showcase_attention(out, runs, seeds, dataset=args.dataset, data_root=args.data_root)
+    md, js = write_table(args.table, out, meta, seeds)
     print(md.read_text())
     print(f"wrote {md} and {js}")
     return 0

@@ -125,6 +125,46 @@ def save_figure(fig, path, **kw) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# checkpoint files in a run folder (checkpoint_epNNNN.pth), by name
+# ----------------------------------------------------------------------------------------------
+
+CKPT_PATTERN = re.compile(r"^checkpoint_ep(\d+)\.pth$")
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"checkpoint_ep{epoch:04d}.pth"
+
+
+def list_checkpoints(folder) -> list:
+    """[(epoch, path)] of checkpoint_epNNNN.pth files in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = CKPT_PATTERN.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest(folder):
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file as given, or the newest checkpoint in a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint_epNNNN.pth in {path}")
+        return latest
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
 # safe reading
 # ----------------------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .attention import DESIGNS
-from .fileio import load_torch
-from .registry import DESIGN_LABELS, PAPER_LABELS, RGA_OPTIONS, VARIANT_ALIASES, VARIANTS
+from .fileio import load_torch, resolve_checkpoint
+from .registry import DESIGN_LABELS, INIT_OPTIONS, PAPER_LABELS, RGA_OPTIONS, VARIANT_ALIASES, VARIANTS
 from .registry import BACKBONES as BACKBONE_NAMES
 from .modules import RGAModule
 
@@ -183,6 +183,9 @@ class ResNetRGA(nn.Module):
         if unknown:
             raise TypeError(f"unknown RGA option(s) {sorted(unknown)}; valid: {sorted(RGA_OPTIONS)}")
         spec = VARIANTS[variant]
+        if spec is None or spec.get("attention", "rga") != "rga":
+            for name in INIT_OPTIONS:  # no RGA gates to initialise
+                rga_options.pop(name, None)
         if spec is None:
             # `fused` is accepted (the same model either way); options that change RGA modules are not
             changed = {k: v for k, v in rga_options.items() if v != RGA_OPTIONS[k]}
@@ -295,13 +298,18 @@ def _find_hub_checkpoint(arch: str) -> str:
 def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50") -> str:
     """Load a torchvision ResNet state dict (path, mapping, or True for the torch hub cache) into ``backbone``.
 
-    The torchvision ``fc.*`` entries are ignored; every trunk parameter must be present.
+    ``source`` may also be a checkpoint or run folder of ``rga.train`` (the paper's protocol at small
+    scale: a model trained here stands in for ImageNet): its ResNet trunk is loaded, its neck,
+    classifier and attention modules are not. The torchvision ``fc.*`` entries are ignored; every
+    trunk parameter must be present.
     Returns a description of the source.
     """
     if source is True:
         source = _find_hub_checkpoint(arch)
     if isinstance(source, (str, os.PathLike)):
         desc = os.fspath(source)
+        if os.path.isdir(desc):  # a run folder of rga.train: its newest checkpoint
+            desc = os.fspath(resolve_checkpoint(desc))
         if not os.path.isfile(desc):
             raise FileNotFoundError(f"pretrained checkpoint not found: {desc}")
         state = load_torch(desc)  # the safe loader, with its clear errors
@@ -313,7 +321,11 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if any(k.startswith("backbone.") for k in state):
+        # a model of this package (rga.train checkpoint or run folder): its trunk only; the neck,
+        # the classifier and any attention modules are left out, so new attention starts fresh
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "rga_att"))}
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch, e.g. a resnet18 file for a resnet50 model

@@ -26,6 +26,11 @@ from torch import nn
 
 ORDERS = ("sc", "cs", "parallel")
 EMBEDDINGS = ("asymmetric", "symmetric", "none")
+#: how the last BatchNorm of each attention branch (``W_*.4``, the gate logits) starts:
+#: "public" as in the public code (gamma = 1) or "zero" (gamma = 0: every gate starts at
+#: sigmoid(0) = 0.5 on every position/channel and the branch learns away from that neutral start,
+#: as non-local blocks zero their last BN). Beyond the paper; see README "Gate initialisation".
+GATE_INITS = ("public", "zero")
 BACKENDS = ("auto", "reference", "torch", "cpp", "cuda", "triton")
 
 
@@ -235,6 +240,9 @@ class RGAModule(nn.Module):
             (relations of the raw features, no θ/φ parameters), Table 4.
         fused: False for the reference path; True (backend "auto") or a backend name for the fused
             path through ``rga_kernels.relation_embed``. Settable after construction.
+        gate_init: "public" (the public code's: the last BN of each attention branch starts at
+            gamma = 1) or "zero" (gamma = 0 there: every gate starts at exactly 0.5, a neutral
+            start; see GATE_INITS). Only the initial values differ; state dicts are the same.
 
     Attention maps: set ``module.keep_attention = True`` and after each forward
     ``module.last_attention`` holds the detached maps, ``"spatial"`` (B, 1, H, W) and/or
@@ -256,6 +264,7 @@ class RGAModule(nn.Module):
         use_original: bool = True,
         embedding: str = "asymmetric",
         fused: bool | str = False,
+        gate_init: str = "public",
     ):
         super().__init__()
         _check_positive_int("in_channels", in_channels)
@@ -268,6 +277,8 @@ class RGAModule(nn.Module):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        if gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
         if not (use_spatial or use_channel):
             raise ValueError("RGAModule needs at least one of use_spatial, use_channel")
         if not (use_relation or use_original):
@@ -280,6 +291,7 @@ class RGAModule(nn.Module):
         self.cha_ratio, self.spa_ratio, self.down_ratio = cha_ratio, spa_ratio, down_ratio
         self.use_relation, self.use_original = bool(use_relation), bool(use_original)
         self.embedding = embedding
+        self.gate_init = gate_init
         self.fused = fused
 
         n = h * w
@@ -308,6 +320,8 @@ class RGAModule(nn.Module):
                 setattr(self, f"gg_{branch}", _conv_bn_relu(2 * nodes, rel_red))
             width = int(self.use_original) + (rel_red if self.use_relation else 0)
             setattr(self, f"W_{branch}", _attention_mlp(width, max(1, width // down_ratio)))
+            if gate_init == "zero":
+                nn.init.zeros_(getattr(self, f"W_{branch}")[4].weight)
         self.keep_attention = False
         self.last_attention: dict[str, torch.Tensor] = {}
         self._tie_buffers()
@@ -381,6 +395,8 @@ class RGAModule(nn.Module):
             s += ", use_original=False"
         if self.embedding != "asymmetric":
             s += f", embedding={self.embedding!r}"
+        if self.gate_init != "public":
+            s += f", gate_init={self.gate_init!r}"
         return s + f", fused={self._fused!r}"
 
     # -- input checks ------------------------------------------------------------------------------

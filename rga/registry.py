@@ -20,7 +20,12 @@ BACKBONES = ("resnet50", "resnet18")
 
 #: the defaults of the RGA module's options (what the paper's RGA-SC uses)
 RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8,
-                   down_ratio=8)
+                   down_ratio=8, gate_init="public")
+#: options that only set initial values: accepted (and ignored) by models without RGA modules, so
+#: one preset can train every design; not part of a row (a --model NAME leaves them as they are)
+INIT_OPTIONS = ("gate_init",)
+#: the RGA options a row of the paper's tables fixes
+ROW_OPTIONS = tuple(k for k in RGA_OPTIONS if k not in INIT_OPTIONS)
 
 #: the other attention designs of the paper's Table 2 (rga/attention.py): name -> the paper's label
 DESIGN_LABELS = {
@@ -53,7 +58,7 @@ VARIANT_ALIASES = {"rga": "rga_sc", "rgasc": "rga_sc", "rgas": "rga_s", "rgac": 
 
 
 def _row(variant, **options):
-    return {"variant": variant, **RGA_OPTIONS, **options}
+    return {"variant": variant, **{k: RGA_OPTIONS[k] for k in ROW_OPTIONS}, **options}
 
 
 #: --model NAME: the variant and every RGA option, as in the paper's Tables 1 and 4. Each variant

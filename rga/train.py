@@ -60,6 +60,19 @@ def default_output_dir(cfg: C.RunConfig, label: str | None = None) -> Path:
     return Path("runs") / f"{cfg.data.dataset}-{label or cfg.model.label()}-{cfg.model.backbone}"
 
 
+def expand_output_dir(cfg: C.RunConfig, label: str | None = None) -> str:
+    """--output-dir with {model}, {seed}, {dataset} and {backbone} filled in (a preset can name one
+    folder per model and seed, e.g. runs/showcase/{model}-seed{seed})."""
+    text = str(cfg.run.output_dir)
+    fields = {"model": label or cfg.model.label(), "seed": cfg.run.seed, "dataset": cfg.data.dataset,
+              "backbone": cfg.model.backbone}
+    try:
+        return text.format(**fields) if "{" in text else text
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--output-dir {text!r}: only {{model}}, {{seed}}, {{dataset}} and {{backbone}} can be "
+                         f"filled in ({e})") from None
+
+
 # ------------------------------------------------------------------------------------ the steps
 
 def check_runtime(cfg: C.RunConfig) -> None:
@@ -78,8 +91,10 @@ def check_runtime(cfg: C.RunConfig) -> None:
         raise UsageError("--sync-bn needs CUDA GPUs (PyTorch's DistributedDataParallel supports SyncBatchNorm "
                          "only on GPU modules); leave it off on CPU")
     p = cfg.model.pretrained
-    if p not in (None, "auto") and not Path(p).is_file():
-        raise UsageError(f"--pretrained file not found: {p}")
+    if p not in (None, "auto") and not (Path(p).is_file() or Path(p).is_dir()):
+        hint = C.PRETRAIN_COMMANDS.get(str(p))
+        raise UsageError(f"--pretrained file not found: {p} (expected a torchvision .pth, or a run folder or checkpoint "
+                         "of rga.train)" + (f"; make it first with: {hint}" if hint else ""))
     if r.resume not in (None, "auto") and not Path(r.resume).is_file():
         raise CheckpointError(f"--resume: checkpoint not found: {r.resume}")
 
@@ -119,6 +134,7 @@ class Trainer:
         self.label = cfg.model.label()  # the row name, for the folder name and the log
         if cfg.run.output_dir is None:
             cfg.run.output_dir = str(default_output_dir(cfg, self.label))
+        cfg.run.output_dir = expand_output_dir(cfg, self.label)
         self.config_dict = cfg.to_dict()  # as saved in config.json and every checkpoint
         self.eval_settings = EvalSettings.of(cfg)
         self.out_dir = Path(cfg.run.output_dir)
@@ -202,6 +218,8 @@ class Trainer:
             self.log(f"note: --pretrained none: the {backbone} starts from random weights (the paper starts "
                      "from ImageNet)")
             return False
+        self.log(f"backbone weights: {p}" + (" (a run folder: its newest checkpoint's trunk)" if Path(p).is_dir()
+                                             else ""))
         return p
 
     def new_model(self):

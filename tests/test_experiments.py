@@ -84,5 +84,44 @@ def test_runner_trains_rows_resumes_and_writes_the_table(tmp_path, capsys):
     assert E.main(["table4", "--out", str(out), "--rows", "nope"]) == 2
 
 
+def test_showcase_runs_rows_times_seeds_and_reports_mean_and_std(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from rga import train as T
+    tiny = ["--dataset-opt", "num_train_ids=6", "--dataset-opt", "num_test_ids=4", "--dataset-opt", "num_distractors=2",
+            "--dataset-opt", "max_cams_per_id=2", "--dataset-opt", "max_imgs_per_cam=2", "--batch-ids", "4",
+            "--batch-instances", "2", "--threads", "1", "--test-batch-size", "32", "--epochs", "1", "--milestones"]
+    data = str(tmp_path / "data")
+    # the stand-in for ImageNet: a baseline of this package (the runner would train the quick one)
+    pre = tmp_path / "pre"
+    assert T.main(["--preset", "showcase", "--model", "baseline", "--pretrained", "none", "--data-root", data,
+                   "--output-dir", str(pre), "--no-progress"] + tiny) == 0
+    out, runs = tmp_path / "figs", tmp_path / "runs"
+    common = ["showcase", "--out", str(out), "--runs", str(runs), "--data-root", data, "--seeds", "2"]
+    assert E.main(common + ["--rows", "baseline", "rga_s", "--", "--pretrained", str(pre)] + tiny) == 0
+    for slug in ("baseline-seed0", "baseline-seed1", "rga_s-seed0", "rga_s-seed1"):
+        res = json.loads((out / "rows" / f"{slug}.json").read_text())
+        assert res["seed"] == int(slug[-1]) and res["input"] == "128x64" and res["dataset"] == "synthetic_scenes"
+        cfg = T.parse_config(res["train_argv"])
+        assert cfg.model.gate_init == "zero" and cfg.model.pretrained == str(pre)
+    # the two seeds differ (the seed reaches the run) and the table gives their mean and std
+    r0, r1 = (json.loads((out / "rows" / f"baseline-seed{s}.json").read_text()) for s in (0, 1))
+    table = json.loads((out / "showcase.json").read_text())
+    base = table["rows"][0]["ours"]
+    assert base["seeds"] == [0, 1] and base["mAP"] == pytest.approx((r0["mAP"] + r1["mAP"]) / 2)
+    assert base["mAP_std"] == pytest.approx(abs(r0["mAP"] - r1["mAP"]) / 2 ** 0.5)
+    md = (out / "showcase.md").read_text()
+    assert "| Baseline | 2 of 2 | " in md and " ± " in md and "| RGA-C | 0 of 2 | pending" in md
+    # foreground ratios of the spatial row, per seed, with the untrained control, and the figure
+    fg = json.loads((out / "foreground_ratio.json").read_text())
+    assert [r["seed"] for r in fg["rows"]["rga_s"]["per_seed"]] == [0, 1]
+    assert set(fg["rows"]["rga_s"]["stages"]) == {"1", "2", "3", "4"} and "untrained_rga_sc" in fg
+    assert (out / "attention.png").is_file() and "RGA-S" in (out / "foreground_ratio.md").read_text()
+    # the standalone command names the same run folder as the runner
+    assert T.parse_config(["--preset", "showcase", "--model", "rga_c", "--seed", "2"]).run.output_dir == \
+        "runs/showcase/{model}-seed{seed}"
+    assert E.main(common + ["--list"]) == 0
+    assert "rga_sc-seed1" in capsys.readouterr().out
+
+
 if __name__ == "__main__":
     pytest.main([__file__])

@@ -1,6 +1,8 @@
 """Datasets: ``build_dataset(name, root, **kw)`` and the image-reading ``ImageDataset``.
 
-Names: "synthetic" (default; generated under root on first use), "market1501",
+Names: "synthetic" (default; generated under root on first use), "synthetic_scenes" (people at
+random scale and position in cluttered scenes with other people and occluders; generated too),
+"market1501",
 "cuhk03" (kw variant="labeled"|"detected"; or the names "cuhk03_labeled" / "cuhk03_detected"),
 "msmt17" (kw version="V1"|"V2", auto-detected by default). See docs/data.md.
 """
@@ -14,12 +16,14 @@ from .datasets import (CUHK03_LAYOUT, MARKET_LAYOUT, MSMT17_LAYOUT, DatasetLayou
 from .check import check_dataset, find_bad_images
 from .images import ImageReadError, UnsupportedImageError, read_image, to_rgb8
 from .synthetic import SyntheticConfig, build_synthetic, generate_synthetic, mask_path
+from .synthetic_scenes import SceneConfig, build_synthetic_scenes, generate_scenes
 
 __all__ = [
     "build_dataset", "DATASETS", "ImageDataset", "ImageReadError", "read_image", "ReidDataset",
     "DatasetLayoutError", "load_market1501", "load_cuhk03", "load_msmt17", "build_synthetic",
     "generate_synthetic", "SyntheticConfig", "mask_path", "parse_market_name", "relabel_items",
-    "check_dataset", "find_bad_images", "to_rgb8", "UnsupportedImageError",
+    "check_dataset", "find_bad_images", "to_rgb8", "UnsupportedImageError", "SceneConfig",
+    "build_synthetic_scenes", "generate_scenes",
 ]
 
 
@@ -35,6 +39,7 @@ def _cuhk03(variant: str) -> Callable[..., ReidDataset]:
 #: name -> loader(root, verbose=True, **kw); a flat table, as in torchreid
 DATASETS: Dict[str, Callable[..., ReidDataset]] = {
     "synthetic": build_synthetic,
+    "synthetic_scenes": build_synthetic_scenes,
     "market1501": load_market1501,
     "cuhk03": load_cuhk03,
     "cuhk03_labeled": _cuhk03("labeled"),
@@ -47,7 +52,7 @@ _ALIASES = {"market": "market1501", "market-1501": "market1501", "msmt": "msmt17
 
 def build_dataset(name: str = "synthetic", root: str = "data", verbose: bool = True,
                   **kw) -> ReidDataset:
-    """Load (or, for "synthetic", generate on first use) a dataset under ``root``.
+    """Load (or, for "synthetic" and "synthetic_scenes", generate on first use) a dataset under ``root``.
 
     Unknown keyword arguments raise TypeError (they are never silently ignored).
     """

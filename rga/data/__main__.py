@@ -1,7 +1,7 @@
 """Check a dataset folder: ``python -m rga.data NAME ROOT [KEY=VALUE ...]``.
 
 Prints the summary table (ids / images / cameras per split) and every file name that did not
-parse; generates the synthetic dataset if NAME is "synthetic"; then decodes every image (as
+parse; generates the synthetic dataset if NAME is "synthetic" or "synthetic_scenes"; then decodes every image (as
 rga.train does before its first epoch) and lists each one that cannot be read. Exit status 2 on
 a layout error, an empty split or an unreadable image (one `error:` line on stderr).
 """

@@ -30,7 +30,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -58,8 +58,10 @@ class SyntheticConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool)):
                 raise TypeError(f"synthetic option {f.name} must be an int, got {v!r}")
+            if f.type in ("float", float) and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                raise TypeError(f"synthetic option {f.name} must be a number, got {v!r}")
         if self.num_train_ids < 1 or self.num_test_ids < 1:
             raise ValueError("need at least one train and one test identity")
         if self.num_train_ids + self.num_test_ids > 9999:
@@ -341,10 +343,67 @@ def _draw_person(draw, ident: Dict, view: str, cx: float, feet: float, ph: float
                         cx + 0.85 * hr + max(brim, 0), top + 0.58 * hr], fill=HAT)
 
 
+def _colour_person(lab: np.ndarray, ident: Dict, cx: float, feet: float, ph: float,
+                   light_dir: float) -> np.ndarray:
+    """RGB (float32) of a part-label map drawn by _draw_person: the identity's colours, its top's
+    pattern, and simple shading (light from one side, darker towards the feet)."""
+    H2, W2 = lab.shape
+    table = np.zeros((9, 3), np.float32)
+    table[SKIN], table[HAIR], table[TOP] = ident["skin"], ident["hair"], ident["top"]
+    table[TOP2], table[BOTTOM], table[SHOES] = ident["top2"], ident["bottom"], ident["shoes"]
+    table[BAG], table[HAT] = ident["bag_colour"], ident["hat"]
+    col = table[lab]
+    pat = ident["pattern"]
+    if pat not in ("solid", "logo"):
+        yy, xx = np.mgrid[0:H2, 0:W2].astype(np.float32)
+        u = (yy - (feet - ph)) / ph
+        v = (xx - cx) / ph
+        per = ident["period"]
+        if pat == "hstripes":
+            alt = (np.floor(u / per) % 2) == 1
+        elif pat == "vstripes":
+            alt = (np.floor(v / per + 100) % 2) == 1
+        elif pat == "checker":
+            alt = ((np.floor(u / per) + np.floor(v / per + 100)) % 2) == 1
+        else:  # twotone: lower half of the top in the second colour
+            alt = u > (ident["head"] + 0.03 + (1 - ident["leg"])) / 2 + 0.05
+        col[(lab == TOP) & alt] = ident["top2"]
+    xs = np.clip((np.arange(W2, dtype=np.float32) - cx) / (0.15 * ph), -1.5, 1.5)
+    shade = 1.0 + 0.18 * light_dir * xs[None, :] - 0.1 * np.clip(
+        (np.arange(H2, dtype=np.float32)[:, None] - (feet - ph)) / ph, 0, 1)
+    col *= shade[..., None]
+    return col
+
+
+def _camera_finish(img: np.ndarray, cam: Dict, r: np.random.Generator) -> np.ndarray:
+    """A 2x-size float RGB image (modified in place) through the camera: gain, colour cast, gamma,
+    per-image exposure jitter, grey sensor noise; reduced to half size, then blurred. uint8."""
+    from PIL import Image, ImageFilter
+
+    H2, W2 = img.shape[:2]
+    img *= cam["gain"] * r.uniform(0.88, 1.12) * cam["cast"][None, None, :] / 255.0
+    np.clip(img, 0, 1, out=img)
+    img **= cam["gamma"]
+    img *= 255.0
+    img += r.normal(0, cam["noise"], (H2, W2, 1)).astype(np.float32)  # grey noise
+    out = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)).reduce(2)
+    if cam["blur"] > 0:
+        out = out.filter(ImageFilter.GaussianBlur(cam["blur"]))
+    return np.asarray(out)
+
+
+def _reduce_mask(visible: np.ndarray) -> np.ndarray:
+    """A 2x-size boolean mask reduced to half size: 255 where at least half the pixels are set."""
+    from PIL import Image
+
+    mask = np.asarray(Image.fromarray(visible.astype(np.uint8) * 255).reduce(2))
+    return np.where(mask >= 128, 255, 0).astype(np.uint8)
+
+
 def _render(ident: Dict, cam: Dict, r: np.random.Generator, H: int, W: int,
             partial: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """One image (H, W, 3) uint8 and its mask (H, W) uint8 in {0, 255}; drawn at 2x, reduced."""
-    from PIL import Image, ImageDraw, ImageFilter
+    from PIL import Image, ImageDraw
 
     H2, W2 = 2 * H, 2 * W
     views = ("front", "back", "left", "right")
@@ -367,32 +426,8 @@ def _render(ident: Dict, cam: Dict, r: np.random.Generator, H: int, W: int,
     img = bg[y0:y0 + H2, x0:x0 + W2].copy()
 
     # colour the parts
-    table = np.zeros((9, 3), np.float32)
-    table[SKIN], table[HAIR], table[TOP] = ident["skin"], ident["hair"], ident["top"]
-    table[TOP2], table[BOTTOM], table[SHOES] = ident["top2"], ident["bottom"], ident["shoes"]
-    table[BAG], table[HAT] = ident["bag_colour"], ident["hat"]
     person = lab > 0
-    col = table[lab]
-    pat = ident["pattern"]
-    if pat not in ("solid", "logo"):
-        yy, xx = np.mgrid[0:H2, 0:W2].astype(np.float32)
-        u = (yy - (feet - ph)) / ph
-        v = (xx - cx) / ph
-        per = ident["period"]
-        if pat == "hstripes":
-            alt = (np.floor(u / per) % 2) == 1
-        elif pat == "vstripes":
-            alt = (np.floor(v / per + 100) % 2) == 1
-        elif pat == "checker":
-            alt = ((np.floor(u / per) + np.floor(v / per + 100)) % 2) == 1
-        else:  # twotone: lower half of the top in the second colour
-            alt = u > (ident["head"] + 0.03 + (1 - ident["leg"])) / 2 + 0.05
-        col[(lab == TOP) & alt] = ident["top2"]
-    # simple shading: light from one side, darker towards the feet
-    xs = np.clip((np.arange(W2, dtype=np.float32) - cx) / (0.15 * ph), -1.5, 1.5)
-    shade = 1.0 + 0.18 * cam["light_dir"] * xs[None, :] - 0.1 * np.clip(
-        (np.arange(H2, dtype=np.float32)[:, None] - (feet - ph)) / ph, 0, 1)
-    col *= shade[..., None]
+    col = _colour_person(lab, ident, cx, feet, ph, cam["light_dir"])
     img[person] = col[person]
     visible = person.copy()
 
@@ -425,17 +460,7 @@ def _render(ident: Dict, cam: Dict, r: np.random.Generator, H: int, W: int,
             block[split:] = c3
         visible &= ~occ
 
-    # camera: gain, colour cast, gamma, per-image exposure jitter, sensor noise
-    img *= cam["gain"] * r.uniform(0.88, 1.12) * cam["cast"][None, None, :] / 255.0
-    np.clip(img, 0, 1, out=img)
-    img **= cam["gamma"]
-    img *= 255.0
-    img += r.normal(0, cam["noise"], (H2, W2, 1)).astype(np.float32)  # grey noise
-    out = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)).reduce(2)
-    if cam["blur"] > 0:
-        out = out.filter(ImageFilter.GaussianBlur(cam["blur"]))
-    mask = np.asarray(Image.fromarray(visible.astype(np.uint8) * 255).reduce(2))
-    return np.asarray(out), np.where(mask >= 128, 255, 0).astype(np.uint8)
+    return _camera_finish(img, cam, r), _reduce_mask(visible)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,19 +479,24 @@ def _plan(cfg: SyntheticConfig) -> List[Tuple[int, int, bool]]:
     return out
 
 
-def generate_synthetic(out_dir, cfg: Optional[SyntheticConfig] = None) -> Path:
-    """Render the whole dataset into ``out_dir`` (which must not exist yet)."""
+RenderFn = Callable[[int, int, int], Tuple[np.ndarray, np.ndarray]]
+DistractorFn = Callable[[int], Tuple[np.ndarray, np.ndarray, int]]
+
+
+def write_generated(out_dir, cfg: SyntheticConfig, render: RenderFn, distractor: DistractorFn,
+                    marker_text: str, marker: str) -> Path:
+    """Write a generated dataset into ``out_dir`` (which must not exist yet), in the Market-1501
+    layout with a mask per image: ``render(pid, camera, k)`` gives the k-th (1-based) image of an
+    identity in a camera and its mask, ``distractor(i)`` the i-th gallery distractor (pid 0) and
+    its camera. Identities and cameras follow ``_plan(cfg)``; a test identity's first image in each
+    camera is its query there, the others go to the gallery. The marker is written last."""
     from PIL import Image
 
-    cfg = cfg or SyntheticConfig()
-    cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True)
     for d in SPLIT_DIRS:
         (out_dir / d).mkdir()
         (out_dir / "masks" / d).mkdir(parents=True)
-    H, W = cfg.height, cfg.width
-    cams = [_camera(cfg.seed, c, 2 * H, 2 * W) for c in range(cfg.num_cameras)]
     frame = [0] * cfg.num_cameras
     seen_query = set()
 
@@ -476,12 +506,10 @@ def generate_synthetic(out_dir, cfg: Optional[SyntheticConfig] = None) -> Path:
         Image.fromarray(img).save(out_dir / split_dir / f"{stem}.jpg", quality=cfg.jpeg_quality)
         Image.fromarray(mask).save(out_dir / "masks" / split_dir / f"{stem}.png")
 
-    idents: Dict[int, Dict] = {}
     counter: Dict[Tuple[int, int], int] = {}
     for pid, c, is_test in _plan(cfg):
-        ident = idents.setdefault(pid, _identity(cfg.seed, pid))
         k = counter[(pid, c)] = counter.get((pid, c), 0) + 1
-        img, mask = _render(ident, cams[c], _rng(cfg.seed, 4, pid, c, k), H, W)
+        img, mask = render(pid, c, k)
         if not is_test:
             split = "bounding_box_train"
         elif (pid, c) not in seen_query:
@@ -491,17 +519,35 @@ def generate_synthetic(out_dir, cfg: Optional[SyntheticConfig] = None) -> Path:
             split = "bounding_box_test"
         write(split, pid, c, img, mask)
     for i in range(cfg.num_distractors):
-        r = _rng(cfg.seed, 5, i)
-        c = int(r.integers(cfg.num_cameras))
-        ident = _identity(cfg.seed, 100_000 + i)  # nobody in train or test
-        img, mask = _render(ident, cams[c], r, H, W, partial=True)
+        img, mask, c = distractor(i)
         write("bounding_box_test", 0, c, img, mask)
-    (out_dir / MARKER).write_text(_marker_text(cfg))
+    (out_dir / marker).write_text(marker_text)
     return out_dir
 
 
-def _marker_text(cfg: SyntheticConfig) -> str:
-    return json.dumps({"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg)},
+def generate_synthetic(out_dir, cfg: Optional[SyntheticConfig] = None) -> Path:
+    """Render the whole dataset into ``out_dir`` (which must not exist yet)."""
+    cfg = cfg or SyntheticConfig()
+    cfg.validate()
+    H, W = cfg.height, cfg.width
+    cams = [_camera(cfg.seed, c, 2 * H, 2 * W) for c in range(cfg.num_cameras)]
+    idents: Dict[int, Dict] = {}
+
+    def render(pid: int, c: int, k: int):
+        ident = idents.setdefault(pid, _identity(cfg.seed, pid))
+        return _render(ident, cams[c], _rng(cfg.seed, 4, pid, c, k), H, W)
+
+    def distractor(i: int):
+        r = _rng(cfg.seed, 5, i)
+        c = int(r.integers(cfg.num_cameras))
+        ident = _identity(cfg.seed, 100_000 + i)  # nobody in train or test
+        return (*_render(ident, cams[c], r, H, W, partial=True), c)
+
+    return write_generated(out_dir, cfg, render, distractor, _marker_text(cfg), MARKER)
+
+
+def _marker_text(cfg: SyntheticConfig, version: int = GENERATOR_VERSION, **extra) -> str:
+    return json.dumps({"generator_version": version, **extra, **dataclasses.asdict(cfg)},
                       sort_keys=True, indent=1) + "\n"
 
 
@@ -516,49 +562,61 @@ def _lock(f) -> None:
 def build_synthetic(root="data", verbose: bool = True, **kw):
     """Load <root>/synthetic, generating it first if it is missing or was generated with other
     parameters (keyword arguments: the fields of SyntheticConfig)."""
-    from .datasets import load_market1501
+    cfg = make_config(SyntheticConfig, "synthetic", kw)
+    return build_generated(root, cfg, DIRNAME, MARKER, _marker_text(cfg),
+                           lambda out: generate_synthetic(out, cfg), "synthetic", verbose)
 
-    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+
+def make_config(cls, what: str, kw: Dict):
+    fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(kw) - fields
     if unknown:
-        raise TypeError(f"unknown synthetic dataset options {sorted(unknown)}; "
+        raise TypeError(f"unknown {what} dataset options {sorted(unknown)}; "
                         f"valid: {sorted(fields)}")
-    cfg = SyntheticConfig(**kw)
+    cfg = cls(**kw)
     cfg.validate()
+    return cfg
+
+
+def build_generated(root, cfg, dirname: str, marker_name: str, wanted: str,
+                    generate: Callable[[Path], Path], name: str, verbose: bool = True):
+    """Load <root>/<dirname>, generating it first (``generate(tmp_folder)``) if it is missing or its
+    marker file differs from ``wanted`` (another generator version or other parameters)."""
+    from .datasets import load_market1501
+
     root = Path(root).expanduser()
-    target = root / DIRNAME
-    marker = target / MARKER
-    wanted = _marker_text(cfg)
+    target = root / dirname
+    marker = target / marker_name
 
     def up_to_date() -> bool:
         return marker.exists() and marker.read_text() == wanted
 
-    leftovers = list(root.glob(f".{DIRNAME}.tmp-*")) if root.is_dir() else []
+    leftovers = list(root.glob(f".{dirname}.tmp-*")) if root.is_dir() else []
     if not up_to_date() or leftovers:
         root.mkdir(parents=True, exist_ok=True)
         # several processes (e.g. distributed ranks) may get here at once: one generates, the
         # others wait for the lock and then find the dataset ready
-        with open(root / f".{DIRNAME}.lock", "w") as lock:
+        with open(root / f".{dirname}.lock", "w") as lock:
             _lock(lock)
             # with the lock held nobody is generating: a temporary folder is a killed run's leftover
-            for old in root.glob(f".{DIRNAME}.tmp-*"):
+            for old in root.glob(f".{dirname}.tmp-*"):
                 shutil.rmtree(old, ignore_errors=True)
             if not up_to_date():
                 if target.exists() and not marker.exists():
                     raise FileExistsError(
-                        f"{target} exists but has no {MARKER}: not generated by this project "
+                        f"{target} exists but has no {marker_name}: not generated by this project "
                         f"(or interrupted); remove it to regenerate")
-                tmp = root / f".{DIRNAME}.tmp-{os.getpid()}"
+                tmp = root / f".{dirname}.tmp-{os.getpid()}"
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 if verbose:
-                    print(f"=> generating the synthetic dataset in {target} ({cfg})")
-                generate_synthetic(tmp, cfg)
+                    print(f"=> generating the {name} dataset in {target} ({cfg})")
+                generate(tmp)
                 if target.exists():  # ours (it has the marker), made with other parameters
                     shutil.rmtree(target)
                 os.replace(tmp, target)
-    notes = [f"synthetic: seed {cfg.seed}, {cfg.height}x{cfg.width}, masks in {target}/masks"]
-    ds = load_market1501(target, name="synthetic", verbose=verbose, notes=notes)
+    notes = [f"{name}: seed {cfg.seed}, {cfg.height}x{cfg.width}, masks in {target}/masks"]
+    ds = load_market1501(target, name=name, verbose=verbose, notes=notes)
     ds.config = cfg
     ds.mask_dir = str(target / "masks")
     return ds
