@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ReidError, find_os_error
+from .errors import ExportError, UntrustedFileError, find_os_error, run_cli
+from .fileio import atomic_write, write_text
 
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
@@ -46,11 +47,6 @@ METADATA_KEY = "rga_export"
 METADATA_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export wants a finite range to reason with)
-
-
-class ExportError(ReidError, RuntimeError):
-    """An export or its check failed, or an exported file cannot be used; the message says which
-    step and why."""
 
 
 def _first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:
@@ -62,13 +58,6 @@ def _first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:
 # ----------------------------------------------------------------------------------------------
 # The model to export
 # ----------------------------------------------------------------------------------------------
-
-def load_trained_model(run, feat: str = "bn") -> nn.Module:
-    """The eval-mode model of a run folder or checkpoint (``rga.checkpoint.load_model``)."""
-    from .checkpoint import load_model
-
-    return load_model(run, neck_feat=feat).eval()
-
 
 class FeatureModel(nn.Module):
     """Preprocessed images (N, 3, H, W) -> features (N, D), L2-normalized if ``normalize``."""
@@ -214,13 +203,13 @@ def _export_onnx_torchscript(fm, path, dynamic_batch, batch_size, opset):
         raise ExportError(f"the TorchScript ONNX exporter failed: {_first_line(e)}") from e
 
 
-def _finish_onnx(path: Path, meta: dict, name=None):
-    """The ONNX model at `path` with the batch dimension named, the metadata embedded (its opset
-    filled in), checked by onnx.checker. `name`: the file's name in messages (`path` may be a
-    temporary file)."""
+def _finish_onnx(path: Path, meta: dict, name=None) -> dict:
+    """Name the batch dimension, embed the metadata, run onnx.checker and save the model again at
+    `path`; returns the metadata. `name`: the file's name in messages (`path` may be a temporary
+    file)."""
     onnx = _onnx_module()
     proto = onnx.load(str(path))
-    path = name or path
+    tmp, path = path, name or path
     meta["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if meta["dynamic_batch"]:
         old = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
@@ -238,7 +227,8 @@ def _finish_onnx(path: Path, meta: dict, name=None):
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"onnx.checker rejected {path}: {_first_line(e)}") from e
-    return proto
+    onnx.save(proto, str(tmp))
+    return meta
 
 
 def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_size: int = 1, opset: int | None = None,
@@ -257,8 +247,7 @@ def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_siz
     path = Path(path)
     out = {}
 
-    def write(f):  # the exporters write by path: the temporary file's (rga.checkpoint.atomic_write)
-        tmp = Path(f.name)
+    def write(tmp):  # the exporters write by path: rga.fileio.atomic_write's temporary file
         used, why = exporter, None
         if exporter in ("auto", "dynamo"):
             try:
@@ -276,24 +265,12 @@ def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_siz
                         source=source, opset=opset)
         if why:
             meta["fallback_reason"] = why
-        proto = _finish_onnx(tmp, meta, name=path)
-        f.seek(0)
-        f.truncate()
-        f.write(proto.SerializeToString())
-        out["meta"] = meta
+        out["meta"] = _finish_onnx(tmp, meta, name=path)
 
-    _write_output(path, write, "ONNX model")
+    # the old file stays until the new one is complete and checked
+    atomic_write(path, write, pass_path=True, what="ONNX model", error=ExportError)
     _write_sidecar(path, out["meta"])
     return out["meta"]
-
-
-def _write_output(path: Path, write, what: str) -> Path:
-    """`write(f)` into a temporary file, renamed over `path` when it succeeded (the old file stays
-    otherwise): rga.checkpoint.atomic_write. A file-system failure becomes an ExportError naming
-    the path and the operating system's reason."""
-    from .checkpoint import atomic_write
-
-    return atomic_write(path, write, what=what, error=ExportError)
 
 
 def save_program(program: torch.export.ExportedProgram, path, meta: dict) -> dict:
@@ -302,7 +279,7 @@ def save_program(program: torch.export.ExportedProgram, path, meta: dict) -> dic
     # OSError; torch's C++ archive writer, given a file that fails, aborts the process
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
-    _write_output(path, lambda f: f.write(buffer.getbuffer()), "ExportedProgram")
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), what="ExportedProgram", error=ExportError)
     _write_sidecar(path, meta)
     return meta
 
@@ -326,8 +303,7 @@ def _check_batch(batch_size) -> None:
 
 
 def _write_sidecar(path: Path, meta: dict) -> None:
-    text = json.dumps(meta, indent=2) + "\n"
-    _write_output(Path(str(path) + ".json"), lambda f: f.write(text.encode()), "export metadata")
+    write_text(json.dumps(meta, indent=2) + "\n", Path(str(path) + ".json"), what="export metadata", error=ExportError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,8 +379,6 @@ def find_pickles_in_pt2(path) -> list:
 def check_pt2_safe(path, trust_pickles: bool = False) -> None:
     """Refuse (UntrustedFileError) a .pt2 whose loading would unpickle objects, unless the caller
     trusts the file (``--trust-pickles``)."""
-    from .errors import UntrustedFileError
-
     if trust_pickles:
         return
     found = find_pickles_in_pt2(path)
@@ -498,44 +472,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+def export_command(args) -> None:
+    """python -m rga.export: export, describe, check against the PyTorch model."""
+    _check_batch(args.batch_size)
+    from .checkpoint import load_model
     from .runfolder import check_output_file
 
-    try:
-        _check_batch(args.batch_size)
-        model = load_trained_model(args.run, feat=args.feat)
-        out = Path(args.out) if args.out else default_output(args.run, args.format)
-        check_output_file(out)  # a folder, a read-only place, a file in the way: said now, not after exporting
-        source = str(Path(args.run))
-        t0 = time.perf_counter()
-        common = dict(dynamic_batch=args.dynamic_batch, batch_size=args.batch_size, normalize=not args.no_normalize,
-                      source=source)
-        if args.format == "onnx":
-            meta = export_onnx(model, out, opset=args.opset, exporter=args.exporter, **common)
-        else:
-            if args.opset is not None or args.exporter != "auto":
-                raise ValueError("--opset and --exporter apply to --format onnx only")
-            meta = export_exported_program(model, out, **common)
-        took = time.perf_counter() - t0
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out}.json in {took:.1f} s: "
-              f"{meta['variant']} / {meta['backbone']}, input {meta['input_shape']}, {meta['feature_dim']}-d features"
-              f"{', L2-normalized' if meta['normalized'] else ''}; exporter {meta['exporter']}"
-              + (f", opset {meta['opset']}" if meta.get("opset") else ""))
-        if meta.get("fallback_reason"):
-            print(f"note: {meta['fallback_reason']}")
-        if not args.no_check:
-            err = check_exported(out, model, normalize=not args.no_normalize)
-            runtime = "ONNX Runtime (CPU)" if args.format == "onnx" else "torch.export.load"
-            print(f"check: {runtime} vs PyTorch, max abs difference {err:.2e} "
-                  f"(random batches of {'1, 7 and 32' if args.dynamic_batch else args.batch_size})")
-            if err > 1e-3:
-                raise ExportError(f"the exported model differs from the PyTorch model by {err:.2e}")
-    except (CheckpointError, ReidError, ValueError, TypeError, FileNotFoundError) as e:
-        print(f"rga.export: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    model = load_model(args.run, neck_feat=args.feat)  # in eval mode
+    out = Path(args.out) if args.out else default_output(args.run, args.format)
+    check_output_file(out)  # a folder, a read-only place, a file in the way: said now, not after exporting
+    source = str(Path(args.run))
+    t0 = time.perf_counter()
+    common = dict(dynamic_batch=args.dynamic_batch, batch_size=args.batch_size, normalize=not args.no_normalize,
+                  source=source)
+    if args.format == "onnx":
+        meta = export_onnx(model, out, opset=args.opset, exporter=args.exporter, **common)
+    else:
+        if args.opset is not None or args.exporter != "auto":
+            raise ValueError("--opset and --exporter apply to --format onnx only")
+        meta = export_exported_program(model, out, **common)
+    took = time.perf_counter() - t0
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out}.json in {took:.1f} s: "
+          f"{meta['variant']} / {meta['backbone']}, input {meta['input_shape']}, {meta['feature_dim']}-d features"
+          f"{', L2-normalized' if meta['normalized'] else ''}; exporter {meta['exporter']}"
+          + (f", opset {meta['opset']}" if meta.get("opset") else ""))
+    if meta.get("fallback_reason"):
+        print(f"note: {meta['fallback_reason']}")
+    if not args.no_check:
+        err = check_exported(out, model, normalize=not args.no_normalize)
+        runtime = "ONNX Runtime (CPU)" if args.format == "onnx" else "torch.export.load"
+        print(f"check: {runtime} vs PyTorch, max abs difference {err:.2e} "
+              f"(random batches of {'1, 7 and 32' if args.dynamic_batch else args.batch_size})")
+        if err > 1e-3:
+            raise ExportError(f"the exported model differs from the PyTorch model by {err:.2e}")
+
+
+def main(argv=None) -> int:
+    return run_cli("rga.export", export_command, build_parser().parse_args(argv),
+                   user_errors=(ValueError, TypeError, FileNotFoundError))
 
 
 if __name__ == "__main__":

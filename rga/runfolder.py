@@ -7,8 +7,9 @@
   run takes it over and says whose it was. Creating the lock file is also the check that the
   folder is a writable folder, before any work is done.
 - With the lock held, leftover temporary files of an interrupted atomic write are removed: nobody
-  else can be writing them. Only names this package gives its temporary files
-  (``.rga-tmp-PID-RANDOM-NAME``, rga.checkpoint.temp_name_for) are touched, never a user's file.
+  else can be writing them. Only the names rga.fileio gives its temporary files
+  (``.rga-tmp-NAME.PID-XXXX.tmp``, :data:`rga.fileio.TEMP_PREFIX`) are touched, never a user's
+  file (a ``.notes.tmp`` stays).
 - :func:`resume_checkpoint` is the resume rule. A run may write checkpoints into a folder only if
   it continues that folder's newest checkpoint (``--resume auto`` or that file's path), or if the
   folder holds none. Resuming an older checkpoint into the folder is refused (it would overwrite
@@ -26,12 +27,13 @@ import socket
 import sys
 from pathlib import Path
 
-from .checkpoint import CKPT_PATTERN, TEMP_PREFIX, list_checkpoints
+from .checkpoint import CKPT_PATTERN, list_checkpoints
 from .errors import RunFolderError, describe_os_error
+from .fileio import TEMP_PREFIX, TEMP_SUFFIX, temp_path_for
 
 LOCK_NAME = ".rga-run.lock"
-# temporary files of rga.checkpoint.atomic_write: .rga-tmp-PID-RANDOM-NAME
-TEMP_PATTERN = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"\d+-[0-9a-f]{8}-.+$")
+# temporary files of rga.fileio.atomic_write: .rga-tmp-NAME.PID-RANDOM.tmp, and nothing else
+TEMP_PATTERN = re.compile(r"^" + re.escape(TEMP_PREFIX) + r".+\.\d+-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
 TEMP_SUBFOLDERS = ("", "metrics")
 
 try:
@@ -285,14 +287,12 @@ def resume_checkpoint(out_dir, resume):
 def check_output_file(path) -> Path:
     """Make sure a result file can be written at `path` before the work that produces it: creates
     its folder if needed and writes (then removes) a temporary file there. RunFolderError if not."""
-    from .checkpoint import temp_name_for
-
     path = Path(path)
     if path.is_dir():
         raise RunFolderError(f"cannot write {path}: it is a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = temp_name_for(path)
+        probe = temp_path_for(path)
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         os.unlink(probe)
     except OSError as e:

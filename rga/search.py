@@ -1,7 +1,7 @@
 """Search a gallery of person crops with a trained (or exported) re-id model.
 
     python -m rga.search build runs/quick data/synthetic/bounding_box_test --index gallery.npz
-    python -m rga.search query gallery.npz q1.jpg q2.jpg --top 10 [--json] [--plot q.png]
+    python -m rga.search query gallery.npz q1.jpg q2.jpg --model runs/quick --top 10 [--json] [--plot q.png]
 
 ``build`` extracts L2-normalized features of every image under GALLERY_DIR (recursively; .jpg,
 .jpeg, .png, .bmp, .webp) in batches with a progress bar and writes an index file: features,
@@ -40,18 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import flag_type
+from .config import positive_int
+from .errors import SearchError, run_cli
+from .extractor import FeatureExtractor
+from .fileio import atomic_write, save_figure
+from .metrics import same_camera_matches
+
 INDEX_VERSION = 2  # 2: the model's fingerprint in meta; features checked on load
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SEARCH_BACKENDS = ("auto", "torch", "faiss")
+POSITIVE_INT = flag_type(positive_int)
 FAISS_AUTO_MIN = 100_000  # --backend auto uses faiss (when installed) from this gallery size on
 _LOOSE_NAME = re.compile(r"^(-?\d+)_c(\d+)", re.IGNORECASE)
-
-
-from .errors import ReidError
-
-
-class SearchError(ReidError, RuntimeError):
-    """A bad index file, model or input; the message says which and why."""
 
 
 def parse_name(path) -> tuple[int, int]:
@@ -75,131 +76,6 @@ def list_images(folder) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Features from a model source
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class FeatureModel:
-    """Preprocessed batch (N, 3, H, W) -> L2-normalized features (N, D), whatever runs it."""
-
-    run: object
-    height: int
-    width: int
-    source: str
-    kind: str
-    arch: str = ""
-    weights_sha256: str = ""
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.run(batch).float(), dim=1)
-
-    def fingerprint(self, feature_dim: int) -> dict:
-        """What an index records of the model that built it (see :func:`check_fingerprint`)."""
-        return {"kind": self.kind, "arch": self.arch, "height": self.height, "width": self.width,
-                "feature_dim": int(feature_dim), "weights_sha256": self.weights_sha256}
-
-
-def _state_dict_sha256(module: torch.nn.Module) -> str:
-    """SHA-256 over a model's state_dict: names, dtypes, shapes and bytes, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_model(source, device=None, *, trust_pickles: bool = False) -> FeatureModel:
-    """A run folder / checkpoint of rga.train (PyTorch, FeatureExtractor), or an exported .onnx /
-    .pt2 (a .pt2 with pickled entries only with ``trust_pickles``)."""
-    path = Path(source)
-    if path.suffix in (".onnx", ".pt2"):
-        from .export import load_exported
-
-        run, meta = load_exported(path, trust_pickles=trust_pickles)
-        return FeatureModel(run, int(meta["height"]), int(meta["width"]), str(path), meta["format"],
-                            arch=f"{meta.get('variant')}/{meta.get('backbone')}", weights_sha256=_file_sha256(path))
-    from .extractor import FeatureExtractor
-
-    extractor = FeatureExtractor(path, device=device)
-    net = extractor.model
-    return FeatureModel(extractor, extractor.height, extractor.width, str(path), "pytorch",
-                        arch=f"{getattr(net, 'variant', type(net).__name__)}/{getattr(net, 'arch', '?')}",
-                        weights_sha256=_state_dict_sha256(net))
-
-
-def check_fingerprint(index: "GalleryIndex", model: FeatureModel, index_path="the index") -> None:
-    """SearchError unless `model` is the model that built `index` (same kind, architecture, input
-    size and weights): features of another model live in another space, and ranking them against
-    the index would give confident nonsense."""
-    want = index.meta.get("fingerprint")
-    if not isinstance(want, dict):
-        raise SearchError(f"{index_path} records no model fingerprint; rebuild it with rga.search build")
-    have = model.fingerprint(index.features.shape[1])
-    differ = [f"{k} {want.get(k)!r} vs {have[k]!r}" for k in ("kind", "arch", "height", "width")
-              if want.get(k) != have[k]]
-    if not differ and want.get("weights_sha256") != have["weights_sha256"]:
-        differ.append(f"weights sha256 {str(want.get('weights_sha256'))[:12]}... vs {have['weights_sha256'][:12]}...")
-    if differ:
-        raise SearchError(f"--model {model.source} is not the model that built {index_path} "
-                          f"({index.meta.get('model', '?')}): {'; '.join(differ)}. Query with that model, or "
-                          "rebuild the index with this one")
-
-
-def _progress(iterable, total, desc, enabled):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
-
-
-def extract_files(model: FeatureModel, paths, *, batch_size: int = 64, progress: bool = False):
-    """Features of the readable images among ``paths``: (features (K, D), kept paths, skipped
-    [(path, reason)]). Unreadable files are skipped, never fatal."""
-    from .data import read_image
-    from .transforms import build_test_transform
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    transform = build_test_transform(model.height, model.width)
-    feats, kept, skipped, pending = [], [], [], []
-    bar = _progress(None, len(paths), "features", progress) if progress else None
-
-    def flush():
-        if pending:
-            feats.append(model(torch.stack([t for _, t in pending])))
-            kept.extend(p for p, _ in pending)
-            if bar is not None:
-                bar.update(len(pending))
-            pending.clear()
-
-    for p in paths:
-        try:
-            pending.append((str(p), transform(read_image(p))))
-        except Exception as e:  # noqa: BLE001 - any unreadable or undecodable file is skipped
-            skipped.append((str(p), f"{type(e).__name__}: {e}"))
-            print(f"skipped {p}: {e}", file=sys.stderr)
-            if bar is not None:
-                bar.update(1)
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    if bar is not None:
-        bar.close()
-    out = torch.cat(feats) if feats else torch.empty(0, 0)
-    return out, kept, skipped
-
-
-# ----------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------
 
@@ -215,17 +91,13 @@ class GalleryIndex:
         return len(self.paths)
 
     def save(self, path) -> Path:
-        """Write the index (atomically: rga.checkpoint.atomic_write) as an .npz of plain arrays."""
-        from .checkpoint import atomic_write
-
+        """Write the index (atomically) as an .npz of plain arrays."""
         meta = dict(self.meta, index_version=INDEX_VERSION, size=len(self), dim=int(self.features.shape[1]))
-
-        def write(f):  # a file object: np.savez adds no ".npz" to the name
-            np.savez(f, features=self.features.numpy().astype(np.float32),
-                     paths=np.array(self.paths, dtype=np.str_), pids=self.pids.astype(np.int64),
-                     camids=self.camids.astype(np.int64), meta=np.array(json.dumps(meta)))
-
-        return atomic_write(path, write, what="index", error=SearchError)
+        # a file object: np.savez adds no ".npz" to the name
+        return atomic_write(path, lambda f: np.savez(
+            f, features=self.features.numpy().astype(np.float32), paths=np.array(self.paths, dtype=np.str_),
+            pids=self.pids.astype(np.int64), camids=self.camids.astype(np.int64), meta=np.array(json.dumps(meta))),
+            what="index", error=SearchError)
 
     @classmethod
     def load(cls, path) -> "GalleryIndex":
@@ -261,6 +133,7 @@ class GalleryIndex:
         check_index_features(feats, path)
         return cls(feats, [str(p) for p in arrays["paths"]], arrays["pids"], arrays["camids"], meta)
 
+
     def search(self, queries: torch.Tensor, top: int = 10, backend: str = "auto"):
         """(similarities (Q, k), indices (Q, k)) of the k = min(top, N) most similar gallery
         entries per query, best first (cosine similarity: features are unit vectors)."""
@@ -282,6 +155,57 @@ def check_index_features(feats: torch.Tensor, where="the index", tol: float = 1e
         raise SearchError(f"{where}: {int(off.sum())} of {len(feats)} features are not of unit length (norms "
                           f"{float(norms.min()):.4g} to {float(norms.max()):.4g}); rga.search build writes "
                           "L2-normalized features: the index is damaged or not ours (rebuild it)")
+
+
+def _state_dict_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over a model's state_dict: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(fm: FeatureExtractor, feature_dim: int) -> dict:
+    """What an index records of the model that built it (see :func:`check_fingerprint`): kind,
+    architecture, input size, feature size and a SHA-256 of the weights (PyTorch models) or of
+    the exported file."""
+    if fm.model is not None:
+        net = fm.model
+        arch = f"{getattr(net, 'variant', type(net).__name__)}/{getattr(net, 'arch', '?')}"
+        digest = _state_dict_sha256(net)
+    else:
+        meta = fm.meta or {}
+        arch, digest = f"{meta.get('variant')}/{meta.get('backbone')}", _file_sha256(fm.source)
+    return {"kind": fm.kind, "arch": arch, "height": fm.height, "width": fm.width, "feature_dim": int(feature_dim),
+            "weights_sha256": digest}
+
+
+def check_fingerprint(index: "GalleryIndex", model: FeatureExtractor, index_path="the index") -> None:
+    """SearchError unless `model` is the model that built `index` (same kind, architecture, input
+    size and weights): features of another model live in another space, and ranking them against
+    the index would give confident nonsense."""
+    want = index.meta.get("fingerprint")
+    if not isinstance(want, dict):
+        raise SearchError(f"{index_path} records no model fingerprint; rebuild it with rga.search build")
+    have = model_fingerprint(model, index.features.shape[1])
+    differ = [f"{k} {want.get(k)!r} vs {have[k]!r}" for k in ("kind", "arch", "height", "width")
+              if want.get(k) != have[k]]
+    if not differ and want.get("weights_sha256") != have["weights_sha256"]:
+        differ.append(f"weights sha256 {str(want.get('weights_sha256'))[:12]}... vs {have['weights_sha256'][:12]}...")
+    if differ:
+        raise SearchError(f"--model {model.source} is not the model that built {index_path} "
+                          f"({index.meta.get('model', '?')}): {'; '.join(differ)}. Query with that model, or "
+                          "rebuild the index with this one")
 
 
 def resolve_backend(backend: str, size: int) -> str:
@@ -333,20 +257,21 @@ def search(gallery: torch.Tensor, queries: torch.Tensor, top: int = 10, backend:
 def build_index(model, gallery_dir, *, batch_size: int = 64, device=None, progress: bool = False,
                 trust_pickles: bool = False) -> GalleryIndex:
     """Features of every image under ``gallery_dir`` with ``model`` (a run folder, checkpoint,
-    exported file or a loaded :class:`FeatureModel`)."""
-    fm = model if isinstance(model, FeatureModel) else load_model(model, device=device, trust_pickles=trust_pickles)
+    exported file or a :class:`rga.FeatureExtractor`)."""
+    fm = model if isinstance(model, FeatureExtractor) else FeatureExtractor(model, device=device,
+                                                                             trust_pickles=trust_pickles)
     paths = list_images(gallery_dir)
     if not paths:
         raise SearchError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {gallery_dir}")
     t0 = time.perf_counter()
-    feats, kept, skipped = extract_files(fm, paths, batch_size=batch_size, progress=progress)
+    feats, kept, skipped = fm.extract_files(paths, batch_size=batch_size, progress=progress)
     if not kept:
         raise SearchError(f"none of the {len(paths)} images under {gallery_dir} could be read")
     ids = np.array([parse_name(p) for p in kept], dtype=np.int64).reshape(-1, 2)
     if not bool(torch.isfinite(feats).all()):
         raise SearchError(f"the model {fm.source} gives non-finite features (NaN or Inf): diverged weights?")
     meta = {"model": str(Path(fm.source).resolve()), "model_kind": fm.kind, "height": fm.height, "width": fm.width,
-            "fingerprint": fm.fingerprint(feats.shape[1]), "normalized": True,
+            "fingerprint": model_fingerprint(fm, feats.shape[1]), "normalized": True,
             "gallery_dir": str(Path(gallery_dir).resolve()), "found": len(paths), "skipped": len(skipped),
             "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
             "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -357,33 +282,32 @@ def build_index(model, gallery_dir, *, batch_size: int = 64, device=None, progre
 # Results
 # ----------------------------------------------------------------------------------------------
 
-def rank(index: GalleryIndex, model: FeatureModel, images, *, top: int = 10, backend: str = "auto",
+def rank(index: GalleryIndex, model: FeatureExtractor, images, *, top: int = 10, backend: str = "auto",
          cross_camera: bool = False, batch_size: int = 64) -> tuple[list[dict], list]:
     """Ranked results for each readable query image, and the skipped [(path, reason)].
 
     ``cross_camera``: leave out gallery images of the query's own identity and camera (the
     Market-1501 protocol), for queries whose names carry both."""
-    feats, kept, skipped = extract_files(model, list(images), batch_size=batch_size)
+    feats, kept, skipped = model.extract_files(list(images), batch_size=batch_size)
     if not kept:
         return [], skipped
     extra = 0
     qids = [parse_name(p) for p in kept]
-    if cross_camera:
-        same = {}
-        for pid, cam in qids:
-            if pid >= 0:
-                same[(pid, cam)] = int(np.sum((index.pids == pid) & (index.camids == cam)))
-        extra = max(same.values(), default=0)
+    everything = np.arange(len(index))
+    if cross_camera:  # fetch enough candidates to fill `top` after the removal
+        extra = max((int(same_camera_matches(everything, pid, cam, index.pids, index.camids).sum())
+                     for pid, cam in set(qids)), default=0)
     sims, idx = index.search(feats, top=top + extra, backend=backend)
     results = []
     for q, (path, (qpid, qcam)) in enumerate(zip(kept, qids)):
         rows = []
-        for s, i in zip(sims[q].tolist(), idx[q].tolist()):
-            if i < 0:
+        found = [(s, i) for s, i in zip(sims[q].tolist(), idx[q].tolist()) if i >= 0]
+        drop = (same_camera_matches([i for _, i in found], qpid, qcam, index.pids, index.camids) if cross_camera
+                else np.zeros(len(found), dtype=bool))
+        for (s, i), dropped in zip(found, drop):
+            if dropped:
                 continue
             gpid, gcam = int(index.pids[i]), int(index.camids[i])
-            if cross_camera and qpid >= 0 and gpid == qpid and gcam == qcam:
-                continue
             rows.append({"rank": len(rows) + 1, "path": index.paths[i], "similarity": round(float(s), 6),
                          "pid": gpid if gcam >= 0 else None, "camid": gcam if gcam >= 0 else None})
             if len(rows) == top:
@@ -434,28 +358,12 @@ def plot_results(results: list[dict], out, *, top: int = 10):
                     spine.set_edgecolor(color)
                     spine.set_linewidth(3)
     fig.tight_layout()
-    from .checkpoint import atomic_save_figure
-
-    try:
-        atomic_save_figure(fig, out, dpi=100, error=SearchError)
-    finally:
-        plt.close(fig)
-    return Path(out)
+    return save_figure(fig, out, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rga.search", description="Index a gallery of person crops and query it.")
@@ -464,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", metavar="MODEL", help="run folder or checkpoint of rga.train, or an exported .onnx / .pt2")
     b.add_argument("gallery", metavar="GALLERY_DIR", help="folder of gallery images (searched recursively)")
     b.add_argument("--index", required=True, metavar="FILE", help="index file to write (.npz)")
-    b.add_argument("--batch-size", type=_positive_int, default=64)
+    b.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     b.add_argument("--device", help="cpu or cuda (PyTorch models; default: cuda when available)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--trust-pickles", action="store_true",
@@ -472,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="rank the gallery for query images")
     q.add_argument("index", metavar="FILE", help="index file written by build")
     q.add_argument("images", metavar="IMAGE", nargs="+", help="query images")
-    q.add_argument("--top", type=_positive_int, default=10, help="results per query (default 10)")
+    q.add_argument("--top", type=POSITIVE_INT, default=10, help="results per query (default 10)")
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--model", required=True,
                    help="the model that built the index (run folder, checkpoint, .onnx or .pt2); checked against "
@@ -504,7 +412,7 @@ def _cmd_build(args) -> int:
 
 def _cmd_query(args) -> int:
     index = GalleryIndex.load(args.index)
-    model = load_model(args.model, device=args.device, trust_pickles=args.trust_pickles)
+    model = FeatureExtractor(args.model, device=args.device, trust_pickles=args.trust_pickles)
     check_fingerprint(index, model, args.index)
     results, skipped = rank(index, model, args.images, top=args.top, backend=args.backend,
                             cross_camera=args.cross_camera)
@@ -533,14 +441,8 @@ def _cmd_query(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .export import ExportError
-
-    try:
-        return _cmd_build(args) if args.command == "build" else _cmd_query(args)
-    except (ReidError, CheckpointError, ExportError, ValueError, FileNotFoundError) as e:
-        print(f"rga.search: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("rga.search", _cmd_build if args.command == "build" else _cmd_query, args,
+                   user_errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -10,20 +10,14 @@ from rga import build_model
 from rga import config as C
 from rga.checkpoint import load_checkpoint, load_model
 from rga.models import load_imagenet_weights
+from testkit import tiny_run_args
 
 SMALL = dict(height=64, width=32, backbone="resnet18", pretrained=False)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from test_train import data_root as make  # the tiny synthetic set of the training tests
-    return make.__wrapped__(tmp_path_factory)
-
-
 @pytest.fixture
-def train_args(data_root):
-    from test_train import base_args
-    return lambda out, *extra: base_args(data_root, out, *extra)
+def train_args(data_root):  # data_root: conftest.py's tiny synthetic set
+    return lambda out, *extra: tiny_run_args(data_root, out, *extra)
 
 
 def _last_bns(model):
@@ -140,3 +134,18 @@ def test_quick_preset_rga_sc_is_not_below_the_baseline(tmp_path_factory):
     public = map_of("--model", "rga_sc", "--gate-init", "public")
     assert rga_sc >= baseline - 0.10, (rga_sc, baseline)
     assert public < baseline - 0.10, (public, baseline)  # the control
+
+
+def test_public_checkpoints_load_with_the_public_init(tmp_path):
+    """A file in the public training script's layout loads as before, described with the public gate
+    init (its BN values are the trained ones either way)."""
+    from rga.checkpoint import read_model_checkpoint
+    torch.manual_seed(0)
+    model = build_model("rga_sc", 751, pretrained=False)
+    path = tmp_path / "checkpoint_600.pth.tar"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 600}, path)
+    info = read_model_checkpoint(path)
+    assert info.model.gate_init == "public"
+    loaded = load_model(path)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import rga.train as rtrain
-from conftest import read_only_folder
+from testkit import read_only_folder
 from rga import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,7 +269,7 @@ def test_case4_start_up_clean_up_leaves_a_users_temporary_files(market_root, tmp
     mine.mkdir()
     notes = mine / ".notes.tmp"
     notes.write_text("my notes")
-    ours = mine / ".rga-tmp-4242-0badf00d-checkpoint_ep0001.pth"
+    ours = mine / ".rga-tmp-checkpoint_ep0001.pth.4242-0badf00d.tmp"
     ours.write_bytes(b"half a checkpoint")
     with RunFolder(mine) as f:
         assert f.removed_temp == [ours]

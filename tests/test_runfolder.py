@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rga.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from conftest import read_only_folder
+from testkit import read_only_folder
 from rga.errors import RunFolderError, find_os_error, run_cli, user_message
 from rga.runfolder import LOCK_NAME, RunFolder, check_output_file, clean_temp_files, resume_checkpoint
 
@@ -61,8 +61,8 @@ def test_lock_held_by_another_process_then_stale_after_kill(tmp_path):
 def test_leftover_temp_files_are_removed_on_acquire(tmp_path):
     run = tmp_path / "run"
     (run / "metrics").mkdir(parents=True)
-    left = [run / ".rga-tmp-123-abcd0123-checkpoint_ep0003.pth", run / ".rga-tmp-9-00ff00ff-config.json",
-            run / "metrics" / ".rga-tmp-77-12345678-epoch_0002.json"]
+    left = [run / ".rga-tmp-checkpoint_ep0003.pth.123-abcd0123.tmp", run / ".rga-tmp-config.json.9-00ff00ff.tmp",
+            run / "metrics" / ".rga-tmp-epoch_0002.json.77-12345678.tmp"]
     # a user's own temporary files are never ours to remove (issue 15, case 4)
     keep = [run / "checkpoint_ep0002.pth", run / "notes.tmp", run / ".notes.tmp", run / ".config.json.tmp",
             run / "train.log"]
