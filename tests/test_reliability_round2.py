@@ -260,6 +260,25 @@ def test_case3_a_truncated_export_is_named_not_a_raw_badzipfile(tmp_path):
     assert onnx is not None
 
 
+def test_case3_metrics_jsonl_keeps_its_lines_when_a_write_fails(tmp_path, monkeypatch):
+    """metrics.jsonl grows by rewriting it atomically (it was appended to in place)."""
+    from rga import fileio
+    from rga.errors import FileWriteError
+
+    path = tmp_path / "metrics.jsonl"
+    fileio.append_line('{"epoch": 1}', path)
+    fileio.append_line('{"epoch": 2}\n', path)
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "replace", full_disk)
+    with pytest.raises(FileWriteError, match=r"could not write JSON lines file .*metrics.jsonl: No space left"):
+        fileio.append_line('{"epoch": 3}', path, what="JSON lines file")
+    assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 # ------------------------------------------------------------------------------ 4: a user's files
 
 def test_case4_start_up_clean_up_leaves_a_users_temporary_files(market_root, tmp_path):
