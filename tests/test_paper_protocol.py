@@ -140,3 +140,18 @@ def test_quick_preset_rga_sc_is_not_below_the_baseline(tmp_path_factory):
     public = map_of("--model", "rga_sc", "--gate-init", "public")
     assert rga_sc >= baseline - 0.10, (rga_sc, baseline)
     assert public < baseline - 0.10, (public, baseline)  # the control
+
+
+def test_public_checkpoints_load_with_the_public_init(tmp_path):
+    """A file in the public training script's layout loads as before, described with the public gate
+    init (its BN values are the trained ones either way)."""
+    from rga.checkpoint import read_model_checkpoint
+    torch.manual_seed(0)
+    model = build_model("rga_sc", 751, pretrained=False)
+    path = tmp_path / "checkpoint_600.pth.tar"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 600}, path)
+    info = read_model_checkpoint(path)
+    assert info.model.gate_init == "public"
+    loaded = load_model(path)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
