@@ -84,7 +84,7 @@ for backend in cuda triton; do
 done
 
 if [ "$GPU" = 1 ]; then
-  step bench env RGA_BENCH_ROUNDS=2 $PY -m pytest bench/test_relation_embed.py bench/test_rga_module.py \
+  step bench env RGA_BENCH_ROUNDS=2 $PY -m pytest bench/bench_relation_embed.py bench/bench_rga_module.py \
     --benchmark-only -q -p no:cacheprovider -k "not launches and not train_step" \
     --benchmark-json="$WORK/bench.json"
   step train_step $PY bench/train_step.py "$WORK/train_step.json" --budget-s 90

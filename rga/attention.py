@@ -41,13 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modules import _conv_bn_relu  # 1x1 conv + BN + ReLU: the embedding RGA uses for θ, φ, g
+from .registry import DESIGN_LABELS
+
 __all__ = ["CBAMSpatial", "CBAMChannel", "CBAM", "SqueezeExcitation", "FCSpatial", "FCChannel", "FCParallel",
            "NonLocal", "SimplifiedNonLocal", "DESIGNS", "build_design"]
-
-
-def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    """1×1 conv + BN + ReLU: the feature embedding RGA uses for θ, φ and g (``gx_*``)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 def _reduced(n: int, ratio: int, what: str) -> int:
@@ -78,6 +76,16 @@ class _Attention(nn.Module):
             h, w = self.spatial_size
             raise ValueError(f"{type(self).__name__} was built for {h}x{w} feature maps but got "
                              f"{x.shape[2]}x{x.shape[3]}" + getattr(self, "_size_hint", ""))
+
+    #: the name under which a one-map design keeps its map (``last_attention``)
+    kept_as = "spatial"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x ⊙ a`` for the designs with one map ``a = self.attention(x)``; the others override it."""
+        self._check(x)
+        a = self.attention(x)
+        self._keep(**{self.kept_as: a})
+        return x * a
 
     def _keep(self, **maps) -> None:
         if self.keep_attention:
@@ -123,11 +131,7 @@ class CBAMSpatial(_Attention):
         pooled = torch.cat([e.amax(1, keepdim=True), e.mean(1, keepdim=True)], 1)
         return torch.sigmoid(self.bn(self.conv(pooled)))  # (B, 1, H, W)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        a = self.attention(x)
-        self._keep(spatial=a)
-        return x * a
+    kept_as = "spatial"
 
 
 class CBAMChannel(_Attention):
@@ -150,11 +154,7 @@ class CBAMChannel(_Attention):
         logits = self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3)))
         return torch.sigmoid(logits)[:, :, None, None]  # (B, C, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        a = self.attention(x)
-        self._keep(channel=a)
-        return x * a
+    kept_as = "channel"
 
 
 class CBAM(_Attention):
@@ -238,11 +238,7 @@ class FCSpatial(_Attention):
         m = self.embed(x).mean(1).reshape(b, h * w)
         return torch.sigmoid(self.fc(m)).reshape(b, 1, h, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        a = self.attention(x)
-        self._keep(spatial=a)
-        return x * a
+    kept_as = "spatial"
 
 
 class FCChannel(_Attention):
@@ -263,11 +259,7 @@ class FCChannel(_Attention):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.fc(self.embed(x).mean((2, 3))))[:, :, None, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        a = self.attention(x)
-        self._keep(channel=a)
-        return x * a
+    kept_as = "channel"
 
 
 class FCParallel(_Attention):
@@ -372,18 +364,11 @@ class SimplifiedNonLocal(_Attention):
         return x + self.transform(context)
 
 
-# name -> (class, the paper's row label, which maps it keeps)
-DESIGNS = {
-    "cbam_s": (CBAMSpatial, "CBAM-S"),
-    "cbam_c": (CBAMChannel, "CBAM-C"),
-    "cbam_cs": (CBAM, "CBAM-CS"),
-    "se": (SqueezeExcitation, "SE"),
-    "fc_s": (FCSpatial, "FC-S"),
-    "fc_c": (FCChannel, "FC-C"),
-    "fc_s_par_c": (FCParallel, "FC-S//C"),
-    "nl": (NonLocal, "NL"),
-    "snl": (SimplifiedNonLocal, "SNL"),
-}
+_CLASSES = {"cbam_s": CBAMSpatial, "cbam_c": CBAMChannel, "cbam_cs": CBAM, "se": SqueezeExcitation,
+            "fc_s": FCSpatial, "fc_c": FCChannel, "fc_s_par_c": FCParallel, "nl": NonLocal,
+            "snl": SimplifiedNonLocal}
+# name -> (class, the paper's row label); the names and labels are rga.registry.DESIGN_LABELS'
+DESIGNS = {name: (_CLASSES[name], label) for name, label in DESIGN_LABELS.items()}
 
 
 def build_design(name: str, in_channels: int, spatial_size, **kwargs) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, finding the latest, the RNG states a resumed run needs, and
+"""Checkpoints: writing (atomically, through rga.fileio), finding the latest, the RNG states a resumed run needs, and
 ``load_model``: the network of any checkpoint we can read, rebuilt from the file alone.
 
 Checkpoint layouts that load_model reads:
@@ -15,11 +15,7 @@ Checkpoint layouts that load_model reads:
 """
 from __future__ import annotations
 
-import os
-import pickle
 import random
-import re
-import secrets
 from pathlib import Path
 
 from dataclasses import dataclass, replace
@@ -27,96 +23,33 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .config import ARCH_FIELDS, FORMAT_VERSION, ConfigError, ModelConfig, RunConfig, from_legacy
+from .config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, from_legacy
+from .errors import CheckpointError
+from .fileio import (CKPT_PATTERN, checkpoint_name, find_latest, list_checkpoints, load_torch,  # noqa: F401
+                     resolve_checkpoint, save_torch)
+from .models import build_from_config, stage_sizes
 
-CKPT_PATTERN = re.compile(r"^checkpoint_ep(\d+)\.pth$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or not one of ours. The message says which and why."""
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"checkpoint_ep{epoch:04d}.pth"
-
-
-TMP_SUFFIX = ".tmp"
-
-
-def temp_name_for(path: Path) -> Path:
-    """A fresh temporary name next to `path`: `.NAME.PID-RANDOM.tmp` (hidden; a run folder's
-    leftovers of this form are removed at the next start, see rga.runfolder)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+#: of the checkpoint layout: 2 = RunConfig.to_dict() as "config"; 1 = the flat argparse config of
+#: earlier versions (read through rga.config.from_legacy)
+FORMAT_VERSION = 2
 
 
 def atomic_save(obj, path) -> Path:
-    """torch.save to a temp file in the same folder, fsync it, os.replace it onto `path`, fsync the
-    folder. A crash at any point leaves either the old file or the new one, never half of one.
-
-    The file gets the usual permissions (0666 less the umask, like any file this process writes).
-    A failed write (disk full, file too large, no permission) is a CheckpointError naming the file
-    and the operating system's reason; the temporary file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name_for(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-    except Exception as e:  # noqa: BLE001 - an OS failure gets its root cause in the message
-        from .errors import describe_os_error, find_os_error
-
-        os_err = find_os_error(e)
-        if os_err is None:
-            raise
-        raise CheckpointError(f"could not write checkpoint {path}: {describe_os_error(os_err)}") from e
-    try:  # make the rename itself durable (not possible on every OS / filesystem)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+    """torch.save to `path` atomically (rga.fileio.atomic_write): a crash leaves the old file or the
+    new one; a failed write is a CheckpointError naming the file and the operating system's reason."""
+    return save_torch(obj, path, what="checkpoint", error=CheckpointError)
 
 
-def list_checkpoints(folder) -> list:
-    """[(epoch, path)] of checkpoint_epNNNN.pth files in `folder`, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        m = CKPT_PATTERN.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def find_latest(folder):
-    found = list_checkpoints(folder)
-    return found[-1][1] if found else None
-
-
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint file as given, or the newest checkpoint in a run folder."""
-    path = Path(path)
-    if path.is_dir():
-        latest = find_latest(path)
-        if latest is None:
-            raise CheckpointError(f"no checkpoint_epNNNN.pth in {path}")
-        return latest
+def save_training_checkpoint(folder, epoch: int, *, config: dict, num_classes: int, model, optimizer, scheduler,
+                             sampler, scaler, rng, metrics: dict, world_size: int, keep: int = 0) -> Path:
+    """Write ``checkpoint_epNNNN.pth`` (format FORMAT_VERSION: the run's config, the weights, and the
+    training state a resume needs) atomically into `folder`, then keep the newest `keep` (0: all)."""
+    state = {"format_version": FORMAT_VERSION, "config": config, "num_classes": num_classes, "epoch": epoch,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "sampler": sampler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+             "rng": rng, "metrics": metrics, "world_size": world_size, "torch_version": str(torch.__version__)}
+    path = atomic_save(state, Path(folder) / checkpoint_name(epoch))
+    prune_checkpoints(folder, keep)
     return path
 
 
@@ -132,50 +65,8 @@ def prune_checkpoints(folder, keep: int) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; give a checkpoint file (or --resume auto with --output-dir)")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head:
-        raise CheckpointError(f"could not read checkpoint {path}: the file is empty")
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        # torch.save writes a zip archive (or, in its legacy format, a pickle starting with 0x80)
-        kind = "a text file" if _looks_like_text(head) else "an unknown format"
-        raise CheckpointError(f"could not read checkpoint {path}: not a PyTorch checkpoint ({kind}, "
-                              f"starting with {head[:16]!r})")
-    try:
-        # weights_only=True: a checkpoint is tensors and plain values (the RNG states are stored as
-        # such, see capture_rng_state), so loading one never runs code from the file.
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"could not read checkpoint {path}: refused: {_refusal_reason(e)}") from e
-    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
-        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a checkpoint dict (got {type(state).__name__})")
-    return state
-
-
-def _looks_like_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(c >= 32 or c in (9, 10, 13) for c in head)
-
-
-def _refusal_reason(e: Exception) -> str:
-    """Why torch.load(weights_only=True) refused a file, in our words (torch's own message ends
-    with advice to retry with weights_only=False, which would run the code in question)."""
-    text = str(e)
-    m = re.search(r"Unsupported global: GLOBAL ([\w.<>]+)", text) or re.search(r"GLOBAL ([\w.<>]+)", text)
-    what = f"the Python object '{m.group(1)}'" if m else "a Python object other than tensors and plain values"
-    return (f"it references {what}, and unpickling it would run code from the file. Checkpoints of this "
-            "package hold only tensors and plain values and are read with torch.load(weights_only=True); "
-            "a file that needs more is not one of ours (or has been tampered with)")
+    """A checkpoint dict, read safely (rga.fileio.load_torch: weights_only=True, clear errors)."""
+    return load_torch(path, map_location, what="checkpoint", error=CheckpointError)
 
 
 def extract_model_state(state: dict) -> dict:
@@ -249,8 +140,6 @@ class ModelCheckpoint:
 def _public_input_size(hw: int, stage: int, hints: dict):
     """(height, width) whose stage-`stage` feature map has `hw` positions: the hinted size, else
     256x128 (the public code's), else the 2:1 size (a multiple of 16) that fits."""
-    from .models import stage_sizes
-
     def fits(h, w):
         sh, sw = stage_sizes(h, w)[stage - 1]
         return sh * sw == hw
@@ -386,7 +275,7 @@ def load_model(source, *, fused=None, neck_feat: str = "bn", hints: dict | None 
         fused = bool(info.model.fused)  # a backend named at training time may not exist here: auto
     where = str(info.path) if info.path is not None else "the checkpoint"
     try:
-        model = info.model.build(info.num_classes, pretrained=False, neck_feat=neck_feat, fused=fused)
+        model = build_from_config(info.model, info.num_classes, pretrained=False, neck_feat=neck_feat, fused=fused)
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{where}: cannot build its network ({info.model.label()}): {e}") from e
     try:

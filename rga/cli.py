@@ -8,7 +8,8 @@ import dataclasses
 from pathlib import Path
 
 from . import config as C
-from .engine import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
+from .registry import model_rows
+from .errors import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
 
 
 def flag_of(name: str) -> str:
@@ -50,6 +51,18 @@ def add_field_arguments(parser: argparse.ArgumentParser, names, *, title: str | 
         group.add_argument(flag_of(name), **kw)
 
 
+def flag_type(parse):
+    """An argparse ``type=`` from a value parser of rga.config: its ValueError becomes argparse's
+    error, with the parser's own reason (e.g. ``--top: must be >= 1, got 0``)."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def section_fields(*sections: str, exclude=()) -> list:
     return [n for n, (sec, _) in C.FIELDS.items() if sec in sections and n not in exclude]
 
@@ -63,7 +76,7 @@ def add_layer_arguments(parser: argparse.ArgumentParser, *, presets: bool = True
                             help="named set of values applied before --config: paper (the defaults: the paper's "
                                  "recipe), quick (the README's CPU smoke test)")
     if model:
-        names = list(C.model_presets())
+        names = list(model_rows())
         parser.add_argument("--model", metavar="NAME", default=argparse.SUPPRESS,
                             help="the network, by the paper's row names: sets --variant and every RGA option. "
                                  f"One of: {', '.join(names)} (default: rga_sc)")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import sys
@@ -16,21 +15,23 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .errors import UsageError
+from .extractor import FeatureExtractor, progress
+from .fileio import write_json  # noqa: F401 - the metrics writer, used by rga.train and rga.evaluate
 from .transforms import build_test_transform
-
-
-class UsageError(ValueError):
-    """A bad flag, flag combination or input: the CLI prints the message and exits with code 2."""
 
 
 # --------------------------------------------------------------------------- device & distributed
 
 @dataclass
 class Runtime:
+    """Where and how a run computes: the device, the process group, the precision, the layout."""
     device: torch.device
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    amp_dtype: torch.dtype | None = None  # autocast dtype, None: full precision
+    channels_last: bool = False
 
     @property
     def distributed(self) -> bool:
@@ -41,8 +42,10 @@ class Runtime:
         return self.rank == 0
 
 
-def setup_runtime(device_arg: str = "auto", dist_backend: str = "auto", timeout_min: float = 30.0) -> Runtime:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
+def setup_runtime(device_arg: str = "auto", dist_backend: str = "auto", timeout_min: float = 30.0, *,
+                  amp: str = "off", channels_last: str = "off") -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group; resolve the
+    --amp and --channels-last settings (auto/on/off) for that device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -60,7 +63,23 @@ def setup_runtime(device_arg: str = "auto", dist_backend: str = "auto", timeout_
     if world_size > 1 and not dist.is_initialized():
         backend = dist_backend if dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
-    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank,
+                   amp_dtype=resolve_amp(amp, device),
+                   channels_last=channels_last == "on" or (channels_last == "auto" and device.type == "cuda"))
+
+
+def place_model(model, rt: Runtime):
+    """The model on the run's device, in its memory layout."""
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(imgs, rt: Runtime):
+    """A batch of images on the run's device, in its memory layout."""
+    imgs = imgs.to(rt.device, non_blocking=True)
+    return imgs.contiguous(memory_format=torch.channels_last) if rt.channels_last else imgs
 
 
 def cleanup_runtime(rt: Runtime) -> None:
@@ -123,14 +142,6 @@ def close_logger(logger: logging.Logger) -> None:
         logger.removeHandler(h)
 
 
-def progress(iterable, *, total=None, desc="", enabled=True):
-    """tqdm only on an interactive terminal and only where enabled (rank 0)."""
-    if not enabled or not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 # --------------------------------------------------------------------------- data
 
 def build_train_loader(dataset, sampler, transform, *, workers, device):
@@ -152,19 +163,17 @@ def build_test_loader(items, *, height, width, batch_size, workers, device):
 
 # --------------------------------------------------------------------------- training
 
-def train_one_epoch(model, loader, criterion, optimizer, *, device, amp_dtype=None, scaler=None,
-                    channels_last=False, show_progress=True, desc="train", step_fn=None) -> dict:
+def train_one_epoch(model, loader, criterion, optimizer, rt: Runtime, *, scaler=None, show_progress=True,
+                    desc="train") -> dict:
     """One pass over `loader`. Returns the epoch's mean loss terms and accuracies (this rank's)."""
     model.train()
     sums, count = {}, 0
     t0 = time.perf_counter()
     for imgs, pids, _camids, _paths in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
-        imgs = imgs.to(device, non_blocking=True)
-        if channels_last:
-            imgs = imgs.contiguous(memory_format=torch.channels_last)
-        pids = pids.to(device, non_blocking=True)
+        imgs = to_device(imgs, rt)
+        pids = pids.to(rt.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp_dtype):
+        with autocast(rt.device, rt.amp_dtype):
             outputs = model(imgs)
         loss, parts = criterion(outputs, pids)
         if not torch.isfinite(loss.detach()):
@@ -187,54 +196,54 @@ def train_one_epoch(model, loader, criterion, optimizer, *, device, amp_dtype=No
 
 # --------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def extract_features(model, loader, *, device, amp_dtype=None, channels_last=False, flip=False,
-                     show_progress=True, desc="features"):
-    """Run the model in eval mode over a loader. flip=True averages each image's feature with the
-    feature of its mirror image. Returns (features float32 CPU (N, D), pids (N,), camids (N,))."""
-    was_training = model.training
-    model.eval()
-    feats, pids, camids = [], [], []
-    for imgs, pid, camid, _paths in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
-        imgs = imgs.to(device, non_blocking=True)
-        if channels_last:
-            imgs = imgs.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            f = model(imgs).float()
-            if flip:
-                f = (f + model(torch.flip(imgs, dims=[3])).float()) / 2
-        feats.append(f.cpu())
-        pids.append(torch.as_tensor(pid))
-        camids.append(torch.as_tensor(camid))
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(pids).numpy(), torch.cat(camids).numpy()
+@dataclass
+class EvalSettings:
+    """What an evaluation needs besides the model, the dataset and the runtime: the input size,
+    the loader, and the retrieval options (rga.config.EvalConfig's fields)."""
+    height: int
+    width: int
+    batch_size: int = 128
+    workers: int = 0
+    flip: bool = False
+    feat: str = "bn"
+    metric: str = "cosine"
+    rerank: bool = False
+    progress: bool = True
+
+    @classmethod
+    def of(cls, cfg, height: int | None = None, width: int | None = None) -> "EvalSettings":
+        """From a rga.config.RunConfig (the input size from its model section unless given)."""
+        e = cfg.eval
+        return cls(height or cfg.model.height, width or cfg.model.width, cfg.data.test_batch_size,
+                   cfg.data.workers, e.flip_test, e.eval_feat, e.metric, e.rerank, cfg.run.progress)
 
 
-def evaluate_model(model, dataset, *, device, height, width, batch_size=128, workers=0, amp_dtype=None,
-                   channels_last=False, flip=False, feat="bn", metric="cosine", rerank=False,
-                   show_progress=True) -> dict:
-    """Query/gallery features -> rga.metrics.evaluate_features. `feat` picks model.neck_feat."""
-    from .metrics import evaluate_features
-    if feat not in ("bn", "pool"):
-        raise UsageError(f"--feat must be bn or pool, got {feat}")
-    old_feat = getattr(model, "neck_feat", None)
-    model.neck_feat = feat
+def evaluate_model(model, dataset, spec: EvalSettings, rt: Runtime) -> dict:
+    """Query/gallery features -> rga.metrics.evaluate_features: CMC ranks, mAP, mINP and the counts.
+    The one evaluation of rga.train (Trainer.evaluate) and rga.evaluate. `spec.feat` picks
+    model.neck_feat for the duration."""
+    from . import metrics
+
+    if spec.feat not in ("bn", "pool"):
+        raise UsageError(f"--feat must be bn or pool, got {spec.feat}")
+    old_feat, was_training = getattr(model, "neck_feat", None), model.training
     try:
-        kw = dict(device=device, amp_dtype=amp_dtype, channels_last=channels_last, flip=flip,
-                  show_progress=show_progress)
         t0 = time.perf_counter()
-        qf, q_pids, q_camids = extract_features(
-            model, build_test_loader(dataset.query, height=height, width=width, batch_size=batch_size,
-                                     workers=workers, device=device), desc="query", **kw)
-        gf, g_pids, g_camids = extract_features(
-            model, build_test_loader(dataset.gallery, height=height, width=width, batch_size=batch_size,
-                                     workers=workers, device=device), desc="gallery", **kw)
+        extractor = FeatureExtractor(model, device=rt.device, feat=spec.feat, height=spec.height, width=spec.width,
+                                     normalize=False, amp_dtype=rt.amp_dtype, channels_last=rt.channels_last)
+        parts = [extractor.extract_loader(build_test_loader(items, height=spec.height, width=spec.width,
+                                                            batch_size=spec.batch_size, workers=spec.workers,
+                                                            device=rt.device),
+                                          flip=spec.flip, show_progress=spec.progress, desc=desc)
+                 for items, desc in ((dataset.query, "query"), (dataset.gallery, "gallery"))]
+        (qf, q_pids, q_camids), (gf, g_pids, g_camids) = parts
         t1 = time.perf_counter()
-        res = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric=metric, rerank=rerank,
-                                device=device if device.type == "cuda" else None)
+        res = metrics.evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric=spec.metric,
+                                        rerank=spec.rerank, device=rt.device if rt.device.type == "cuda" else None)
     finally:
         if old_feat is not None:
             model.neck_feat = old_feat
+        model.train(was_training)
     cmc = np.asarray(res["cmc"], dtype=np.float64)
 
     def rank(k):
@@ -244,7 +253,7 @@ def evaluate_model(model, dataset, *, device, height, width, batch_size=128, wor
             "mINP": float(res["mINP"]), "cmc": [float(v) for v in cmc], "num_valid_queries": int(res["num_valid_queries"]),
             "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
             "num_test_ids": len(set(int(p) for p in q_pids)),
-            "feat": feat, "metric": metric, "rerank": bool(rerank), "flip": bool(flip),
+            "feat": spec.feat, "metric": spec.metric, "rerank": bool(spec.rerank), "flip": bool(spec.flip),
             "extract_seconds": t1 - t0, "match_seconds": time.perf_counter() - t1}
 
 
@@ -253,11 +262,3 @@ def format_metrics(m: dict) -> str:
             f"R20 {100 * m['R20']:.2f}%  mAP {100 * m['mAP']:.2f}%  mINP {100 * m['mINP']:.2f}%  "
             f"({m['num_valid_queries']} queries, {m['num_gallery']} gallery, {m['num_test_ids']} query ids; "
             f"chance R1 ~ {100 / max(m['num_test_ids'], 1):.2f}%)")
-
-
-def write_json(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)

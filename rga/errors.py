@@ -1,6 +1,12 @@
 """User-facing failures and the one place that turns them into `PROG: error: ...` and exit code 2.
 
-The command lines (rga.train, rga.evaluate, python -m rga.data) call :func:`run_cli`. A failure the
+Every exception this package raises for a failure the user can fix is defined here, under one base,
+:class:`ReidError`; each keeps the built-in class it always had (ValueError, RuntimeError, OSError,
+...) as a second base, so existing ``except`` clauses still catch it. This module imports nothing
+from ``rga``: it is a leaf that every layer may import.
+
+The command lines (rga.train, rga.evaluate, rga.export, rga.search, rga.visualize, python -m
+rga.data) call :func:`run_cli`. A failure the
 user can fix (a bad flag, a missing or unreadable file, a full disk, a folder in use, a diverged
 loss) prints one line on stderr that keeps the root cause, and the command exits with code 2.
 Anything else is a bug: it keeps its traceback (exit 1). ``RGA_TRACEBACK=1`` in the environment
@@ -18,6 +24,42 @@ EXIT_INTERRUPTED = 130
 
 class ReidError(Exception):
     """Base of this package's user-facing errors: the message says what is wrong and why."""
+
+
+class UsageError(ReidError, ValueError):
+    """A bad flag, flag combination or input: the CLI prints the message and exits with code 2."""
+
+
+class ConfigError(ReidError, ValueError):
+    """A bad key or value in a flag, preset, config file or checkpoint config."""
+
+
+class CheckpointError(ReidError, RuntimeError):
+    """A checkpoint is missing, unreadable or not one of ours. The message says which and why."""
+
+
+class FileWriteError(ReidError, OSError):
+    """A file could not be written (rga.fileio): the message names the file and the OS reason."""
+
+
+class ExportError(ReidError, RuntimeError):
+    """An export or its check failed; the message says which step and why."""
+
+
+class SearchError(ReidError, RuntimeError):
+    """A bad index file, model or input; the message says which and why."""
+
+
+class ImageReadError(ReidError, OSError):
+    """An image could not be read; the message names the file."""
+
+
+class UnsupportedImageError(ReidError, ValueError):
+    """An image decodes but cannot be turned into 8-bit RGB without guessing its scale."""
+
+
+class DatasetLayoutError(ReidError, FileNotFoundError):
+    """A dataset folder or file is missing; the message shows the expected layout."""
 
 
 class RunFolderError(ReidError):
@@ -70,13 +112,10 @@ def _message(text) -> str:
     return text
 
 
-def user_message(exc: BaseException):
-    """The one-line message for a failure the user can act on, or None for a bug."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .engine import UsageError
-
-    if isinstance(exc, (ReidError, UsageError, CheckpointError, ConfigError)):
+def user_message(exc: BaseException, user_errors: tuple = ()):
+    """The one-line message for a failure the user can act on, or None for a bug. ``user_errors``:
+    more exception types a command treats as the user's (e.g. ValueError for rga.search)."""
+    if isinstance(exc, (ReidError,) + tuple(user_errors)):
         return _message(exc.args[0] if exc.args else type(exc).__name__)
     if isinstance(exc, FloatingPointError):  # a diverged loss
         return _message(exc)
@@ -92,18 +131,19 @@ def user_message(exc: BaseException):
     return None
 
 
-def run_cli(prog: str, fn, *args, interrupted_hint: str = "", **kwargs) -> int:
-    """Call fn(*args, **kwargs); return 0, or print `PROG: error: ...` and return 2 for a failure
-    the user can fix (130 on Ctrl-C). Bugs propagate with their traceback."""
+def run_cli(prog: str, fn, *args, interrupted_hint: str = "", user_errors: tuple = (), **kwargs) -> int:
+    """Call fn(*args, **kwargs); return its int result (0 if it returns none), or print `PROG: error:
+    ...` and return 2 for a failure the user can fix (130 on Ctrl-C). Bugs propagate with their
+    traceback. ``user_errors``: more exception types this command reports as the user's."""
     try:
-        fn(*args, **kwargs)
+        code = fn(*args, **kwargs)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
-        msg = user_message(e)
+        msg = user_message(e, user_errors)
         if msg is None or os.environ.get("RGA_TRACEBACK"):
             raise
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0

@@ -18,10 +18,11 @@ import torch
 
 from . import config as C
 from .checkpoint import load_model
-from .cli import UsageError, add_field_arguments, check_fused_backend, given_flags, load_dataset
+from .cli import add_field_arguments, check_fused_backend, given_flags, load_dataset
 from .data.check import check_dataset
-from .engine import evaluate_model, format_metrics, resolve_amp, setup_runtime, write_json
-from .errors import run_cli
+from .engine import EvalSettings, evaluate_model, format_metrics, place_model, setup_runtime
+from .errors import UsageError, run_cli
+from .fileio import write_json
 from .runfolder import check_output_file
 
 DATA_FIELDS = ("dataset", "data_root", "dataset_opt")
@@ -84,15 +85,11 @@ def evaluate(ns: argparse.Namespace) -> dict:
         torch.set_num_threads(C.nonneg_int(ns.threads))
     info, model, cfg, notes = plan(ns)
     r, e = cfg.run, cfg.eval
-    rt = setup_runtime(r.device, "auto")
-    amp_dtype = resolve_amp(r.amp, rt.device)
-    channels_last = r.channels_last == "on" or (r.channels_last == "auto" and rt.device.type == "cuda")
+    rt = setup_runtime(r.device, "auto", amp=r.amp, channels_last=r.channels_last)
     check_fused_backend(model.fused, rt.device.type == "cuda")
     dataset = load_dataset(cfg.data)
     check_dataset(dataset, ("query", "gallery"))  # all problems in one message, before any feature
-    model.to(rt.device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    place_model(model, rt)
     m = info.model
     for note in notes:
         print(f"note: overriding the checkpoint's {note}", flush=True)
@@ -100,10 +97,7 @@ def evaluate(ns: argparse.Namespace) -> dict:
           f"{cfg.data.dataset}: {m.label()} / {m.backbone} {m.height}x{m.width}, stages "
           f"{','.join(map(str, m.stages))}, feat={e.eval_feat}, metric={e.metric}, rerank={e.rerank}, "
           f"flip={e.flip_test}, device {rt.device}", flush=True)
-    metrics = evaluate_model(model, dataset, device=rt.device, height=m.height, width=m.width,
-                             batch_size=cfg.data.test_batch_size, workers=cfg.data.workers, amp_dtype=amp_dtype,
-                             channels_last=channels_last, flip=e.flip_test, feat=e.eval_feat, metric=e.metric,
-                             rerank=e.rerank, show_progress=r.progress)
+    metrics = evaluate_model(model, dataset, EvalSettings.of(cfg, m.height, m.width), rt)
     metrics = {"checkpoint": str(info.path), "checkpoint_kind": info.kind, "epoch": info.epoch,
                "dataset": cfg.data.dataset, "model": m.label(), **metrics}
     print(format_metrics(metrics))

@@ -12,8 +12,8 @@ order with R1, mAP, mINP, parameters and training time, and the paper's publishe
 CUHK03 (labeled) and Market-1501 beside ours. Rows not run yet show as "pending".
 
 Everything after ``--`` goes to ``rga.train`` unchanged (e.g. ``-- --epochs 6 --milestones 4``); the
-row itself is rga.train's ``--model NAME`` (a row of ``rga.config.model_presets()``: the Table 1
-and Table 4 rows and every design of ``rga.models.VARIANTS``).
+row itself is rga.train's ``--model NAME`` (a row of ``rga.registry.model_rows()``: the Table 1
+and Table 4 rows and every variant of ``rga.registry.VARIANTS``); its folder is the slug.
 """
 from __future__ import annotations
 
@@ -23,74 +23,75 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .fileio import write_text
+from .registry import PAPER_LABELS, RGA_OPTIONS, ROW_OPTIONS, model_rows
 
 
 @dataclass(frozen=True)
 class Row:
     slug: str                 # folder name
-    label: str                # the paper's row name
-    arch: str                 # build_model name
-    options: dict = field(default_factory=dict)  # RGA options (use_relation, use_original, embedding)
+    model: str                # the row as rga.train's --model: a key of rga.registry.model_rows()
     group: str = ""           # the paper's row group (Spatial, Channel, Both)
     paper: tuple | None = None  # (CUHK03-L R1, mAP, Market-1501 R1, mAP), the paper's numbers in %
+    title: str = ""           # the label, where the table names the row otherwise than PAPER_LABELS
 
     @property
-    def model(self) -> str:
-        """The row as rga.train's --model (a key of rga.config.model_presets())."""
-        if not self.options:
-            return self.arch
-        from .config import model_presets
-        for name, row in model_presets().items():
-            if row["variant"] == self.arch and all(row.get(k) == v for k, v in self.options.items()) \
-                    and all(row.get(k) == d for k, d in _rga_defaults().items() if k not in self.options):
-                return name
-        raise ValueError(f"no rga.train --model preset for {self.arch} with {self.options}")
+    def label(self) -> str:
+        """The paper's row name."""
+        return self.title or PAPER_LABELS[self.model]
+
+    @property
+    def variant(self) -> str:
+        """The row's variant (build_model name)."""
+        return model_rows()[self.model]["variant"]
+
+    @property
+    def options(self) -> dict:
+        """The row's RGA options that differ from the defaults."""
+        row = model_rows()[self.model]
+        return {k: row[k] for k in ROW_OPTIONS if row[k] != RGA_OPTIONS[k]}
 
 
-def _rga_defaults() -> dict:
-    from .models import RGA_OPTIONS
-    return dict(RGA_OPTIONS)
-
-
-BASE = Row("baseline", "Baseline", "baseline", group="Baseline", paper=(73.8, 69.0, 94.2, 83.7))
-RGA_S = Row("rga_s", "RGA-S", "rga_s", group="Spatial", paper=(79.3, 74.7, 96.0, 87.5))
-RGA_C = Row("rga_c", "RGA-C", "rga_c", group="Channel", paper=(79.3, 75.6, 95.9, 87.9))
-RGA_SC = Row("rga_sc", "RGA-SC", "rga_sc", group="Both", paper=(81.1, 77.4, 96.1, 88.4))
+BASE = Row("baseline", "baseline", "Baseline", (73.8, 69.0, 94.2, 83.7))
+RGA_S = Row("rga_s", "rga_s", "Spatial", (79.3, 74.7, 96.0, 87.5))
+RGA_C = Row("rga_c", "rga_c", "Channel", (79.3, 75.6, 95.9, 87.9))
+RGA_SC = Row("rga_sc", "rga_sc", "Both", (81.1, 77.4, 96.1, 88.4))
 
 TABLES = {
     # Table 1: RGA variants and the Rel./Ori. ablations
     "table1": (
         "Table 1: RGA variants and ablations",
         [BASE,
-         Row("rga_s_norel", "RGA-S w/o Rel.", "rga_s", {"use_relation": False}, "Spatial", (76.8, 72.3, 94.3, 83.8)),
-         Row("rga_s_noori", "RGA-S w/o Ori.", "rga_s", {"use_original": False}, "Spatial", (78.2, 74.0, 95.4, 86.7)),
+         Row("rga_s_norel", "rga_s_wo_rel", "Spatial", (76.8, 72.3, 94.3, 83.8)),
+         Row("rga_s_noori", "rga_s_wo_ori", "Spatial", (78.2, 74.0, 95.4, 86.7)),
          RGA_S,
-         Row("rga_c_norel", "RGA-C w/o Rel.", "rga_c", {"use_relation": False}, "Channel", (77.8, 73.7, 94.7, 84.8)),
-         Row("rga_c_noori", "RGA-C w/o Ori.", "rga_c", {"use_original": False}, "Channel", (78.1, 74.9, 95.4, 87.1)),
+         Row("rga_c_norel", "rga_c_wo_rel", "Channel", (77.8, 73.7, 94.7, 84.8)),
+         Row("rga_c_noori", "rga_c_wo_ori", "Channel", (78.1, 74.9, 95.4, 87.1)),
          RGA_C,
-         Row("rga_s_par_c", "RGA-S//C", "rga_s_par_c", {}, "Both", (77.3, 73.4, 95.3, 86.6)),
-         Row("rga_cs", "RGA-CS", "rga_cs", {}, "Both", (78.6, 75.5, 95.3, 87.8)),
+         Row("rga_s_par_c", "rga_s_par_c", "Both", (77.3, 73.4, 95.3, 86.6)),
+         Row("rga_cs", "rga_cs", "Both", (78.6, 75.5, 95.3, 87.8)),
          RGA_SC],
     ),
     # Table 2: other attention designs on the same baseline (rga/attention.py)
     "table2": (
         "Table 2: RGA against other attention designs",
         [BASE,
-         Row("cbam_s", "CBAM-S", "cbam_s", {}, "Spatial", (77.3, 72.8, 94.8, 85.6)),
-         Row("fc_s", "FC-S", "fc_s", {}, "Spatial", (77.0, 73.0, 95.2, 86.2)),
-         Row("nl", "NL", "nl", {}, "Spatial", (76.6, 72.6, 95.6, 87.4)),
-         Row("snl", "SNL", "snl", {}, "Spatial", (77.4, 72.4, 95.7, 87.3)),
+         Row("cbam_s", "cbam_s", "Spatial", (77.3, 72.8, 94.8, 85.6)),
+         Row("fc_s", "fc_s", "Spatial", (77.0, 73.0, 95.2, 86.2)),
+         Row("nl", "nl", "Spatial", (76.6, 72.6, 95.6, 87.4)),
+         Row("snl", "snl", "Spatial", (77.4, 72.4, 95.7, 87.3)),
          RGA_S,
-         Row("se", "SE", "se", {}, "Channel", (76.3, 71.9, 95.2, 86.0)),
-         Row("cbam_c", "CBAM-C", "cbam_c", {}, "Channel", (76.9, 72.7, 95.3, 86.3)),
-         Row("fc_c", "FC-C", "fc_c", {}, "Channel", (77.4, 72.9, 95.3, 86.7)),
+         Row("se", "se", "Channel", (76.3, 71.9, 95.2, 86.0)),
+         Row("cbam_c", "cbam_c", "Channel", (76.9, 72.7, 95.3, 86.3)),
+         Row("fc_c", "fc_c", "Channel", (77.4, 72.9, 95.3, 86.7)),
          RGA_C,
-         Row("cbam_cs", "CBAM-CS", "cbam_cs", {}, "Both", (78.0, 73.0, 95.0, 85.6)),
-         Row("fc_s_par_c", "FC-S//C", "fc_s_par_c", {}, "Both", (78.4, 73.2, 94.8, 85.0)),
+         Row("cbam_cs", "cbam_cs", "Both", (78.0, 73.0, 95.0, 85.6)),
+         Row("fc_s_par_c", "fc_s_par_c", "Both", (78.4, 73.2, 94.8, 85.0)),
          RGA_SC],
     ),
     # The showcase (issue 14): the paper's four headline rows on the cluttered synthetic set, seeds
@@ -98,13 +99,13 @@ TABLES = {
         "Showcase: baseline, RGA-S, RGA-C, RGA-SC on synthetic_scenes",
         [BASE, RGA_S, RGA_C, RGA_SC],
     ),
-    # Table 4: the embedding functions of RGA-SC
+    # Table 4: the embedding functions of RGA-SC ("asymmetric" is RGA-SC itself, run once)
     "table4": (
         "Table 4: embedding functions (RGA-SC)",
         [BASE,
-         Row("rga_sc_noemb", "w/o Embedding", "rga_sc", {"embedding": "none"}, "", (78.6, 75.2, 95.2, 87.3)),
-         Row("rga_sc_sym", "Symmetric", "rga_sc", {"embedding": "symmetric"}, "", (79.4, 75.2, 95.6, 87.4)),
-         Row("rga_sc", "Asymmetric (ours)", "rga_sc", {}, "", (81.1, 77.4, 96.1, 88.4))],
+         Row("rga_sc_noemb", "wo_embedding", "", (78.6, 75.2, 95.2, 87.3)),
+         Row("rga_sc_sym", "symmetric", "", (79.4, 75.2, 95.6, 87.4)),
+         Row("rga_sc", "rga_sc", "", (81.1, 77.4, 96.1, 88.4), title=PAPER_LABELS["asymmetric"])],
     ),
 }
 
@@ -162,21 +163,18 @@ def run_row(row: Row, out: Path, *, preset, dataset, data_root, extra, seed: int
         raise RuntimeError(f"{slug}: training returned no metrics (see {run_dir / 'train.log'})")
     ckpt = load_checkpoint(find_latest(run_dir))
     m = cfg.model
-    params = count_parameters(row.arch, int(ckpt["num_classes"]), height=m.height, width=m.width,
+    params = count_parameters(row.variant, int(ckpt["num_classes"]), height=m.height, width=m.width,
                               backbone=m.backbone, **row.options)
     secs, epochs = train_seconds(run_dir)
-    result = {"slug": slug, "row": row.slug, "seed": cfg.run.seed, "label": row.label, "arch": row.arch, "options": row.options,
+    result = {"slug": slug, "row": row.slug, "seed": cfg.run.seed, "label": row.label, "arch": row.variant,
+              "options": row.options,
               "R1": metrics["R1"], "R5": metrics["R5"], "mAP": metrics["mAP"], "mINP": metrics["mINP"],
               "num_query": metrics.get("num_query"), "num_test_ids": metrics.get("num_test_ids"),
               "epoch": metrics.get("epoch"), "params": params, "train_seconds": secs, "epochs_logged": epochs,
               "last_call_wall_seconds": wall, "run_dir": str(run_dir),
               "dataset": cfg.data.dataset, "data_root": cfg.data.data_root, "backbone": m.backbone, "input": f"{m.height}x{m.width}",
               "preset": preset, "extra_args": list(extra), "fused_rga": m.fused, "train_argv": argv}
-    path = out / "rows" / f"{slug}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_text(json.dumps(result, indent=2, default=str) + "\n", out / "rows" / f"{slug}.json")
     return result
 
 
@@ -251,14 +249,14 @@ def write_table(table: str, out: Path, meta: dict, seeds=None) -> tuple[Path, Pa
                       + (" With seeds: mean ± sample standard deviation over the finished seeds; the "
                          "per-seed values are in the JSON." if seeds is not None else "")]
     md = out / f"{table}.md"
-    md.write_text("\n".join(lines) + "\n")
+    write_text("\n".join(lines) + "\n", md)
     js = out / f"{table}.json"
-    js.write_text(json.dumps({"table": table, "title": title, **meta, "seeds": seeds,
-                              "rows": [{"slug": row.slug, "label": row.label, "group": row.group,
-                                        "paper": dict(zip(("cuhk03_R1", "cuhk03_mAP", "market_R1", "market_mAP"),
-                                                          row.paper)) if row.paper else None,
-                                        "ours": res} for row, res in found]},
-                             indent=2, default=str) + "\n")
+    write_text(json.dumps({"table": table, "title": title, **meta, "seeds": seeds,
+                           "rows": [{"slug": row.slug, "label": row.label, "group": row.group,
+                                     "paper": dict(zip(("cuhk03_R1", "cuhk03_mAP", "market_R1", "market_mAP"),
+                                                       row.paper)) if row.paper else None,
+                                     "ours": res} for row, res in found]},
+                          indent=2, default=str) + "\n", js)
     return md, js
 
 
@@ -298,7 +296,7 @@ def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=
     found = {}
     for slug in SPATIAL_ROWS:
         for seed in seeds or [None]:
-            res_path = out / "rows" / f"{run_slug(Row(slug, '', slug), seed)}.json"
+            res_path = out / "rows" / f"{run_slug(Row(slug, slug), seed)}.json"
             if res_path.is_file():
                 found.setdefault(slug, []).append((seed, json.loads(res_path.read_text())))
     if not found:
@@ -353,8 +351,8 @@ def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=
         u = summary["untrained_rga_sc"]
         lines.append("| RGA-SC, untrained (control) | - | " + " | ".join(
             f"{u[k]:.3f}" if k in u else "" for k in ("1", "2", "3", "4")) + " |")
-    (out / "foreground_ratio.md").write_text("\n".join(lines) + "\n")
-    (out / "foreground_ratio.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text("\n".join(lines) + "\n", out / "foreground_ratio.md")
+    write_text(json.dumps(summary, indent=2) + "\n", out / "foreground_ratio.json")
     print("\n".join(lines))
     return summary
 

@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ExportError, run_cli
+from .fileio import atomic_write, write_text
+
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -43,10 +46,6 @@ METADATA_KEY = "rga_export"
 METADATA_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export wants a finite range to reason with)
-
-
-class ExportError(RuntimeError):
-    """An export or its check failed; the message says which step and why."""
 
 
 def _first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:
@@ -58,13 +57,6 @@ def _first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:
 # ----------------------------------------------------------------------------------------------
 # The model to export
 # ----------------------------------------------------------------------------------------------
-
-def load_trained_model(run, feat: str = "bn") -> nn.Module:
-    """The eval-mode model of a run folder or checkpoint (``rga.checkpoint.load_model``)."""
-    from .checkpoint import load_model
-
-    return load_model(run, neck_feat=feat).eval()
-
 
 class FeatureModel(nn.Module):
     """Preprocessed images (N, 3, H, W) -> features (N, D), L2-normalized if ``normalize``."""
@@ -274,8 +266,9 @@ def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_siz
 
 def save_program(program: torch.export.ExportedProgram, path, meta: dict) -> dict:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path), extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+    atomic_write(path, lambda tmp: torch.export.save(program, str(tmp),
+                                                     extra_files={f"{METADATA_KEY}.json": json.dumps(meta)}),
+                 pass_path=True, what="exported program", error=ExportError)
     _write_sidecar(path, meta)
     return meta
 
@@ -299,7 +292,7 @@ def _check_batch(batch_size) -> None:
 
 
 def _write_sidecar(path: Path, meta: dict) -> None:
-    Path(str(path) + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(json.dumps(meta, indent=2) + "\n", Path(str(path) + ".json"), what="export metadata", error=ExportError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,42 +393,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+def export_command(args) -> None:
+    """python -m rga.export: export, describe, check against the PyTorch model."""
+    _check_batch(args.batch_size)
+    from .checkpoint import load_model
 
-    try:
-        _check_batch(args.batch_size)
-        model = load_trained_model(args.run, feat=args.feat)
-        out = Path(args.out) if args.out else default_output(args.run, args.format)
-        source = str(Path(args.run))
-        t0 = time.perf_counter()
-        common = dict(dynamic_batch=args.dynamic_batch, batch_size=args.batch_size, normalize=not args.no_normalize,
-                      source=source)
-        if args.format == "onnx":
-            meta = export_onnx(model, out, opset=args.opset, exporter=args.exporter, **common)
-        else:
-            if args.opset is not None or args.exporter != "auto":
-                raise ValueError("--opset and --exporter apply to --format onnx only")
-            meta = export_exported_program(model, out, **common)
-        took = time.perf_counter() - t0
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out}.json in {took:.1f} s: "
-              f"{meta['variant']} / {meta['backbone']}, input {meta['input_shape']}, {meta['feature_dim']}-d features"
-              f"{', L2-normalized' if meta['normalized'] else ''}; exporter {meta['exporter']}"
-              + (f", opset {meta['opset']}" if meta.get("opset") else ""))
-        if meta.get("fallback_reason"):
-            print(f"note: {meta['fallback_reason']}")
-        if not args.no_check:
-            err = check_exported(out, model, normalize=not args.no_normalize)
-            runtime = "ONNX Runtime (CPU)" if args.format == "onnx" else "torch.export.load"
-            print(f"check: {runtime} vs PyTorch, max abs difference {err:.2e} "
-                  f"(random batches of {'1, 7 and 32' if args.dynamic_batch else args.batch_size})")
-            if err > 1e-3:
-                raise ExportError(f"the exported model differs from the PyTorch model by {err:.2e}")
-    except (CheckpointError, ExportError, ValueError, TypeError, FileNotFoundError) as e:
-        print(f"rga.export: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    model = load_model(args.run, neck_feat=args.feat)  # in eval mode
+    out = Path(args.out) if args.out else default_output(args.run, args.format)
+    source = str(Path(args.run))
+    t0 = time.perf_counter()
+    common = dict(dynamic_batch=args.dynamic_batch, batch_size=args.batch_size, normalize=not args.no_normalize,
+                  source=source)
+    if args.format == "onnx":
+        meta = export_onnx(model, out, opset=args.opset, exporter=args.exporter, **common)
+    else:
+        if args.opset is not None or args.exporter != "auto":
+            raise ValueError("--opset and --exporter apply to --format onnx only")
+        meta = export_exported_program(model, out, **common)
+    took = time.perf_counter() - t0
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out}.json in {took:.1f} s: "
+          f"{meta['variant']} / {meta['backbone']}, input {meta['input_shape']}, {meta['feature_dim']}-d features"
+          f"{', L2-normalized' if meta['normalized'] else ''}; exporter {meta['exporter']}"
+          + (f", opset {meta['opset']}" if meta.get("opset") else ""))
+    if meta.get("fallback_reason"):
+        print(f"note: {meta['fallback_reason']}")
+    if not args.no_check:
+        err = check_exported(out, model, normalize=not args.no_normalize)
+        runtime = "ONNX Runtime (CPU)" if args.format == "onnx" else "torch.export.load"
+        print(f"check: {runtime} vs PyTorch, max abs difference {err:.2e} "
+              f"(random batches of {'1, 7 and 32' if args.dynamic_batch else args.batch_size})")
+        if err > 1e-3:
+            raise ExportError(f"the exported model differs from the PyTorch model by {err:.2e}")
+
+
+def main(argv=None) -> int:
+    return run_cli("rga.export", export_command, build_parser().parse_args(argv),
+                   user_errors=(ValueError, TypeError, FileNotFoundError))
 
 
 if __name__ == "__main__":

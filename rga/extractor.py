@@ -8,9 +8,16 @@
 Inputs: file paths, PIL images, HxWx3 uint8 arrays (one, or a list), a uint8 tensor of pixels
 ((3, H, W) or (N, 3, H, W), any size: resized and normalized like the arrays), or a float tensor
 (N, 3, H, W) already resized and normalized like the test transform.
+
+The model: a run folder or checkpoint (rebuilt by ``rga.checkpoint.load_model``, the one loader),
+a model from ``rga.build_model``, or a file written by ``rga.export`` (``.onnx``, run in ONNX
+Runtime; ``.pt2``, run by ``torch.export.load``) behind the same interface. This is the package's
+feature loop for images: ``rga.search`` indexes and queries through it (``extract_files``).
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +28,16 @@ from torch import nn
 from .checkpoint import load_model
 from .data import read_image
 from .transforms import build_test_transform
+
+EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files of rga.export
+
+
+def progress(iterable, *, total=None, desc="", enabled=True):
+    """tqdm only on an interactive terminal and only where enabled (rank 0)."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 class FeatureExtractor:
@@ -40,16 +57,27 @@ class FeatureExtractor:
     """
 
     def __init__(self, model, *, device=None, feat: str = "bn", fused=None, height: int | None = None,
-                 width: int | None = None, batch_size: int = 64, normalize: bool = True, hints: dict | None = None):
+                 width: int | None = None, batch_size: int = 64, normalize: bool = True, hints: dict | None = None,
+                 amp_dtype=None, channels_last: bool = False):
         if feat not in ("bn", "pool"):
             raise ValueError(f"feat must be 'bn' or 'pool', got {feat!r}")
-        if isinstance(model, (str, Path)):
+        self.source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+        self.kind, self.run = "pytorch", None
+        if isinstance(model, (str, Path)) and Path(model).suffix in EXPORTED_SUFFIXES:
+            from .export import load_exported
+
+            self.run, meta = load_exported(model)
+            self.kind = meta["format"]
+            height, width = height or int(meta["height"]), width or int(meta["width"])
+            model = None
+        elif isinstance(model, (str, Path)):
             model = load_model(model, fused=fused, neck_feat=feat, hints=hints)
         elif isinstance(model, nn.Module):
             if fused is not None and hasattr(model, "fused"):
                 model.fused = fused
-        else:
-            raise TypeError(f"model must be a checkpoint path, a run folder or an nn.Module, got {type(model).__name__}")
+        elif model is not None:
+            raise TypeError(f"model must be a checkpoint path, a run folder, an exported .onnx / .pt2 file or an "
+                            f"nn.Module, got {type(model).__name__}")
         h, w = getattr(model, "height", None), getattr(model, "width", None)
         self.height, self.width = height or h, width or w
         if not (self.height and self.width):
@@ -60,10 +88,25 @@ class FeatureExtractor:
             "cuda" if torch.cuda.is_available() else "cpu")
         if hasattr(model, "neck_feat"):
             model.neck_feat = feat
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval() if model is not None else None
         self.transform = build_test_transform(self.height, self.width)
         self.batch_size = batch_size
         self.normalize = normalize
+        self.amp_dtype, self.channels_last = amp_dtype, channels_last
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 features of one preprocessed batch, where the extractor runs (not normalized)."""
+        if self.run is not None:
+            return self.run(x).float()
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with (torch.autocast(device_type=self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+              else contextlib.nullcontext()):
+            return self.model(x).float()
+
+    def _finish(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(feats, dim=1) if self.normalize else feats
 
     def _batch(self, inputs) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor) and inputs.dtype == torch.uint8:
@@ -100,12 +143,63 @@ class FeatureExtractor:
         return torch.stack(tensors)
 
     @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Features (N, D), float32 on the CPU, of a preprocessed batch, in chunks of batch_size."""
+        return self._finish(torch.cat([self._features(batch[start:start + self.batch_size]).cpu()
+                                       for start in range(0, batch.shape[0], self.batch_size)]))
+
+    @torch.no_grad()
+    def extract_loader(self, loader, *, flip: bool = False, show_progress: bool = False, desc: str = "features"):
+        """Features of a DataLoader of (images, pids, camids, paths) batches (a test loader of
+        rga.engine): (features (N, D) float32 CPU, pids (N,), camids (N,)). flip=True averages each
+        image's feature with its mirror image's."""
+        feats, pids, camids = [], [], []
+        for imgs, pid, camid, _paths in progress(loader, total=len(loader), desc=desc, enabled=show_progress):
+            f = self._features(imgs)
+            if flip:
+                f = (f + self._features(torch.flip(imgs, dims=[3]))) / 2
+            feats.append(f.cpu())
+            pids.append(torch.as_tensor(pid))
+            camids.append(torch.as_tensor(camid))
+        return self._finish(torch.cat(feats)), torch.cat(pids).numpy(), torch.cat(camids).numpy()
+
     def __call__(self, inputs) -> torch.Tensor:
         """Features (N, D), float32 on the CPU (unit L2 norm unless normalize=False)."""
-        batch = self._batch(inputs)
-        out = []
-        for start in range(0, batch.shape[0], self.batch_size):
-            x = batch[start:start + self.batch_size].to(self.device)
-            out.append(self.model(x).float().cpu())
-        feats = torch.cat(out)
-        return torch.nn.functional.normalize(feats, dim=1) if self.normalize else feats
+        return self.forward(self._batch(inputs))
+
+    def extract_files(self, paths, *, batch_size: int | None = None, progress: bool = False):
+        """Features of the readable images among ``paths``, in batches: (features (K, D), kept
+        paths, skipped [(path, reason)]). An unreadable file is named on stderr and skipped, never
+        fatal. ``batch_size``: images per forward pass (default: the extractor's)."""
+        batch_size = batch_size or self.batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        feats, kept, skipped, pending = [], [], [], []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(paths), desc="features", unit="img", dynamic_ncols=True, file=sys.stderr)
+
+        def flush():
+            if pending:
+                feats.append(self.forward(torch.stack([t for _, t in pending])))
+                kept.extend(p for p, _ in pending)
+                if bar is not None:
+                    bar.update(len(pending))
+                pending.clear()
+
+        for p in paths:
+            try:
+                pending.append((str(p), self.transform(read_image(p))))
+            except Exception as e:  # noqa: BLE001 - any unreadable or undecodable file is skipped
+                skipped.append((str(p), f"{type(e).__name__}: {e}"))
+                print(f"skipped {p}: {e}", file=sys.stderr)
+                if bar is not None:
+                    bar.update(1)
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        if bar is not None:
+            bar.close()
+        return (torch.cat(feats) if feats else torch.empty(0, 0)), kept, skipped

@@ -17,36 +17,22 @@ import torch
 from torch import nn
 
 from .attention import DESIGNS
+from .fileio import load_torch, resolve_checkpoint
+from .registry import DESIGN_LABELS, INIT_OPTIONS, PAPER_LABELS, RGA_OPTIONS, VARIANT_ALIASES, VARIANTS
+from .registry import BACKBONES as BACKBONE_NAMES
 from .modules import RGAModule
 
-# The model table. A variant names an attention design and the options it fixes:
-#   name -> None (no attention module: the baseline), or a dict of options; the key "attention"
-#   (default "rga") picks the module class from ATTENTIONS, the other keys are its options.
-# To add another design (CBAM, SE, non-local, ...): add its class to ATTENTIONS (a module
-# class(in_channels, spatial_size, **options) that keeps the shape of a (B, C, H, W) map) and a
-# row here, e.g. "cbam_s": dict(attention="cbam", use_channel=False). It is then a model for
-# build_model, ResNetRGA, `--model` of rga.train and the checkpoints' config.
-VARIANTS = {
-    "baseline": None,
-    "rga_s": dict(use_spatial=True, use_channel=False),
-    "rga_c": dict(use_spatial=False, use_channel=True),
-    "rga_sc": dict(order="sc"),
-    "rga_cs": dict(order="cs"),
-    "rga_s_par_c": dict(order="parallel"),
-}
-# attention name -> module class(in_channels, spatial_size, **options)
-ATTENTIONS = {"rga": RGAModule}
-# The other attention designs of the paper's Table 2 (rga/attention.py), one row each, placed where
-# RGA is placed: name -> the paper's row label. They take no RGA options; `fused` touches only RGA.
-ATTENTIONS.update({name: cls for name, (cls, _label) in DESIGNS.items()})
-ATTENTION_VARIANTS = {name: label for name, (_cls, label) in DESIGNS.items()}
-VARIANTS.update({name: dict(attention=name) for name in DESIGNS})
-ALIASES = {"rga": "rga_sc", "rgasc": "rga_sc", "rgas": "rga_s", "rgac": "rga_c", "rgacs": "rga_cs"}
-RGA_OPTIONS = dict(use_relation=True, use_original=True, embedding="asymmetric", cha_ratio=8, spa_ratio=8, down_ratio=8,
-                   gate_init="public")
-#: options that only set initial values: accepted (and ignored) by models without RGA modules, so
-#: one preset can train every design
-INIT_OPTIONS = ("gate_init",)
+# The names (VARIANTS: design -> options, the RGA defaults, the paper's labels) are rga.registry's;
+# this module maps them to classes. To add another design (CBAM, SE, non-local, ...): add its class
+# to ATTENTIONS (a module class(in_channels, spatial_size, **options) that keeps the shape of a
+# (B, C, H, W) map) and a row to rga.registry.VARIANTS, e.g. "cbam_s": dict(attention="cbam",
+# use_channel=False). It is then a model for build_model, ResNetRGA, `--model` of rga.train and
+# the checkpoints' config.
+# attention name -> module class(in_channels, spatial_size, **options). The Table 2 designs
+# (rga/attention.py) are placed where RGA is placed; they take no RGA options; `fused` touches only RGA.
+ATTENTIONS = {"rga": RGAModule, **{name: cls for name, (cls, _label) in DESIGNS.items()}}
+ATTENTION_VARIANTS = DESIGN_LABELS  # the Table 2 designs: name -> the paper's label
+ALIASES = VARIANT_ALIASES
 NECK_FEATS = ("bn", "pool")
 STAGES = (1, 2, 3, 4)  # the ResNet stages that can get an attention module (the paper: all four)
 
@@ -95,6 +81,7 @@ class Bottleneck(nn.Module):
 
 
 BACKBONES = {"resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet18": (BasicBlock, (2, 2, 2, 2))}
+assert tuple(BACKBONES) == BACKBONE_NAMES
 ARCHS = BACKBONES  # the former name of BACKBONES, kept for existing imports
 
 
@@ -321,13 +308,11 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
         source = _find_hub_checkpoint(arch)
     if isinstance(source, (str, os.PathLike)):
         desc = os.fspath(source)
-        from .checkpoint import load_checkpoint, resolve_checkpoint  # the safe loader, with its clear errors
-
         if os.path.isdir(desc):  # a run folder of rga.train: its newest checkpoint
             desc = os.fspath(resolve_checkpoint(desc))
         if not os.path.isfile(desc):
             raise FileNotFoundError(f"pretrained checkpoint not found: {desc}")
-        state = load_checkpoint(desc)
+        state = load_torch(desc)  # the safe loader, with its clear errors
     elif isinstance(source, Mapping):
         desc, state = "<state dict>", source
     else:
@@ -378,6 +363,15 @@ def build_model(name: str, num_classes: int, *, height: int = 256, width: int = 
     return model
 
 
+def build_from_config(model_cfg, num_classes: int, *, pretrained=False, neck_feat: str = "bn", fused=None):
+    """The network a ``rga.config.ModelConfig`` describes (random init unless `pretrained` says
+    otherwise); ``fused`` overrides the config's RGA path."""
+    return build_model(model_cfg.variant, int(num_classes), height=model_cfg.height, width=model_cfg.width,
+                       backbone=model_cfg.backbone, stages=tuple(model_cfg.stages), pretrained=pretrained,
+                       fused=model_cfg.fused if fused is None else fused, neck_feat=neck_feat,
+                       **{k: getattr(model_cfg, k) for k, v in RGA_OPTIONS.items() if getattr(model_cfg, k) != v})
+
+
 # ----------------------------------------------------------------------------------------------
 # python -m rga.models --params: parameter counts against the paper's Table 3
 # ----------------------------------------------------------------------------------------------
@@ -388,8 +382,6 @@ PAPER_TABLE3 = {"baseline": 25.1, "cbam_s": 26.1, "fc_s": 26.9, "rga_s": 28.3, "
 # every selectable model, in the paper's order (Table 2's rows, then the other RGA combinations)
 PARAM_ORDER = ("baseline", "cbam_s", "fc_s", "nl", "snl", "rga_s", "se", "cbam_c", "fc_c", "rga_c",
                "cbam_cs", "fc_s_par_c", "rga_sc", "rga_cs", "rga_s_par_c")
-PAPER_LABELS = {"baseline": "Baseline", "rga_s": "RGA-S", "rga_c": "RGA-C", "rga_sc": "RGA-SC", "rga_cs": "RGA-CS",
-                "rga_s_par_c": "RGA-S//C", **ATTENTION_VARIANTS}
 
 
 def count_parameters(name: str, num_classes: int = 751, *, height: int = 256, width: int = 128,

@@ -6,8 +6,9 @@
   process dies, however it dies, so the lock of a killed run is stale by construction: the next
   run takes it over and says whose it was. Creating the lock file is also the check that the
   folder is a writable folder, before any work is done.
-- With the lock held, leftover temporary files (``.NAME.tmp`` / ``.NAME.PID-XXXX.tmp`` of an
-  interrupted atomic write) are removed: nobody else can be writing them.
+- With the lock held, leftover temporary files of an interrupted atomic write (rga.fileio's
+  ``.rga-tmp-NAME.PID-XXXX.tmp``, and the ``.NAME.tmp`` / ``.NAME.PID-XXXX.tmp`` of earlier
+  versions) are removed: nobody else can be writing them.
 - :func:`resume_checkpoint` is the resume rule. A run may write checkpoints into a folder only if
   it continues that folder's newest checkpoint (``--resume auto`` or that file's path), or if the
   folder holds none. Resuming an older checkpoint into the folder is refused (it would overwrite
@@ -27,9 +28,11 @@ from pathlib import Path
 
 from .checkpoint import CKPT_PATTERN, list_checkpoints
 from .errors import RunFolderError, describe_os_error
+from .fileio import temp_path_for
 
 LOCK_NAME = ".rga-run.lock"
-# temporary files of atomic_save (.NAME.PID-RANDOM.tmp) and write_json (.NAME.tmp)
+# temporary files of rga.fileio.atomic_write (.rga-tmp-NAME.PID-RANDOM.tmp) and of earlier versions
+# (.NAME.PID-RANDOM.tmp, .NAME.tmp)
 TEMP_PATTERN = re.compile(r"^\..+\.tmp$")
 TEMP_SUBFOLDERS = ("", "metrics")
 
@@ -284,14 +287,12 @@ def resume_checkpoint(out_dir, resume):
 def check_output_file(path) -> Path:
     """Make sure a result file can be written at `path` before the work that produces it: creates
     its folder if needed and writes (then removes) a temporary file there. RunFolderError if not."""
-    from .checkpoint import temp_name_for
-
     path = Path(path)
     if path.is_dir():
         raise RunFolderError(f"cannot write {path}: it is a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = temp_name_for(path)
+        probe = temp_path_for(path)
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         os.unlink(probe)
     except OSError as e:

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +34,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import flag_type
+from .config import positive_int
+from .errors import SearchError, run_cli
+from .extractor import FeatureExtractor
+from .fileio import atomic_write, save_figure
+from .metrics import same_camera_matches
+
 INDEX_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SEARCH_BACKENDS = ("auto", "torch", "faiss")
+POSITIVE_INT = flag_type(positive_int)
 FAISS_AUTO_MIN = 100_000  # --backend auto uses faiss (when installed) from this gallery size on
 _LOOSE_NAME = re.compile(r"^(-?\d+)_c(\d+)", re.IGNORECASE)
-
-
-class SearchError(RuntimeError):
-    """A bad index file, model or input; the message says which and why."""
 
 
 def parse_name(path) -> tuple[int, int]:
@@ -68,83 +70,6 @@ def list_images(folder) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Features from a model source
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class FeatureModel:
-    """Preprocessed batch (N, 3, H, W) -> L2-normalized features (N, D), whatever runs it."""
-
-    run: object
-    height: int
-    width: int
-    source: str
-    kind: str
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.run(batch).float(), dim=1)
-
-
-def load_model(source, device=None) -> FeatureModel:
-    """A run folder / checkpoint of rga.train (PyTorch, FeatureExtractor), or an exported .onnx / .pt2."""
-    path = Path(source)
-    if path.suffix in (".onnx", ".pt2"):
-        from .export import load_exported
-
-        run, meta = load_exported(path)
-        return FeatureModel(run, int(meta["height"]), int(meta["width"]), str(path), meta["format"])
-    from .extractor import FeatureExtractor
-
-    extractor = FeatureExtractor(path, device=device)
-    return FeatureModel(extractor, extractor.height, extractor.width, str(path), "pytorch")
-
-
-def _progress(iterable, total, desc, enabled):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
-
-
-def extract_files(model: FeatureModel, paths, *, batch_size: int = 64, progress: bool = False):
-    """Features of the readable images among ``paths``: (features (K, D), kept paths, skipped
-    [(path, reason)]). Unreadable files are skipped, never fatal."""
-    from .data import read_image
-    from .transforms import build_test_transform
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    transform = build_test_transform(model.height, model.width)
-    feats, kept, skipped, pending = [], [], [], []
-    bar = _progress(None, len(paths), "features", progress) if progress else None
-
-    def flush():
-        if pending:
-            feats.append(model(torch.stack([t for _, t in pending])))
-            kept.extend(p for p, _ in pending)
-            if bar is not None:
-                bar.update(len(pending))
-            pending.clear()
-
-    for p in paths:
-        try:
-            pending.append((str(p), transform(read_image(p))))
-        except Exception as e:  # noqa: BLE001 - any unreadable or undecodable file is skipped
-            skipped.append((str(p), f"{type(e).__name__}: {e}"))
-            print(f"skipped {p}: {e}", file=sys.stderr)
-            if bar is not None:
-                bar.update(1)
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    if bar is not None:
-        bar.close()
-    out = torch.cat(feats) if feats else torch.empty(0, 0)
-    return out, kept, skipped
-
-
-# ----------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------
 
@@ -161,20 +86,12 @@ class GalleryIndex:
 
     def save(self, path) -> Path:
         """Write the index (atomically) as an .npz of plain arrays."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, index_version=INDEX_VERSION, size=len(self), dim=int(self.features.shape[1]))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
-                np.savez(f, features=self.features.numpy().astype(np.float32),
-                         paths=np.array(self.paths, dtype=np.str_), pids=self.pids.astype(np.int64),
-                         camids=self.camids.astype(np.int64), meta=np.array(json.dumps(meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        # a file object: np.savez adds no ".npz" to the name
+        return atomic_write(path, lambda f: np.savez(
+            f, features=self.features.numpy().astype(np.float32), paths=np.array(self.paths, dtype=np.str_),
+            pids=self.pids.astype(np.int64), camids=self.camids.astype(np.int64), meta=np.array(json.dumps(meta))),
+            what="index", error=SearchError)
 
     @classmethod
     def load(cls, path) -> "GalleryIndex":
@@ -254,13 +171,13 @@ def search(gallery: torch.Tensor, queries: torch.Tensor, top: int = 10, backend:
 
 def build_index(model, gallery_dir, *, batch_size: int = 64, device=None, progress: bool = False) -> GalleryIndex:
     """Features of every image under ``gallery_dir`` with ``model`` (a run folder, checkpoint,
-    exported file or a loaded :class:`FeatureModel`)."""
-    fm = model if isinstance(model, FeatureModel) else load_model(model, device=device)
+    exported file or a :class:`rga.FeatureExtractor`)."""
+    fm = model if isinstance(model, FeatureExtractor) else FeatureExtractor(model, device=device)
     paths = list_images(gallery_dir)
     if not paths:
         raise SearchError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {gallery_dir}")
     t0 = time.perf_counter()
-    feats, kept, skipped = extract_files(fm, paths, batch_size=batch_size, progress=progress)
+    feats, kept, skipped = fm.extract_files(paths, batch_size=batch_size, progress=progress)
     if not kept:
         raise SearchError(f"none of the {len(paths)} images under {gallery_dir} could be read")
     ids = np.array([parse_name(p) for p in kept], dtype=np.int64).reshape(-1, 2)
@@ -275,33 +192,32 @@ def build_index(model, gallery_dir, *, batch_size: int = 64, device=None, progre
 # Results
 # ----------------------------------------------------------------------------------------------
 
-def rank(index: GalleryIndex, model: FeatureModel, images, *, top: int = 10, backend: str = "auto",
+def rank(index: GalleryIndex, model: FeatureExtractor, images, *, top: int = 10, backend: str = "auto",
          cross_camera: bool = False, batch_size: int = 64) -> tuple[list[dict], list]:
     """Ranked results for each readable query image, and the skipped [(path, reason)].
 
     ``cross_camera``: leave out gallery images of the query's own identity and camera (the
     Market-1501 protocol), for queries whose names carry both."""
-    feats, kept, skipped = extract_files(model, list(images), batch_size=batch_size)
+    feats, kept, skipped = model.extract_files(list(images), batch_size=batch_size)
     if not kept:
         return [], skipped
     extra = 0
     qids = [parse_name(p) for p in kept]
-    if cross_camera:
-        same = {}
-        for pid, cam in qids:
-            if pid >= 0:
-                same[(pid, cam)] = int(np.sum((index.pids == pid) & (index.camids == cam)))
-        extra = max(same.values(), default=0)
+    everything = np.arange(len(index))
+    if cross_camera:  # fetch enough candidates to fill `top` after the removal
+        extra = max((int(same_camera_matches(everything, pid, cam, index.pids, index.camids).sum())
+                     for pid, cam in set(qids)), default=0)
     sims, idx = index.search(feats, top=top + extra, backend=backend)
     results = []
     for q, (path, (qpid, qcam)) in enumerate(zip(kept, qids)):
         rows = []
-        for s, i in zip(sims[q].tolist(), idx[q].tolist()):
-            if i < 0:
+        found = [(s, i) for s, i in zip(sims[q].tolist(), idx[q].tolist()) if i >= 0]
+        drop = (same_camera_matches([i for _, i in found], qpid, qcam, index.pids, index.camids) if cross_camera
+                else np.zeros(len(found), dtype=bool))
+        for (s, i), dropped in zip(found, drop):
+            if dropped:
                 continue
             gpid, gcam = int(index.pids[i]), int(index.camids[i])
-            if cross_camera and qpid >= 0 and gpid == qpid and gcam == qcam:
-                continue
             rows.append({"rank": len(rows) + 1, "path": index.paths[i], "similarity": round(float(s), 6),
                          "pid": gpid if gcam >= 0 else None, "camid": gcam if gcam >= 0 else None})
             if len(rows) == top:
@@ -352,25 +268,12 @@ def plot_results(results: list[dict], out, *, top: int = 10):
                     spine.set_edgecolor(color)
                     spine.set_linewidth(3)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return Path(out)
+    return save_figure(fig, out, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rga.search", description="Index a gallery of person crops and query it.")
@@ -379,13 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", metavar="MODEL", help="run folder or checkpoint of rga.train, or an exported .onnx / .pt2")
     b.add_argument("gallery", metavar="GALLERY_DIR", help="folder of gallery images (searched recursively)")
     b.add_argument("--index", required=True, metavar="FILE", help="index file to write (.npz)")
-    b.add_argument("--batch-size", type=_positive_int, default=64)
+    b.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     b.add_argument("--device", help="cpu or cuda (PyTorch models; default: cuda when available)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     q = sub.add_parser("query", help="rank the gallery for query images")
     q.add_argument("index", metavar="FILE", help="index file written by build")
     q.add_argument("images", metavar="IMAGE", nargs="+", help="query images")
-    q.add_argument("--top", type=_positive_int, default=10, help="results per query (default 10)")
+    q.add_argument("--top", type=POSITIVE_INT, default=10, help="results per query (default 10)")
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--model", help="model for the query features (default: the one that built the index)")
     q.add_argument("--backend", choices=SEARCH_BACKENDS, default="auto",
@@ -410,7 +313,7 @@ def _cmd_build(args) -> int:
 
 def _cmd_query(args) -> int:
     index = GalleryIndex.load(args.index)
-    model = load_model(args.model or index.meta["model"], device=args.device)
+    model = FeatureExtractor(args.model or index.meta["model"], device=args.device)
     if (model.height, model.width) != (index.meta.get("height"), index.meta.get("width")):
         print(f"note: the query model's input {model.height}x{model.width} differs from the index's "
               f"{index.meta.get('height')}x{index.meta.get('width')}", file=sys.stderr)
@@ -441,14 +344,8 @@ def _cmd_query(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .export import ExportError
-
-    try:
-        return _cmd_build(args) if args.command == "build" else _cmd_query(args)
-    except (SearchError, CheckpointError, ExportError, ValueError, FileNotFoundError) as e:
-        print(f"rga.search: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("rga.search", _cmd_build if args.command == "build" else _cmd_query, args,
+                   user_errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ The defaults are the paper's recipe as the public code runs it (Section 4.1; see
 on the synthetic dataset unless --dataset names another. Under torchrun every process trains on
 its own PK batches (disjoint identities per step) with DistributedDataParallel.
 
-`train(cfg)` reads as the recipe: open the run folder (and find the checkpoint to resume), load
-the data, build or restore the model, build the training parts, then per epoch: one epoch of
-training, an evaluation every `eval_every` epochs, a checkpoint every `ckpt_every` epochs.
+`train(cfg)` runs a :class:`Trainer`, whose methods read as the recipe: open (the run folder and
+the checkpoint to resume, the data, the model, the training parts), resume, then per epoch: one
+epoch of training, a checkpoint every `ckpt_every` epochs, an evaluation every `eval_every` epochs.
 """
 from __future__ import annotations
 
@@ -15,22 +15,23 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import config as C
-from .checkpoint import (CheckpointError, atomic_save, capture_rng_state, checkpoint_name, find_latest,
-                         load_checkpoint, load_model, prune_checkpoints, restore_rng_state)
-from .cli import (UsageError, add_field_arguments, add_layer_arguments, check_fused_backend, find_pretrained,
-                  layers_from_args, load_dataset, section_fields)
+from .checkpoint import (load_checkpoint, load_model, find_latest, capture_rng_state, restore_rng_state,
+                         save_training_checkpoint)
+from .cli import (add_field_arguments, add_layer_arguments, check_fused_backend, find_pretrained, layers_from_args,
+                  load_dataset, section_fields)
 from .data.check import check_dataset
-from .errors import TrainingDivergedError, run_cli
-from .runfolder import acquire_run_folder, resume_checkpoint
-from .engine import (barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model, format_metrics,
-                     make_logger, resolve_amp, seed_everything, setup_runtime, train_one_epoch, write_json)
+from .engine import (EvalSettings, barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model,
+                     format_metrics, make_logger, place_model, seed_everything, setup_runtime, train_one_epoch)
+from .errors import CheckpointError, TrainingDivergedError, UsageError, run_cli
+from .fileio import write_json
 from .losses import ReidLoss
+from .models import build_from_config
+from .runfolder import acquire_run_folder, resume_checkpoint
 from .samplers import RandomIdentityBatchSampler
 from .schedulers import WarmupMultiStepLR
 from .transforms import build_train_transform
@@ -55,15 +56,15 @@ def parse_config(argv=None) -> C.RunConfig:
     return C.resolve(layers_from_args(ns, set(C.FIELDS)))
 
 
-def default_output_dir(cfg: C.RunConfig) -> Path:
-    return Path("runs") / f"{cfg.data.dataset}-{cfg.model.label()}-{cfg.model.backbone}"
+def default_output_dir(cfg: C.RunConfig, label: str | None = None) -> Path:
+    return Path("runs") / f"{cfg.data.dataset}-{label or cfg.model.label()}-{cfg.model.backbone}"
 
 
-def expand_output_dir(cfg: C.RunConfig) -> str:
+def expand_output_dir(cfg: C.RunConfig, label: str | None = None) -> str:
     """--output-dir with {model}, {seed}, {dataset} and {backbone} filled in (a preset can name one
     folder per model and seed, e.g. runs/showcase/{model}-seed{seed})."""
     text = str(cfg.run.output_dir)
-    fields = {"model": cfg.model.label(), "seed": cfg.run.seed, "dataset": cfg.data.dataset,
+    fields = {"model": label or cfg.model.label(), "seed": cfg.run.seed, "dataset": cfg.data.dataset,
               "backbone": cfg.model.backbone}
     try:
         return text.format(**fields) if "{" in text else text
@@ -98,63 +99,6 @@ def check_runtime(cfg: C.RunConfig) -> None:
         raise CheckpointError(f"--resume: checkpoint not found: {r.resume}")
 
 
-def open_run_folder(cfg: C.RunConfig, rt, log) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run), by the resume rule of rga.runfolder: a
-    fresh run refuses a folder that already holds checkpoints, and only the folder's newest
-    checkpoint continues in it (an older one branches into a new folder). Call with the folder's
-    lock held."""
-    out_dir = Path(cfg.run.output_dir)
-    path = resume_checkpoint(out_dir, cfg.run.resume)
-    if cfg.run.resume == "auto" and path is None:
-        log(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
-    return path
-
-
-def pretrained_source(cfg: C.RunConfig, log):
-    """What build_model gets as `pretrained`: a file, or False (random init, said in the log)."""
-    p, backbone = cfg.model.pretrained, cfg.model.backbone
-    if p == "auto":
-        found = find_pretrained(backbone)
-        if found is None:
-            log(f"warning: no ImageNet weights: no torchvision {backbone}-*.pth in ./pretrained or the torch hub "
-                f"cache; the {backbone} starts from random weights (the paper starts from ImageNet weights: "
-                "pass --pretrained FILE)")
-            return False
-        log(f"ImageNet weights: {found}")
-        return str(found)
-    if p is None:
-        log(f"note: --pretrained none: the {backbone} starts from random weights (the paper starts from ImageNet)")
-        return False
-    log(f"backbone weights: {p}" + (" (a run folder: its newest checkpoint's trunk)" if Path(p).is_dir() else ""))
-    return p
-
-
-def new_model(cfg: C.RunConfig, num_classes: int, log):
-    try:
-        return cfg.model.build(num_classes, pretrained=pretrained_source(cfg, log), neck_feat=cfg.eval.eval_feat)
-    except (KeyError, ValueError, FileNotFoundError, TypeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise UsageError(f"could not build model {cfg.model.label()} (backbone {cfg.model.backbone}): {msg}") from e
-
-
-def restored_model(cfg: C.RunConfig, ckpt: dict, path: Path, num_classes: int):
-    """The checkpoint's network (load_model), which must be the one this run describes."""
-    for key in ("model", "optimizer", "scheduler", "sampler", "epoch"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path} is not a training checkpoint (no '{key}'); "
-                                  "rga.evaluate can still read its weights")
-    model, info = load_model(ckpt, fused=cfg.model.fused, neck_feat=cfg.eval.eval_feat, with_info=True)
-    mine, theirs = cfg.model.arch_dict(), info.model.arch_dict()
-    differ = {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
-    if differ or info.num_classes != num_classes:
-        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differ.items())
-        if info.num_classes != num_classes:
-            what += f"{', ' if what else ''}classes {info.num_classes} -> {num_classes}"
-        raise CheckpointError(f"{path} holds another network than this run describes ({what}); resume with the "
-                              "options it was trained with, or choose another --output-dir")
-    return model
-
-
 def build_sampler(cfg: C.RunConfig, pids, *, rank: int = 0, world_size: int = 1) -> RandomIdentityBatchSampler:
     """PK batches of cfg.data.batch_ids identities x batch_instances images, cfg.data.sampler's epoch."""
     d = cfg.data
@@ -163,96 +107,6 @@ def build_sampler(cfg: C.RunConfig, pids, *, rank: int = 0, world_size: int = 1)
                                           world_size=world_size, mode=d.sampler)
     except ValueError as e:
         raise UsageError(str(e)) from e
-
-
-@dataclass
-class TrainingParts:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: WarmupMultiStepLR
-    scaler: object
-    criterion: ReidLoss
-    sampler: RandomIdentityBatchSampler
-    loader: object
-
-
-def build_training_parts(cfg: C.RunConfig, rt, dataset, model, amp_dtype) -> TrainingParts:
-    d, o = cfg.data, cfg.optim
-    optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    scheduler = WarmupMultiStepLR(optimizer, warmup_epochs=o.warmup_epochs, warmup_start_lr=o.warmup_lr,
-                                  milestones=o.milestones, gamma=o.gamma)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    criterion = ReidLoss(epsilon=o.label_smooth, margin=o.margin, id_weight=o.id_weight,
-                         triplet_weight=o.triplet_weight)
-    sampler = build_sampler(cfg, [int(pid) for _, pid, _ in dataset.train], rank=rt.rank, world_size=rt.world_size)
-    transform = build_train_transform(cfg.model.height, cfg.model.width, flip=d.flip_prob, crop=d.crop,
-                                      crop_prob=d.crop_prob, pad=d.pad, erasing=d.erasing_prob)
-    loader = build_train_loader(dataset, sampler, transform, workers=d.workers, device=rt.device)
-    return TrainingParts(model, optimizer, scheduler, scaler, criterion, sampler, loader)
-
-
-def restore_training_state(parts: TrainingParts, ckpt: dict, rt, log) -> tuple:
-    """Optimizer, schedule, sampler, scaler and random states; returns (start epoch, last metrics)."""
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
-    try:
-        parts.sampler.load_state_dict(ckpt["sampler"])
-    except ValueError as e:
-        raise CheckpointError(f"cannot resume: {e} (pass --sampler as the run was started)") from e
-    if parts.scaler is not None and ckpt.get("scaler"):
-        parts.scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt.get("rng") or []
-    if len(rng) == rt.world_size:
-        restore_rng_state(rng[rt.rank])
-    else:
-        log(f"warning: checkpoint was written by {len(rng)} process(es), this run has {rt.world_size}; "
-            "random streams restart from the seed, so the run will not replay exactly")
-    return int(ckpt["epoch"]), ckpt.get("metrics") or {}
-
-
-def warn_changed_options(cfg: C.RunConfig, ckpt: dict, log) -> None:
-    try:
-        old = C.RunConfig.from_dict(ckpt["config"]) if ckpt.get("format_version") else C.from_legacy(ckpt["config"])
-    except (C.ConfigError, KeyError, TypeError):
-        return
-    ignore = {"resume", "epochs", "workers", "progress", "tensorboard", "output_dir", "pretrained", "threads"}
-    new_flat, old_flat = cfg.flat(), old.flat()
-    changed = {k: (old_flat[k], v) for k, v in new_flat.items() if k not in ignore and old_flat[k] != v}
-    if changed:
-        log(f"warning: options differ from the checkpoint's run: {changed}")
-
-
-def speed_settings(cfg: C.RunConfig, rt) -> tuple:
-    """cuDNN / determinism switches; returns (autocast dtype or None, channels_last)."""
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif rt.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    channels_last = cfg.run.channels_last == "on" or (cfg.run.channels_last == "auto" and rt.device.type == "cuda")
-    return resolve_amp(cfg.run.amp, rt.device), channels_last
-
-
-def place_model(cfg: C.RunConfig, model, rt, channels_last: bool, log):
-    if cfg.run.sync_bn:
-        if rt.distributed:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log("note: --sync-bn has no effect in a single process (BatchNorm already sees the whole batch)")
-    model.to(rt.device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def wrap_for_training(cfg: C.RunConfig, model, rt):
-    """DistributedDataParallel under torchrun, torch.compile when asked; `model` stays the bare one."""
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if cfg.run.compile or cfg.run.cuda_graphs:
-        model = compile_for_training(model, cuda_graphs=cfg.run.cuda_graphs, fullgraph=not rt.distributed)
-    return model
 
 
 def compile_for_training(model, *, cuda_graphs: bool = False, fullgraph: bool = True):
@@ -265,189 +119,333 @@ def compile_for_training(model, *, cuda_graphs: bool = False, fullgraph: bool = 
     return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, fullgraph=fullgraph)
 
 
-def open_tensorboard(cfg: C.RunConfig, out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+# ------------------------------------------------------------------------------------ the trainer
 
+class Trainer:
+    """One training run, as torchreid's Engine: it holds the configuration (``cfg``), the runtime
+    (``rt``: device, precision, channels-last, process group), the run folder and its logger, the
+    data and the training parts (model, optimizer, schedule, scaler, loss, sampler, loader), and its
+    methods are the steps of a run: :meth:`open` (folder, data, model, parts), :meth:`resume`,
+    :meth:`epoch`, :meth:`evaluate`, :meth:`save`, :meth:`close`; :meth:`fit` runs them in order.
+    """
 
-def mean_across_ranks(rt, stats: dict) -> dict:
-    if not rt.distributed:
+    def __init__(self, cfg: C.RunConfig):
+        self.cfg = cfg.validate()
+        self.label = cfg.model.label()  # the row name, for the folder name and the log
+        if cfg.run.output_dir is None:
+            cfg.run.output_dir = str(default_output_dir(cfg, self.label))
+        cfg.run.output_dir = expand_output_dir(cfg, self.label)
+        self.config_dict = cfg.to_dict()  # as saved in config.json and every checkpoint
+        self.eval_settings = EvalSettings.of(cfg)
+        self.out_dir = Path(cfg.run.output_dir)
+        self.rt = None
+        self.run_folder = self.logger = self.writer = None
+        self.dataset = self.num_classes = None
+        self.model = self.train_model = None  # the bare model, and what the steps run (DDP, compiled)
+        self.optimizer = self.scheduler = self.scaler = self.criterion = self.sampler = self.loader = None
+        self.checkpoint = self.resume_path = None  # the checkpoint to resume from, until resume()
+        self.start_epoch, self.last_metrics = 0, {}
+
+    def log(self, text: str) -> None:
+        self.logger.info(text)
+
+    # --------------------------------------------------------------------------- opening a run
+
+    def open(self) -> "Trainer":
+        """Check the flags, set up the runtime, take the run folder, load and check the data, build
+        or restore the model and the training parts."""
+        cfg, r = self.cfg, self.cfg.run
+        check_runtime(cfg)
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        self.rt = rt = setup_runtime(r.device, r.dist_backend, amp=r.amp, channels_last=r.channels_last)
+        # held until close(): one run per folder (rga.runfolder); also cleans leftover temp files
+        self.run_folder = acquire_run_folder(self.out_dir, rt)
+        self.logger = make_logger(self.out_dir, rt.is_main)
+        for note in self.run_folder.notes() if self.run_folder is not None else []:
+            self.log(note)
+        # the resume rule of rga.runfolder: a fresh run refuses a folder that already holds
+        # checkpoints, and only the folder's newest checkpoint continues in it
+        self.resume_path = resume_checkpoint(self.out_dir, r.resume)
+        if r.resume == "auto" and self.resume_path is None:
+            self.log(f"--resume auto: no checkpoint in {self.out_dir}, starting from scratch")
+        if r.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif rt.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.load_data()
+        seed_everything(r.seed)  # identical initial weights on every rank
+        self.checkpoint = load_checkpoint(self.resume_path) if self.resume_path is not None else None
+        self.model = place_model(self.sync_bn(self.restored_model() if self.checkpoint is not None
+                                              else self.new_model()), rt)
+        m = cfg.model
+        self.log(f"model {self.label} ({m.variant}, stages {','.join(map(str, m.stages))}) / {m.backbone}: "
+                 f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters, input {m.height}x"
+                 f"{m.width}, fused={m.fused}, device {rt.device}, amp={rt.amp_dtype}, "
+                 f"channels_last={rt.channels_last}, world_size={rt.world_size}")
+        self.build_parts()
+        return self
+
+    def load_data(self) -> None:
+        """Rank 0 builds the dataset first (the synthetic one is generated on first use) and checks
+        it (every split non-empty, every image decodable: found now, not after the last epoch)."""
+        rt, d = self.rt, self.cfg.data
+        self.dataset = load_dataset(d) if rt.is_main else None
+        if rt.is_main:
+            self.log(f"dataset check: {check_dataset(self.dataset)['images']} images decode")
+        barrier(rt)
+        if not rt.is_main:
+            self.dataset = load_dataset(d)
+        ds = self.dataset
+        self.num_classes = ds.num_train_pids
+        self.log(f"dataset {d.dataset}: {len(ds.train)} train images of {self.num_classes} ids, "
+                 f"{len(ds.query)} query, {len(ds.gallery)} gallery")
+
+    def pretrained_source(self):
+        """What build_model gets as `pretrained`: a file, or False (random init, said in the log)."""
+        p, backbone = self.cfg.model.pretrained, self.cfg.model.backbone
+        if p == "auto":
+            found = find_pretrained(backbone)
+            if found is None:
+                self.log(f"warning: no ImageNet weights: no torchvision {backbone}-*.pth in ./pretrained or the "
+                         f"torch hub cache; the {backbone} starts from random weights (the paper starts from "
+                         "ImageNet weights: pass --pretrained FILE)")
+                return False
+            self.log(f"ImageNet weights: {found}")
+            return str(found)
+        if p is None:
+            self.log(f"note: --pretrained none: the {backbone} starts from random weights (the paper starts "
+                     "from ImageNet)")
+            return False
+        self.log(f"backbone weights: {p}" + (" (a run folder: its newest checkpoint's trunk)" if Path(p).is_dir()
+                                             else ""))
+        return p
+
+    def new_model(self):
+        cfg = self.cfg
+        try:
+            return build_from_config(cfg.model, self.num_classes, pretrained=self.pretrained_source(),
+                                     neck_feat=cfg.eval.eval_feat)
+        except (KeyError, ValueError, FileNotFoundError, TypeError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise UsageError(f"could not build model {self.label} (backbone {cfg.model.backbone}): "
+                             f"{msg}") from e
+
+    def restored_model(self):
+        """The checkpoint's network (load_model), which must be the one this run describes."""
+        ckpt, path = self.checkpoint, self.resume_path
+        for key in ("model", "optimizer", "scheduler", "sampler", "epoch"):
+            if key not in ckpt:
+                raise CheckpointError(f"{path} is not a training checkpoint (no '{key}'); "
+                                      "rga.evaluate can still read its weights")
+        model, info = load_model(ckpt, fused=self.cfg.model.fused, neck_feat=self.cfg.eval.eval_feat,
+                                 with_info=True)
+        mine, theirs = self.cfg.model.arch_dict(), info.model.arch_dict()
+        differ = {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
+        if differ or info.num_classes != self.num_classes:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differ.items())
+            if info.num_classes != self.num_classes:
+                what += f"{', ' if what else ''}classes {info.num_classes} -> {self.num_classes}"
+            raise CheckpointError(f"{path} holds another network than this run describes ({what}); resume with "
+                                  "the options it was trained with, or choose another --output-dir")
+        return model
+
+    def sync_bn(self, model):
+        if self.cfg.run.sync_bn:
+            if self.rt.distributed:
+                return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.log("note: --sync-bn has no effect in a single process (BatchNorm already sees the whole batch)")
+        return model
+
+    def build_parts(self) -> None:
+        d, o, rt = self.cfg.data, self.cfg.optim, self.rt
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.scheduler = WarmupMultiStepLR(self.optimizer, warmup_epochs=o.warmup_epochs,
+                                           warmup_start_lr=o.warmup_lr, milestones=o.milestones, gamma=o.gamma)
+        self.scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
+        self.criterion = ReidLoss(epsilon=o.label_smooth, margin=o.margin, id_weight=o.id_weight,
+                                  triplet_weight=o.triplet_weight)
+        self.sampler = build_sampler(self.cfg, [int(pid) for _, pid, _ in self.dataset.train], rank=rt.rank,
+                                     world_size=rt.world_size)
+        transform = build_train_transform(self.cfg.model.height, self.cfg.model.width, flip=d.flip_prob,
+                                          crop=d.crop, crop_prob=d.crop_prob, pad=d.pad, erasing=d.erasing_prob)
+        self.loader = build_train_loader(self.dataset, self.sampler, transform, workers=d.workers, device=rt.device)
+        self.log(f"sampler {d.sampler}: {len(self.sampler)} batches of {d.batch_ids}x{d.batch_instances} per "
+                 f"epoch; crop {d.crop}")
+
+    def resume(self) -> None:
+        """Optimizer, schedule, sampler, scaler and random states from the checkpoint, if any; then
+        the model wrapped for training (DDP, torch.compile), TensorBoard and config.json."""
+        cfg, rt, ckpt = self.cfg, self.rt, self.checkpoint
+        seed_everything(cfg.run.seed + 1 + rt.rank)  # per-rank augmentation streams
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            try:
+                self.sampler.load_state_dict(ckpt["sampler"])
+            except ValueError as e:
+                raise CheckpointError(f"cannot resume: {e} (pass --sampler as the run was started)") from e
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            rng = ckpt.get("rng") or []
+            if len(rng) == rt.world_size:
+                restore_rng_state(rng[rt.rank])
+            else:
+                self.log(f"warning: checkpoint was written by {len(rng)} process(es), this run has "
+                         f"{rt.world_size}; random streams restart from the seed, so the run will not replay exactly")
+            self.start_epoch, self.last_metrics = int(ckpt["epoch"]), ckpt.get("metrics") or {}
+            self.warn_changed_options()
+            self.log(f"resumed from {self.resume_path} at epoch {self.start_epoch}")
+            self.checkpoint = None
+        if self.start_epoch >= cfg.optim.epochs:
+            self.log(f"nothing to do: the checkpoint is at epoch {self.start_epoch} and --epochs is "
+                     f"{cfg.optim.epochs}")
+        model = self.model
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if cfg.run.compile or cfg.run.cuda_graphs:
+            model = compile_for_training(model, cuda_graphs=cfg.run.cuda_graphs, fullgraph=not rt.distributed)
+        self.train_model = model
+        if cfg.run.tensorboard and rt.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        if rt.is_main:
+            write_json(self.config_dict, self.out_dir / "config.json")
+
+    def warn_changed_options(self) -> None:
+        ckpt = self.checkpoint
+        try:
+            old = C.RunConfig.from_dict(ckpt["config"]) if ckpt.get("format_version") else C.from_legacy(ckpt["config"])
+        except (C.ConfigError, KeyError, TypeError):
+            return
+        ignore = {"resume", "epochs", "workers", "progress", "tensorboard", "output_dir", "pretrained", "threads"}
+        new_flat, old_flat = self.cfg.flat(), old.flat()
+        changed = {k: (old_flat[k], v) for k, v in new_flat.items() if k not in ignore and old_flat[k] != v}
+        if changed:
+            self.log(f"warning: options differ from the checkpoint's run: {changed}")
+
+    # --------------------------------------------------------------------------- the steps of a run
+
+    def epoch(self, epoch: int) -> dict:
+        """One epoch of training (0-based `epoch`); the epoch's mean losses, averaged over ranks."""
+        cfg, rt = self.cfg, self.rt
+        self.scheduler.step(epoch)
+        self.sampler.set_epoch(epoch)
+        try:
+            stats = train_one_epoch(self.train_model, self.loader, self.criterion, self.optimizer, rt,
+                                    scaler=self.scaler, show_progress=rt.is_main and cfg.run.progress,
+                                    desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
+        except FloatingPointError as e:  # a diverged loss: one error line saying what is kept
+            kept = find_latest(self.out_dir)
+            raise TrainingDivergedError(f"epoch {epoch + 1}: {e}; "
+                                        + (f"{kept} is kept" if kept else "no checkpoint was written")) from e
+        if rt.distributed:
+            keys = sorted(k for k in stats if k not in ("batches", "seconds"))
+            t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64,
+                             device=rt.device if rt.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(t)
+            stats.update({k: float(v) / rt.world_size for k, v in zip(keys, t.tolist())})
+        lr = self.scheduler.get_last_lr()[0]
+        nan = float("nan")
+        self.log(f"epoch {epoch + 1}/{cfg.optim.epochs}  lr {lr:.2e}  loss {stats.get('loss', nan):.4f} "
+                 f"(id {stats.get('loss_id', nan):.4f}, triplet {stats.get('loss_tri', nan):.4f})  "
+                 f"acc {100 * stats.get('acc', 0):.1f}%  {stats['batches']} batches in {stats['seconds']:.1f}s")
+        self.scalars("train", {k: stats[k] for k in ("loss", "loss_id", "loss_tri", "acc", "tri_acc") if k in stats},
+                     epoch + 1, lr=lr)
         return stats
-    keys = sorted(k for k in stats if k not in ("batches", "seconds"))
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64,
-                     device=rt.device if rt.device.type == "cuda" else "cpu")
-    torch.distributed.all_reduce(t)
-    out = dict(stats)
-    out.update({k: float(v) / rt.world_size for k, v in zip(keys, t.tolist())})
-    return out
 
+    def evaluate(self, done: int, stats: dict) -> dict:
+        """The evaluation after `done` epochs (rga.engine.evaluate_model, as rga.evaluate runs it),
+        logged and written to metrics/epoch_NNNN.json and metrics.jsonl."""
+        metrics = evaluate_model(self.model, self.dataset, self.eval_settings, self.rt)
+        result = {"epoch": done, **metrics}
+        self.log(f"eval @ epoch {done}: {format_metrics(metrics)}")
+        write_json({**result, "train": stats}, self.out_dir / "metrics" / f"epoch_{done:04d}.json")
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({**result, "train": stats}, default=str) + "\n")
+        self.scalars("eval", {k: metrics[k] for k in ("R1", "R5", "R10", "R20", "mAP", "mINP")}, done)
+        return result
 
-def gather_objects(rt, obj):
-    if not rt.distributed:
-        return [obj]
-    out = [None] * rt.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
+    def save(self, done: int, rng_states) -> Path:
+        """checkpoint_epNNNN.pth after `done` epochs (rga.checkpoint.save_training_checkpoint)."""
+        return save_training_checkpoint(
+            self.out_dir, done, config=self.config_dict, num_classes=self.num_classes, model=self.model,
+            optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler, scaler=self.scaler,
+            rng=rng_states, metrics=self.last_metrics, world_size=self.rt.world_size,
+            keep=self.cfg.run.keep_checkpoints)
 
+    def scalars(self, group: str, values: dict, step: int, **extra) -> None:
+        if self.writer is not None:
+            for k, v in {**values, **extra}.items():
+                self.writer.add_scalar(f"{group}/{k}", v, step)
 
-def run_epoch(cfg, parts: TrainingParts, train_model, epoch: int, rt, amp_dtype, channels_last, log, writer):
-    parts.scheduler.step(epoch)
-    parts.sampler.set_epoch(epoch)
-    try:
-        stats = train_one_epoch(train_model, parts.loader, parts.criterion, parts.optimizer, device=rt.device,
-                                amp_dtype=amp_dtype, scaler=parts.scaler, channels_last=channels_last,
-                                show_progress=rt.is_main and cfg.run.progress,
-                                desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
-    except FloatingPointError as e:  # a diverged loss: one error line saying what is kept
-        kept = find_latest(cfg.run.output_dir)
-        raise TrainingDivergedError(f"epoch {epoch + 1}: {e}; "
-                                    + (f"{kept} is kept" if kept else "no checkpoint was written")) from e
-    stats = mean_across_ranks(rt, stats)
-    lr = parts.scheduler.get_last_lr()[0]
-    nan = float("nan")
-    log(f"epoch {epoch + 1}/{cfg.optim.epochs}  lr {lr:.2e}  loss {stats.get('loss', nan):.4f} "
-        f"(id {stats.get('loss_id', nan):.4f}, triplet {stats.get('loss_tri', nan):.4f})  "
-        f"acc {100 * stats.get('acc', 0):.1f}%  {stats['batches']} batches in {stats['seconds']:.1f}s")
-    if writer is not None:
-        for k in ("loss", "loss_id", "loss_tri", "acc", "tri_acc"):
-            if k in stats:
-                writer.add_scalar(f"train/{k}", stats[k], epoch + 1)
-        writer.add_scalar("train/lr", lr, epoch + 1)
-    return stats
+    def rng_states(self) -> list:
+        """Every rank's random states (gathered for the checkpoint)."""
+        state = capture_rng_state()
+        if not self.rt.distributed:
+            return [state]
+        out = [None] * self.rt.world_size
+        torch.distributed.all_gather_object(out, state)
+        return out
 
+    def fit(self) -> dict:
+        """The epochs from the resumed one to cfg.optim.epochs: train; a checkpoint every ckpt_every
+        epochs (written before the evaluation, so a failing evaluation loses no training, and again
+        with its metrics); an evaluation every eval_every epochs and after the last. Returns the last
+        evaluation's metrics."""
+        cfg, rt = self.cfg, self.rt
+        t_start = time.perf_counter()
+        for epoch in range(self.start_epoch, cfg.optim.epochs):
+            stats = self.epoch(epoch)
+            done = epoch + 1
+            do_eval = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs
+            do_save = done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs
+            if do_save:
+                rng_states = self.rng_states()
+                if rt.is_main:
+                    path = self.save(done, rng_states)
+                    self.log(f"saved {path}")
+                barrier(rt)
+            if do_eval:
+                if rt.is_main:
+                    self.last_metrics = self.evaluate(done, stats)
+                    if do_save:
+                        self.save(done, rng_states)
+                        self.log(f"saved {path} (with the evaluation)")
+                barrier(rt)
+        if cfg.optim.epochs > self.start_epoch:
+            self.log(f"done: {cfg.optim.epochs - self.start_epoch} epoch(s) in {time.perf_counter() - t_start:.1f}s")
+        if self.last_metrics:
+            self.log(f"final: {format_metrics(self.last_metrics)}")
+        return self.last_metrics
 
-def evaluate_epoch(cfg, model, dataset, done: int, stats: dict, out_dir: Path, rt, amp_dtype, channels_last,
-                   log, writer) -> dict:
-    e = cfg.eval
-    metrics = evaluate_model(model, dataset, device=rt.device, height=cfg.model.height, width=cfg.model.width,
-                             batch_size=cfg.data.test_batch_size, workers=cfg.data.workers, amp_dtype=amp_dtype,
-                             channels_last=channels_last, flip=e.flip_test, feat=e.eval_feat, metric=e.metric,
-                             rerank=e.rerank, show_progress=cfg.run.progress)
-    result = {"epoch": done, **metrics}
-    log(f"eval @ epoch {done}: {format_metrics(metrics)}")
-    write_json({**result, "train": stats}, out_dir / "metrics" / f"epoch_{done:04d}.json")
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({**result, "train": stats}, default=str) + "\n")
-    if writer is not None:
-        for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"):
-            writer.add_scalar(f"eval/{k}", metrics[k], done)
-    return result
-
-
-def save_checkpoint(cfg, parts: TrainingParts, done: int, num_classes: int, metrics: dict, rng_states,
-                    out_dir: Path, rt) -> Path:
-    state = {"format_version": C.FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": num_classes,
-             "epoch": done, "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-             "scheduler": parts.scheduler.state_dict(), "sampler": parts.sampler.state_dict(),
-             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-             "rng": rng_states, "metrics": metrics, "world_size": rt.world_size,
-             "torch_version": str(torch.__version__)}
-    path = atomic_save(state, out_dir / checkpoint_name(done))
-    prune_checkpoints(out_dir, cfg.run.keep_checkpoints)
-    return path
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.logger is not None:
+            close_logger(self.logger)
+        if self.run_folder is not None:
+            self.run_folder.release()
+        if self.rt is not None:
+            cleanup_runtime(self.rt)
 
 
 # ------------------------------------------------------------------------------------ the run
 
 def train(cfg: C.RunConfig) -> dict:
     """Train as `cfg` says. Returns the last evaluation's metrics."""
-    cfg.validate()
-    if cfg.run.output_dir is None:
-        cfg.run.output_dir = str(default_output_dir(cfg))
-    cfg.run.output_dir = expand_output_dir(cfg)
-    check_runtime(cfg)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    rt = setup_runtime(cfg.run.device, cfg.run.dist_backend)
-    logger = writer = run_folder = None
+    trainer = Trainer(cfg)
     try:
-        out_dir = Path(cfg.run.output_dir)
-        # held until the end: one run per folder (rga.runfolder); also cleans leftover temp files
-        run_folder = acquire_run_folder(out_dir, rt)
-        logger = make_logger(out_dir, rt.is_main)
-        log = logger.info
-        for note in run_folder.notes() if run_folder is not None else []:
-            log(note)
-        resume_path = open_run_folder(cfg, rt, log)
-
-        amp_dtype, channels_last = speed_settings(cfg, rt)
-
-        # Rank 0 builds the dataset first (the synthetic one is generated on first use), then the others.
-        dataset = load_dataset(cfg.data) if rt.is_main else None
-        if rt.is_main:  # every split non-empty, every image decodable: found now, not after the last epoch
-            log(f"dataset check: {check_dataset(dataset)['images']} images decode")
-        barrier(rt)
-        if not rt.is_main:
-            dataset = load_dataset(cfg.data)
-        num_classes = dataset.num_train_pids
-        log(f"dataset {cfg.data.dataset}: {len(dataset.train)} train images of {num_classes} ids, "
-            f"{len(dataset.query)} query, {len(dataset.gallery)} gallery")
-
-        seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-        model = (restored_model(cfg, ckpt, resume_path, num_classes) if ckpt is not None
-                 else new_model(cfg, num_classes, log))
-        model = place_model(cfg, model, rt, channels_last, log)
-        m = cfg.model
-        log(f"model {m.label()} ({m.variant}, stages {','.join(map(str, m.stages))}) / {m.backbone}: "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, input {m.height}x{m.width}, "
-            f"fused={m.fused}, device {rt.device}, amp={amp_dtype}, channels_last={channels_last}, "
-            f"world_size={rt.world_size}")
-        parts = build_training_parts(cfg, rt, dataset, model, amp_dtype)
-        log(f"sampler {cfg.data.sampler}: {len(parts.sampler)} batches of {cfg.data.batch_ids}x"
-            f"{cfg.data.batch_instances} per epoch; crop {cfg.data.crop}")
-
-        seed_everything(cfg.run.seed + 1 + rt.rank)  # per-rank augmentation streams
-        start_epoch, last_metrics = 0, {}
-        if ckpt is not None:
-            start_epoch, last_metrics = restore_training_state(parts, ckpt, rt, log)
-            warn_changed_options(cfg, ckpt, log)
-            log(f"resumed from {resume_path} at epoch {start_epoch}")
-            del ckpt
-        if start_epoch >= cfg.optim.epochs:
-            log(f"nothing to do: the checkpoint is at epoch {start_epoch} and --epochs is {cfg.optim.epochs}")
-
-        train_model = wrap_for_training(cfg, model, rt)
-        writer = open_tensorboard(cfg, out_dir) if cfg.run.tensorboard and rt.is_main else None
-        if rt.is_main:
-            write_json(cfg.to_dict(), out_dir / "config.json")
-
-        t_start = time.perf_counter()
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            stats = run_epoch(cfg, parts, train_model, epoch, rt, amp_dtype, channels_last, log, writer)
-            done = epoch + 1
-            do_eval = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs
-            do_save = done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs
-            if do_save:  # before the evaluation (its failure then loses no training), again after it
-                rng_states = gather_objects(rt, capture_rng_state())
-                if rt.is_main:
-                    path = save_checkpoint(cfg, parts, done, num_classes, last_metrics, rng_states, out_dir, rt)
-                    log(f"saved {path}")
-                barrier(rt)
-            if do_eval:
-                if rt.is_main:
-                    last_metrics = evaluate_epoch(cfg, model, dataset, done, stats, out_dir, rt, amp_dtype,
-                                                  channels_last, log, writer)
-                    if do_save:
-                        save_checkpoint(cfg, parts, done, num_classes, last_metrics, rng_states, out_dir, rt)
-                        log(f"saved {path} (with the evaluation)")
-                barrier(rt)
-        if cfg.optim.epochs > start_epoch:
-            log(f"done: {cfg.optim.epochs - start_epoch} epoch(s) in {time.perf_counter() - t_start:.1f}s")
-        if last_metrics:
-            log(f"final: {format_metrics(last_metrics)}")
-        return last_metrics
+        trainer.open()
+        trainer.resume()
+        return trainer.fit()
     finally:
-        if writer is not None:
-            writer.close()
-        if logger is not None:
-            close_logger(logger)
-        if run_folder is not None:
-            run_folder.release()
-        cleanup_runtime(rt)
+        trainer.close()
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["load_model", "attention_maps", "foreground_ratio", "overlay", "attention_figure", "relation_maps",
+from .errors import run_cli
+from .fileio import save_figure, write_text
+
+__all__ = ["open_model", "attention_maps", "foreground_ratio", "overlay", "attention_figure", "relation_maps",
            "position_invariance", "relation_figure", "gradcam_maps", "gradcam_figure", "rank_sheet", "plot_cmc",
            "main"]
 
@@ -53,7 +56,7 @@ def _plt():
 # models and images
 # ----------------------------------------------------------------------------------------------
 
-def load_model(spec, *, device="cpu", fused=None, backbone: str = "resnet18", height: int = 64, width: int = 32,
+def open_model(spec, *, device="cpu", fused=None, backbone: str = "resnet18", height: int = 64, width: int = 32,
                num_classes: int = 751, seed: int = 0) -> nn.Module:
     """A model in eval mode from a run folder or checkpoint of rga.train, a model, or ``"init:ARCH"``.
 
@@ -81,7 +84,7 @@ def load_model(spec, *, device="cpu", fused=None, backbone: str = "resnet18", he
 
 
 def _label(model) -> str:
-    from .models import PAPER_LABELS
+    from .registry import PAPER_LABELS
     return f"{PAPER_LABELS.get(model.variant, model.variant)} ({model.run_name})"
 
 
@@ -218,11 +221,7 @@ def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path
                 title += f"\nfg {float(ratios[r][1][s][i]):.2f}"
             ax.set_title(title, fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def spatial_maps(model, batch) -> dict[int, torch.Tensor]:
@@ -318,11 +317,7 @@ def relation_figure(original, rows, targets, grid, path) -> Path:
             ax.axis("off")
             ax.set_title((f"{label}\ninvariance {inv:.2f}\n" if t == 0 else "\n\n") + f"target ({tr},{tc})", fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,11 +372,7 @@ def gradcam_figure(originals, runs, path, ratios=None) -> Path:
                 title += f"\nfg {ratios[j - 1][i]:.2f}"
             axes[i, j].set_title(title, fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,25 +410,8 @@ def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: i
             boxes.append((*box, colour))
             x0 += cw + 2 * border + (gap if k == 0 else 2)
         cells.append(boxes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    path = save_figure(sheet, path)
     return {"path": str(path), "size": sheet.size, "cells": cells}
-
-
-def rank_gallery(qf, gf, q_pids, g_pids, q_camids, g_camids, top: int):
-    """Top-k gallery indices per query by cosine distance, without the gallery images of the query's
-    identity seen by the query's camera (the Market-1501 protocol's removal, as in rga.metrics)."""
-    qf = F.normalize(torch.as_tensor(qf).float(), dim=1)
-    gf = F.normalize(torch.as_tensor(gf).float(), dim=1)
-    dist = 1 - qf @ gf.T
-    g_pids, g_camids = np.asarray(g_pids), np.asarray(g_camids)
-    out = []
-    for i in range(dist.shape[0]):
-        order = torch.argsort(dist[i], stable=True).numpy()
-        keep = ~((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i]))
-        out.append(order[keep][:top])
-    return out
 
 
 def plot_cmc(cmc, path, *, label: str | None = None, max_rank: int = 20) -> Path:
@@ -458,11 +432,7 @@ def plot_cmc(cmc, path, *, label: str | None = None, max_rank: int = 20) -> Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_all(args):
     kw = dict(backbone=args.backbone, height=args.height, width=args.width, seed=args.seed)
-    return [load_model(spec, **kw) for spec in [args.run] + list(args.compare)]
+    return [open_model(spec, **kw) for spec in [args.run] + list(args.compare)]
 
 
 def cmd_attention(args) -> dict:
@@ -565,7 +535,7 @@ def cmd_attention(args) -> dict:
     out = Path(args.out)
     stages = set(args.stages) if args.stages else None
     summary["figure"] = str(attention_figure(show_orig, runs, out / "attention.png", stages=stages, ratios=ratios))
-    (out / "foreground_ratio.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(json.dumps(summary, indent=2) + "\n", out / "foreground_ratio.json")
     print(f"foreground attention ratio (mass share inside the person mask / mask's area share; 1.0 = no preference), "
           f"{summary['images']} images:")
     for entry in summary["runs"]:
@@ -618,7 +588,7 @@ def cmd_relation(args) -> dict:
     summary["targets"] = targets
     out = Path(args.out)
     summary["figure"] = str(relation_figure(original, rows, targets, grid, out / "relation.png"))
-    (out / "relation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(json.dumps(summary, indent=2) + "\n", out / "relation.json")
     print(f"wrote {summary['figure']}")
     return summary
 
@@ -644,7 +614,7 @@ def cmd_gradcam(args) -> dict:
     k = args.show
     summary["figure"] = str(gradcam_figure(originals[:k], [(label, cams[:k]) for label, cams in runs],
                                            out / "gradcam.png", ratios=[r[:k] for r in ratios]))
-    (out / "gradcam.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(json.dumps(summary, indent=2) + "\n", out / "gradcam.json")
     print(f"wrote {summary['figure']}")
     return summary
 
@@ -652,8 +622,9 @@ def cmd_gradcam(args) -> dict:
 def cmd_ranks(args) -> dict:
     from .checkpoint import read_model_checkpoint
     from .data import build_dataset
-    from .engine import build_test_loader, extract_features
-    from .metrics import evaluate_features
+    from .engine import build_test_loader
+    from .extractor import FeatureExtractor
+    from .metrics import evaluate_features, ranked_gallery
 
     model = _load_all(args)[0]
     dataset, root = "synthetic", "data"
@@ -662,15 +633,14 @@ def cmd_ranks(args) -> dict:
         if run_cfg is not None:
             dataset, root = run_cfg.data.dataset, run_cfg.data.data_root
     ds = build_dataset(args.dataset or dataset, args.data_root or root, verbose=False)
-    dev = torch.device("cpu")
-    kw = dict(height=model.height, width=model.width, batch_size=args.batch_size, workers=0, device=dev)
-    qf, q_pids, q_camids = extract_features(model, build_test_loader(ds.query, **kw), device=dev, show_progress=False)
-    gf, g_pids, g_camids = extract_features(model, build_test_loader(ds.gallery, **kw), device=dev,
-                                            show_progress=False)
+    extract = FeatureExtractor(model, device="cpu", feat=getattr(model, "neck_feat", "bn"), normalize=False)
+    kw = dict(height=model.height, width=model.width, batch_size=args.batch_size, workers=0, device=extract.device)
+    qf, q_pids, q_camids = extract.extract_loader(build_test_loader(ds.query, **kw))
+    gf, g_pids, g_camids = extract.extract_loader(build_test_loader(ds.gallery, **kw))
     res = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids)
     nq = len(ds.query)
     picks = np.unique(np.linspace(0, nq - 1, min(args.num_queries, nq)).round().astype(int))
-    ranked = rank_gallery(qf[picks], gf, q_pids[picks], g_pids, q_camids[picks], g_camids, args.top)
+    ranked = ranked_gallery(qf[picks], gf, q_pids[picks], g_pids, q_camids[picks], g_camids, args.top)
     queries = [(ds.query[i][0], int(q_pids[i])) for i in picks]
     rows = [[(ds.gallery[j][0], int(g_pids[j])) for j in r] for r in ranked]
     out = Path(args.out)
@@ -680,7 +650,7 @@ def cmd_ranks(args) -> dict:
     summary = {"figure": layout["path"], "cmc": str(cmc_path), "R1": float(res["cmc"][0]), "mAP": float(res["mAP"]),
                "queries": [{"image": q[0], "pid": q[1], "top": [{"image": p, "pid": pid} for p, pid in row]}
                            for q, row in zip(queries, rows)]}
-    (out / "ranks.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(json.dumps(summary, indent=2) + "\n", out / "ranks.json")
     print(f"{_label(model)}: R1 {100 * res['cmc'][0]:.2f}%  mAP {100 * res['mAP']:.2f}% on {len(ds.query)} queries; "
           f"drawn: {len(queries)} queries, correct in top {args.top}: {hits}")
     print(f"wrote {layout['path']} and {cmc_path}")
@@ -688,17 +658,12 @@ def cmd_ranks(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from .checkpoint import CheckpointError
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cmd = {"attention": cmd_attention, "relation": cmd_relation, "gradcam": cmd_gradcam, "ranks": cmd_ranks}
-    try:
-        cmd[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:
-        print(f"rga.visualize {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(f"rga.visualize {args.command}", cmd[args.command], args,
+                   user_errors=(ValueError, FileNotFoundError, ImportError))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rga_kernels
 from rga import build_model
+from testkit import assert_close
 
 pytestmark = pytest.mark.skipif("cpp" not in rga_kernels.available_backends("cpu"),
                                 reason="needs the C++ extension")
@@ -37,17 +38,17 @@ def test_whole_fused_resnet50_rga_sc_compiles_fullgraph_train_and_eval():
         sum(o.float().sum() for o in outs).backward()
         results.append(outs)
     for o, r in zip(*results):
-        torch.testing.assert_close(o, r, rtol=1e-7, atol=1e-8)
+        assert_close(o, r, "compiled")
     got = [p.grad for p in model.parameters() if p.grad is not None]
     want = [p.grad for p in ref.parameters() if p.grad is not None]
     assert len(got) == len(want) > 100
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-8)
+        assert_close(g, w, "compiled")
     for (name, b1), (_, b2) in zip(model.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(b1, b2, rtol=1e-7, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        assert_close(b1, b2, "compiled", msg=lambda m: f"{name}: {m}")
     model.eval(), ref.eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-7, atol=1e-8)
+        assert_close(compiled(x), ref(x), "compiled")
 
 
 class _HostSyncs(TorchDispatchMode):

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from rga import config as C
+from rga.checkpoint import FORMAT_VERSION
+from rga.models import build_from_config
 from rga.modules import RGAModule
 
 
@@ -47,7 +49,7 @@ ROWS = {
 def test_model_rows_build_the_paper_rows(row):
     cfg = C.resolve([("command line", {"--model": row, "--backbone": "resnet18", "--height": "64",
                                         "--width": "32"})])
-    model = cfg.model.build(5)
+    model = build_from_config(cfg.model, 5)
     mods = model.rga_modules()
     want = ROWS[row]
     if want is None:
@@ -70,7 +72,7 @@ def test_stages_and_ratios_from_flags():
     cfg = C.resolve([("command line", {"--model": "rga_s_wo_ori", "--stages": "3,2", "--backbone": "resnet18",
                                         "--height": "64", "--width": "32", "--cha-ratio": "4", "--down-ratio": "2"})])
     assert cfg.model.stages == (2, 3) and cfg.model.label() == "rga_s+custom-s23"
-    model = cfg.model.build(5)
+    model = build_from_config(cfg.model, 5)
     att = [getattr(model.backbone, f"rga_att{i}") for i in range(1, 5)]
     assert [isinstance(a, RGAModule) for a in att] == [False, True, True, False]
     assert not any(k.startswith(("backbone.rga_att1.", "backbone.rga_att4.")) for k in model.state_dict())
@@ -155,11 +157,11 @@ def test_another_attention_design_is_one_table_entry(monkeypatch, tmp_path):
     cfg = C.resolve([("command line", {"--model": "gate", "--backbone": "resnet18", "--height": "64",
                                         "--width": "32", "--stages": "4"})])
     assert cfg.model.label() == "gate-s4"
-    model = cfg.model.build(3)
+    model = build_from_config(cfg.model, 3)
     assert isinstance(model.backbone.rga_att4, _Gate) and model.backbone.rga_att4.fc[0].out_features == 256
-    torch.save({"format_version": C.FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": 3,
+    torch.save({"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": 3,
                 "model": model.state_dict()}, tmp_path / "g.pth")
     again = load_model(tmp_path / "g.pth")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     with pytest.raises(ValueError, match="gate has no RGA modules"):
-        C.resolve([("x", {"model": "gate", "cha_ratio": 4})]).model.build(3)
+        build_from_config(C.resolve([("x", {"model": "gate", "cha_ratio": 4})]).model, 3)

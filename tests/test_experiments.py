@@ -27,7 +27,7 @@ def test_tables_follow_the_paper():
     assert rows["rga_sc_sym"].paper == (79.4, 75.2, 95.6, 87.4)
     for t in E.TABLES.values():  # every row builds (small backbone and input)
         for r in t[1]:
-            build_model(r.arch, 3, height=64, width=32, backbone="resnet18", pretrained=False, **r.options)
+            build_model(r.variant, 3, height=64, width=32, backbone="resnet18", pretrained=False, **r.options)
 
 
 def test_rows_are_rga_train_models(tmp_path):

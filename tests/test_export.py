@@ -12,6 +12,7 @@ import torch
 from rga import build_model
 from rga.export import (export_onnx, export_program, fold_batch_norms,
                         load_exported, main, prepare_for_export, read_metadata)
+from testkit import assert_close
 
 onnx = pytest.importorskip("onnx", reason="the deploy extra (onnx, onnxruntime, onnxscript) is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the deploy extra (onnx, onnxruntime, onnxscript) is not installed")
@@ -108,12 +109,12 @@ def test_fold_batch_norms_keeps_the_function():
                    if "rga_att" not in name)
     x = _images(3).double()
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)  # float64: exact up to rounding
+        assert_close(folded(x), model(x), "float64")  # float64: exact up to rounding
     prepared = prepare_for_export(model.float(), normalize=False)
     assert prepared.model.fused == "torch" and model.fused is True  # the original is untouched
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.layer1.modules())
     with torch.no_grad():
-        torch.testing.assert_close(prepared(x.float()), model(x.float()), rtol=1e-4, atol=1e-5)
+        assert_close(prepared(x.float()), model(x.float()), "float32")
 
 
 def test_torchscript_exporter_dynamic_batch(tmp_path):

@@ -10,20 +10,14 @@ from rga import build_model
 from rga import config as C
 from rga.checkpoint import load_checkpoint, load_model
 from rga.models import load_imagenet_weights
+from testkit import tiny_run_args
 
 SMALL = dict(height=64, width=32, backbone="resnet18", pretrained=False)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from test_train import data_root as make  # the tiny synthetic set of the training tests
-    return make.__wrapped__(tmp_path_factory)
-
-
 @pytest.fixture
-def train_args(data_root):
-    from test_train import base_args
-    return lambda out, *extra: base_args(data_root, out, *extra)
+def train_args(data_root):  # data_root: conftest.py's tiny synthetic set
+    return lambda out, *extra: tiny_run_args(data_root, out, *extra)
 
 
 def _last_bns(model):

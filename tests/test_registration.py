@@ -4,13 +4,7 @@ import torch
 
 from rga_kernels import relation_embed, relation_embed_reference
 
-from conftest import backend_params
-
-
-def _inputs(device, dtype=torch.float32, B=2, d=3, n=11, M=4, requires_grad=True):
-    g = torch.Generator().manual_seed(0)
-    ts = [torch.randn(B, d, n, generator=g), torch.randn(B, d, n, generator=g), torch.randn(M, 2 * n, generator=g)]
-    return [t.to(device, dtype).requires_grad_(requires_grad) for t in ts]
+from testkit import assert_close, backend_params, relation_inputs
 
 
 def _op_cases():
@@ -24,7 +18,7 @@ def test_opcheck(device, backend, dtype):
     suffix = "_triton" if backend == "triton" else ""
     fwd = getattr(torch.ops.rga_kernels, "relation_fwd" + suffix).default
     bwd = getattr(torch.ops.rga_kernels, "relation_bwd" + suffix).default
-    theta, phi, weight = _inputs(device, dtype)
+    theta, phi, weight = relation_inputs(2, 3, 11, 4, dtype, device, requires_grad=True)
     checks = {}
     if backend == "triton" and device == "cpu":
         # AOT tracing runs a triton_op's body with fake tensors, which only a GPU build of the
@@ -54,16 +48,16 @@ def test_compile_fullgraph_matches_eager(device, backend):
         return relation_embed(theta, phi, weight, backend=backend).square().mean()
 
     compiled = torch.compile(step, fullgraph=True)
-    eager_in, comp_in = _inputs(device), _inputs(device)
+    eager_in, comp_in = (relation_inputs(2, 3, 11, 4, device=device, requires_grad=True) for _ in range(2))
     loss_e = step(*eager_in)
     loss_e.backward()
     loss_c = compiled(*comp_in)
     loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert_close(loss_c, loss_e, "float32_loss")
     for e, c in zip(eager_in, comp_in):
-        torch.testing.assert_close(c.grad, e.grad, rtol=1e-4, atol=1e-6)
+        assert_close(c.grad, e.grad, "float32_grad")
     ref = relation_embed_reference(*[t.detach().double() for t in eager_in]).square().mean()
-    torch.testing.assert_close(loss_c.double(), ref, rtol=1e-5, atol=1e-6)
+    assert_close(loss_c.double(), ref, "float32_loss")
 
 
 @pytest.mark.parametrize("device,backend", _compile_cases())
@@ -72,7 +66,7 @@ def test_compile_dynamic_batch(device, backend):
     torch._dynamo.reset()
     fn = torch.compile(lambda a, b, c: relation_embed(a, b, c, backend=backend), fullgraph=True, dynamic=True)
     for B in (2, 3, 5):
-        theta, phi, weight = _inputs(device, B=B, requires_grad=False)
+        theta, phi, weight = relation_inputs(B, 3, 11, 4, device=device)
         torch.testing.assert_close(fn(theta, phi, weight), relation_embed_reference(theta, phi, weight),
                                    rtol=1e-4, atol=1e-5)
 
@@ -90,7 +84,7 @@ def test_export_uses_plain_aten_ops():
     """torch.export with backend="auto" records the factorized PyTorch ops, not a custom op, so
     the exported program runs where rga_kernels is not installed."""
     module = _Relation(11, 4)
-    theta, phi, _ = _inputs("cpu", requires_grad=False)
+    theta, phi, _ = relation_inputs(2, 3, 11, 4)
     exported = torch.export.export(module, (theta, phi))
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert not any("rga_kernels" in t for t in targets), targets

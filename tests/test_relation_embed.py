@@ -8,7 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 import rga_kernels
 from rga_kernels import relation_embed, relation_embed_reference
 
-from conftest import DEVICES, assert_within_torch_error, backend_params, relation_inputs
+from testkit import DEVICES, assert_close, assert_within_torch_error, backend_params, forward_backward, relation_inputs
 
 
 def _cases(devices=None):
@@ -16,30 +16,18 @@ def _cases(devices=None):
     return backend_params() if devices is None else backend_params(devices=devices)
 
 
-def _inputs(B, d, n, M, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
-    theta, phi, weight = relation_inputs(B, d, n, M, dtype=torch.float64, seed=seed)
-    return [t.to(device=device, dtype=dtype) for t in (theta * scale, phi * scale, weight)]
-
-
-def _fwd_bwd(fn, inputs, grad):
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    out = fn(*inputs)
-    out.backward(grad)
-    return [out.detach()] + [t.grad for t in inputs]
-
-
 def _check_against_reference(device, backend, B, d, n, M, dtype, k=3.0, seed=0, transform=None):
     """Error of the backend vs a float64 reference at most k x PyTorch's own error in `dtype`.
 
     PyTorch's own error is the reference computed directly in `dtype` (flash-attention style).
     """
-    inputs = _inputs(B, d, n, M, dtype=dtype, device=device, seed=seed)
+    inputs = relation_inputs(B, d, n, M, dtype=dtype, device=device, seed=seed)
     grad = torch.randn(B, M, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device, dtype)
     if transform is not None:
         inputs, grad = transform(inputs, grad)
-    ref64 = _fwd_bwd(relation_embed_reference, [t.double() for t in inputs], grad.double())
-    ref_lp = _fwd_bwd(relation_embed_reference, inputs, grad)
-    got = _fwd_bwd(lambda a, b, c: relation_embed(a, b, c, backend=backend), inputs, grad)
+    ref64 = forward_backward(relation_embed_reference, [t.double() for t in inputs], grad.double())
+    ref_lp = forward_backward(relation_embed_reference, inputs, grad)
+    got = forward_backward(lambda a, b, c: relation_embed(a, b, c, backend=backend), inputs, grad)
     for name, g, r, rl in zip(("out", "dtheta", "dphi", "dweight"), got, ref64, ref_lp):
         assert g.dtype == dtype, f"{name}: {g.dtype}"
         assert_within_torch_error(f"{backend} {name}", g, r, rl, k=k)
@@ -49,7 +37,7 @@ def _check_against_reference(device, backend, B, d, n, M, dtype, k=3.0, seed=0, 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 2), (1, 1, 1, 1), (2, 2, 7, 3)])
 def test_gradcheck_float64(device, backend, shape):
     B, d, n, M = shape
-    inputs = [t.requires_grad_() for t in _inputs(B, d, n, M, dtype=torch.float64, device=device)]
+    inputs = [t.requires_grad_() for t in relation_inputs(B, d, n, M, dtype=torch.float64, device=device)]
     # The Triton interpreter costs ~0.1 s a call: check random directional derivatives there
     # (gradcheck's fast mode) instead of every Jacobian entry.
     interpreted = backend == "triton" and device == "cpu"
@@ -95,12 +83,12 @@ def test_non_contiguous(device, backend):
 @pytest.mark.parametrize("device,backend", _cases())
 def test_expanded_grad(device, backend):
     """A gradient with stride 0 (what .sum() or .mean() sends back) is handled."""
-    theta, phi, weight = [t.requires_grad_() for t in _inputs(2, 3, 17, 4, device=device)]
+    theta, phi, weight = [t.requires_grad_() for t in relation_inputs(2, 3, 17, 4, device=device)]
     relation_embed(theta, phi, weight, backend=backend).sum().backward()
     t2, p2, w2 = [t.detach().double().requires_grad_() for t in (theta, phi, weight)]
     relation_embed_reference(t2, p2, w2).sum().backward()
     for got, ref in ((theta.grad, t2.grad), (phi.grad, p2.grad), (weight.grad, w2.grad)):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+        assert_close(got.double(), ref, "float32_wide")
 
 
 def _largest_allocation(fn, device):
@@ -123,7 +111,7 @@ def test_no_n_by_n_allocation(device):
     The reference is the positive control: the same probe must see its (B, 2n, n) buffer.
     """
     B, d, n, M = 2, 4, 256, 8
-    inputs = [t.requires_grad_() for t in _inputs(B, d, n, M, device=device)]
+    inputs = [t.requires_grad_() for t in relation_inputs(B, d, n, M, device=device)]
 
     def run(backend):
         def fn():
@@ -139,16 +127,16 @@ def test_no_n_by_n_allocation(device):
 
 
 def test_auto_picks_available_backend():
-    theta, phi, weight = _inputs(2, 3, 9, 4)
+    theta, phi, weight = relation_inputs(2, 3, 9, 4)
     out = relation_embed(theta, phi, weight)
-    torch.testing.assert_close(out, relation_embed_reference(theta, phi, weight), rtol=1e-5, atol=1e-5)
+    assert_close(out, relation_embed_reference(theta, phi, weight), "float32_abs")
     expected = "cpp" if "cpp" in rga_kernels.available_backends("cpu") else "torch"
     assert rga_kernels.ops._resolve_backend("auto", theta.device) == expected
 
 
 def test_autocast_mixed_dtypes():
     """Inside autocast a float32 weight meets bfloat16 activations, as in a real module."""
-    theta, phi, weight = _inputs(2, 8, 24, 4)
+    theta, phi, weight = relation_inputs(2, 8, 24, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = relation_embed(theta.bfloat16(), phi.bfloat16(), weight)
     assert out.dtype == torch.bfloat16
@@ -160,7 +148,7 @@ def test_autocast_mixed_dtypes():
 
 
 def _good():
-    return _inputs(2, 3, 5, 4)
+    return relation_inputs(2, 3, 5, 4)
 
 
 @pytest.mark.parametrize(
@@ -220,7 +208,7 @@ def test_cuda_part_was_built():
 @pytest.mark.parametrize("device,backend", _cases())
 def test_double_backward_gradgradcheck(device, backend):
     """Second derivatives (create_graph=True) are exact on every backend, not only first ones."""
-    inputs = [t.requires_grad_() for t in _inputs(2, 3, 5, 2, dtype=torch.float64, device=device)]
+    inputs = [t.requires_grad_() for t in relation_inputs(2, 3, 5, 2, dtype=torch.float64, device=device)]
     interpreted = backend == "triton" and device == "cpu"
     assert torch.autograd.gradgradcheck(lambda a, b, c: relation_embed(a, b, c, backend=backend), inputs,
                                         fast_mode=interpreted)
@@ -230,18 +218,18 @@ def test_double_backward_gradgradcheck(device, backend):
 def test_gradient_penalty_matches_reference(device, backend):
     """The case that used to be silently wrong: d/dphi and d/dW of a gradient taken with create_graph."""
     def penalty(fn):
-        a, b, w = (t.clone().requires_grad_() for t in _inputs(2, 4, 5, 3, dtype=torch.float64, device=device))
+        a, b, w = (t.clone().requires_grad_() for t in relation_inputs(2, 4, 5, 3, dtype=torch.float64, device=device))
         g, = torch.autograd.grad(fn(a, b, w).pow(2).sum(), a, create_graph=True)
         return torch.autograd.grad(g.sum(), (b, w))
 
     got = penalty(lambda a, b, w: relation_embed(a, b, w, backend=backend))
     want = penalty(relation_embed_reference)
     for g, r in zip(got, want):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+        assert_close(g, r, "float64")
 
 
 def test_env_backend_named_in_errors(monkeypatch):
-    theta, phi, weight = _inputs(1, 2, 3, 2)
+    theta, phi, weight = relation_inputs(1, 2, 3, 2)
     monkeypatch.setenv("RGA_KERNELS_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"RGA_KERNELS_BACKEND='bogus' \(environment variable\)"):
         relation_embed(theta, phi, weight)

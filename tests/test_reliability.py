@@ -14,32 +14,16 @@ import pytest
 import torch
 
 import rga.train as rtrain
-from conftest import read_only_folder
+from testkit import read_only_folder, tiny_run_args
 from rga import evaluate as reval
 from rga.data.__main__ import main as data_main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = ["num_train_ids=8", "num_test_ids=4", "num_cameras=2", "min_cams_per_id=2", "max_cams_per_id=2",
-             "min_imgs_per_cam=2", "max_imgs_per_cam=2", "num_distractors=2", "height=64", "width=32"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from rga.data import build_dataset
-    root = tmp_path_factory.mktemp("data")
-    build_dataset("synthetic", str(root), verbose=False, **{k: int(v) for k, v in (kv.split("=") for kv in TINY_DATA)})
-    return root
-
-
 def args_for(data_root, out, *extra, dataset="synthetic"):
-    args = ["--data-root", str(data_root), "--output-dir", str(out), "--backbone", "resnet18", "--dataset", dataset,
-            "--height", "64", "--width", "32", "--batch-ids", "4", "--batch-instances", "2", "--workers", "0",
-            "--threads", "1", "--eval-every", "0", "--warmup-epochs", "1", "--test-batch-size", "32", "--no-progress"]
-    if dataset == "synthetic":
-        for kv in TINY_DATA:
-            args += ["--dataset-opt", kv]
-    return args + list(extra)
+    return tiny_run_args(data_root, out, *extra, dataset=dataset, pretrained=None)
 
 
 def train(data_root, out, *extra, **kw):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rga.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from conftest import read_only_folder
+from testkit import read_only_folder
 from rga.errors import RunFolderError, find_os_error, run_cli, user_message
 from rga.runfolder import LOCK_NAME, RunFolder, check_output_file, clean_temp_files, resume_checkpoint
 

@@ -15,29 +15,10 @@ import torch
 
 import rga.train as rtrain
 from rga import evaluate as reval
-
-TINY_DATA = ["num_train_ids=8", "num_test_ids=4", "num_cameras=2", "min_cams_per_id=2", "max_cams_per_id=2",
-             "min_imgs_per_cam=2", "max_imgs_per_cam=2", "num_distractors=2", "height=64", "width=32"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from rga.data import build_dataset
-    root = tmp_path_factory.mktemp("data")
-    ds = build_dataset("synthetic", str(root), verbose=False,
-                       **{k: int(v) for k, v in (kv.split("=") for kv in TINY_DATA)})
-    assert ds.num_train_pids == 8 and len(ds.train) == 32
-    return root
-
+from testkit import TINY_DATA, tiny_run_args
 
 def base_args(data_root, out, *extra):
-    args = ["--data-root", str(data_root), "--output-dir", str(out), "--backbone", "resnet18",
-            "--height", "64", "--width", "32", "--batch-ids", "4", "--batch-instances", "2", "--workers", "0",
-            "--threads", "1", "--eval-every", "0", "--warmup-epochs", "1", "--test-batch-size", "32",
-            "--no-progress", "--pretrained", "none"]
-    for kv in TINY_DATA:
-        args += ["--dataset-opt", kv]
-    return args + list(extra)
+    return tiny_run_args(data_root, out, *extra)
 
 
 def train(data_root, out, *extra):

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from conftest import assert_within_torch_error, relation_inputs
+from testkit import assert_close, assert_within_torch_error, forward_backward, relation_inputs
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,26 +28,6 @@ _OK, _WHY = K.usable_on(DEV) if K.TRITON_AVAILABLE else (False, K.TRITON_UNAVAIL
 needs_kernels = pytest.mark.skipif(not _OK, reason=f"Triton kernels not usable on {DEV}: {_WHY}")
 
 
-def _inputs(B, d, n, M, dtype, seed=0):
-    return relation_inputs(B, d, n, M, dtype=dtype, device=DEV, seed=seed, grad=True)
-
-
-def _ref64(theta, phi, weight, grad):
-    """out and (dtheta, dphi, dweight) in float64 through the naive reference and autograd."""
-    leaves = [t.detach().double().requires_grad_() for t in (theta, phi, weight)]
-    out = relation_embed_reference(*leaves)
-    grads = torch.autograd.grad(out, leaves, grad.double())
-    return [out.detach(), *grads]
-
-
-def _torch_lowp(theta, phi, weight, grad):
-    """The same quantities by PyTorch itself in the input dtype (factorized form, autograd)."""
-    leaves = [t.detach().clone().requires_grad_() for t in (theta, phi, weight)]
-    out = relation_embed_factorized(*leaves)
-    grads = torch.autograd.grad(out, leaves, grad)
-    return [out.detach(), *grads]
-
-
 def _kernels(theta, phi, weight, grad):
     out, p, q = K.relation_fwd(theta, phi, weight)
     dtheta, dphi, dweight = K.relation_bwd(grad, theta, phi, weight, p, q)
@@ -58,9 +38,9 @@ NAMES = ("out", "dtheta", "dphi", "dweight")
 
 
 def _check(theta, phi, weight, grad):
-    ref = _ref64(theta, phi, weight, grad)
+    ref = forward_backward(relation_embed_reference, (theta, phi, weight), grad, dtype=torch.float64)
     got = _kernels(theta, phi, weight, grad)
-    base = _torch_lowp(theta, phi, weight, grad) if theta.dtype != torch.float64 else None
+    base = forward_backward(relation_embed_factorized, (theta, phi, weight), grad) if theta.dtype != torch.float64 else None
     # tf32x3 dots on a GPU are close to, not exactly, fp32: a larger relative floor there
     floor = 2e-5 if theta.dtype == torch.float32 and theta.is_cuda else 1e-5
     for name, r, k, src in zip(NAMES, ref, got, (theta, theta, phi, weight)):
@@ -77,27 +57,27 @@ MIXED_SHAPES = [(3, 5, 37, 19), (2, 3, 9, 130)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,d,n,M", ODD_SHAPES + MIXED_SHAPES)
 def test_matches_reference(B, d, n, M, dtype):
-    _check(*_inputs(B, d, n, M, dtype))
+    _check(*relation_inputs(B, d, n, M, dtype, device=DEV, grad=True))
 
 
 @needs_kernels
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is only tested on CUDA")
 @pytest.mark.parametrize("B,d,n,M", [(1, 7, 257, 1), (3, 5, 37, 19), (4, 32, 300, 70)])
 def test_matches_reference_bf16(B, d, n, M):
-    _check(*_inputs(B, d, n, M, torch.bfloat16))
+    _check(*relation_inputs(B, d, n, M, torch.bfloat16, device=DEV, grad=True))
 
 
 @needs_kernels
 @pytest.mark.parametrize("B,d,n,M", [(1, 1, 1, 1), (3, 5, 37, 19), (2, 3, 9, 130)])
 def test_matches_reference_float64(B, d, n, M):
-    _check(*_inputs(B, d, n, M, torch.float64))
+    _check(*relation_inputs(B, d, n, M, torch.float64, device=DEV, grad=True))
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_non_contiguous_inputs(dtype):
     B, d, n, M = 3, 5, 37, 11
-    theta, phi, weight, _ = _inputs(B, d, n, M, dtype, seed=1)
+    theta, phi, weight, _ = relation_inputs(B, d, n, M, dtype, seed=1, device=DEV, grad=True)
     theta_nc = theta.transpose(1, 2).contiguous().transpose(1, 2)  # (B, d, n) with n-stride d
     phi_big = torch.zeros(B, 2 * d, n + 3, device=DEV, dtype=dtype)
     phi_big[:, ::2, 1 : n + 1] = phi
@@ -111,7 +91,7 @@ def test_non_contiguous_inputs(dtype):
     a = _kernels(theta_nc, phi_nc, weight_nc, grad_nc)
     b = _kernels(theta, phi, weight, grad_nc.contiguous())
     for name, x, y in zip(NAMES, a, b):
-        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+        assert_close(x, y, "exact", msg=name)
 
 
 @needs_kernels
@@ -127,7 +107,7 @@ def test_every_output_element_is_written(monkeypatch):
 
     monkeypatch.setattr(K.torch, "empty", nan_empty)
     for B, d, n, M in [(2, 3, 129, 67), (1, 1, 1, 1)]:
-        got = _kernels(*_inputs(B, d, n, M, torch.float32, seed=2))
+        got = _kernels(*relation_inputs(B, d, n, M, torch.float32, seed=2, device=DEV, grad=True))
         for name, t in zip(NAMES, got):
             assert torch.isfinite(t).all(), name
 
@@ -142,7 +122,7 @@ def _configs_to_check():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_each_config(dtype, monkeypatch):
     shape = (2, 5, 37, 19) if K.INTERPRET else (3, 33, 300, 70)
-    inputs = _inputs(*shape, dtype, seed=4)
+    inputs = relation_inputs(*shape, dtype, seed=4, device=DEV, grad=True)
     ran = 0
     for cfg in _configs_to_check():
         monkeypatch.setattr(K, "_FORCED_CONFIG", cfg)
@@ -174,7 +154,7 @@ class _RelationFn(torch.autograd.Function):
 def test_gradcheck_float64():
     # fast mode (random projections): the full Jacobian costs ~100 launches per input element under
     # the interpreter; the float64 comparisons above check every gradient entry already.
-    theta, phi, weight, _ = _inputs(2, 3, 5, 4, torch.float64, seed=3)
+    theta, phi, weight, _ = relation_inputs(2, 3, 5, 4, torch.float64, seed=3, device=DEV, grad=True)
     leaves = [t.requires_grad_() for t in (theta, phi, weight)]
     assert torch.autograd.gradcheck(_RelationFn.apply, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
 
@@ -210,7 +190,7 @@ def test_split_batch_dweight(B, d, n, M, dtype):
     """A small dW output with a long batch spreads the batch over the grid (atomics into a zeroed
     fp32 buffer, uneven last chunk for B = 13): same values as the in-kernel reduction."""
     assert K._batch_chunk(M, n, B) > 0, "the shape must take the split path"
-    _check(*_inputs(B, d, n, M, dtype))
+    _check(*relation_inputs(B, d, n, M, dtype, device=DEV, grad=True))
 
 
 def test_batch_chunk_heuristic():

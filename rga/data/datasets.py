@@ -17,12 +17,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import DatasetLayoutError  # noqa: F401 - re-exported
+
 Item = Tuple[str, int, int]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-class DatasetLayoutError(FileNotFoundError):
-    """A dataset folder or file is missing; the message shows the expected layout."""
 
 
 class ReidDataset:

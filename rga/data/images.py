@@ -15,15 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ImageReadError, UnsupportedImageError  # noqa: F401 - re-exported
+
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-class ImageReadError(OSError):
-    """An image could not be read; the message names the file."""
-
-
-class UnsupportedImageError(ValueError):
-    """An image decodes but cannot be turned into 8-bit RGB without guessing its scale."""
 
 
 def _gray_to_rgb(gray8: np.ndarray):

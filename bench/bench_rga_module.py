@@ -6,7 +6,7 @@ thread (RGA_BENCH_THREADS overrides): on a small shared machine two threads spen
 of every small op waiting for each other, which makes timings noise; both paths run with the same
 setting. To keep the file near a minute, RGA-S and RGA-C run at stage 1 only and RGA-SC (both
 branches) at every stage; RGA_BENCH_FULL=1 runs all three variants at all four stages.
-GPU: batch 64, bf16 autocast, the full matrix. Run: ``pytest bench/test_rga_module.py --benchmark-only``.
+GPU: batch 64, bf16 autocast, the full matrix. Run: ``pytest bench/bench_rga_module.py --benchmark-only``.
 """
 import os
 

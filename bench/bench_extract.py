@@ -15,7 +15,7 @@ Targets (issue 11): ``rga_sc_fused`` at most 1.15x ResNet-50's time (speed-up >=
 ``rga_sc_ort`` not slower than ``rga_sc_fused`` (>= 1.0). Threads: 2 intra-op threads for PyTorch
 and ONNX Runtime alike (RGA_BENCH_THREADS overrides). RGA_BENCH_ROUNDS: timed rounds (default 3;
 CI runs 1, which also switches to batch 4 and the TorchScript exporter to stay near a minute). Run:
-``pytest bench/test_extract.py --benchmark-only``. ``python bench/test_extract.py [ROUNDS]`` times
+``pytest bench/bench_extract.py --benchmark-only``. ``python bench/bench_extract.py [ROUNDS]`` times
 the four variants in turn within each round instead (interleaved, so that a load change on a
 shared machine hits all alike) and prints the time ratios.
 """
@@ -132,7 +132,7 @@ def interleaved(rounds: int = 5) -> dict:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-if __name__ == "__main__":  # python bench/test_extract.py [ROUNDS]
+if __name__ == "__main__":  # python bench/bench_extract.py [ROUNDS]
     import sys
 
     med = interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 5)

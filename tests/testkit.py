@@ -1,0 +1,149 @@
+"""The tests' shared plumbing: the backend list, inputs, the accuracy comparison and file helpers.
+
+Test files import them (``from testkit import ...``; tests/ is on sys.path under pytest). The module
+is not named conftest so that ``pytest tests bench`` (whose bench/ has its own conftest.py) imports
+the right one. The environment switches and the fixtures are in conftest.py.
+"""
+# ------------------------------------------------------------------------------------------------
+# Shared test plumbing: the backend list, inputs and the accuracy comparison live here once, so a
+# new backend touches one list (rga_kernels.BACKENDS) and the tolerance rule one function.
+# ------------------------------------------------------------------------------------------------
+import os
+
+import pytest
+import torch
+
+import rga_kernels
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FAST_BACKENDS = tuple(b for b in rga_kernels.BACKENDS if b != "reference")
+
+
+def backend_params(backends=FAST_BACKENDS, devices=DEVICES, extra_reason=None, with_device=True):
+    """pytest.param((device,) backend) for every pair; a pair this machine cannot run is skipped
+    with the reason backend_status gives (or ``extra_reason(device, backend)``, when it returns one)."""
+    params = []
+    for dev in devices:
+        status = rga_kernels.backend_status(dev)
+        for b in backends:
+            ok, why = status[b]
+            if ok and extra_reason is not None and extra_reason(dev, b):
+                ok, why = False, extra_reason(dev, b)
+            marks = () if ok else (pytest.mark.skip(reason=f"{b} on {dev}: {why}"),)
+            values = (dev, b) if with_device else (b,)
+            params.append(pytest.param(*values, id=f"{dev}-{b}" if with_device else b, marks=marks))
+    return params
+
+
+def relation_inputs(B, d, n, M, dtype=torch.float32, device="cpu", seed=0, grad=False, scale=1.0,
+                    requires_grad=False):
+    """theta, phi (B, d, n) (times `scale`), weight (M, 2n) scaled like a real embedding, and with
+    grad=True the output gradient (B, M, n): drawn in float64 from a seeded generator, then cast.
+    requires_grad: theta, phi and weight as leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(B, d, n, generator=g, dtype=torch.float64) * scale,
+          torch.randn(B, d, n, generator=g, dtype=torch.float64) * scale,
+          torch.randn(M, 2 * n, generator=g, dtype=torch.float64) / (2 * n) ** 0.5]
+    if grad:
+        ts.append(torch.randn(B, M, n, generator=g, dtype=torch.float64))
+    ts = [t.to(device=device, dtype=dtype) for t in ts]
+    for t in ts[:3]:
+        t.requires_grad_(requires_grad)
+    return ts
+
+
+def forward_backward(fn, inputs, grad, dtype=None):
+    """[out, *gradients of the inputs] of ``fn(*inputs)`` for the output gradient `grad`, through
+    autograd, on fresh leaves (cast to `dtype` when given: float64 makes it the reference)."""
+    leaves = [(t.detach().to(dtype) if dtype is not None else t.detach().clone()).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad if dtype is None else grad.to(dtype))
+    return [out.detach(), *grads]
+
+
+def assert_within_torch_error(name, got, ref64, torch_lowp, k=3.0, rel_floor=1e-6):
+    """Flash-attention-style tolerance: the error of ``got`` against a float64 reference at most k
+    times PyTorch's own error in the same dtype (``torch_lowp``), plus a small relative floor.
+    Without ``torch_lowp`` (float64 inputs) the error must be at float64 rounding level."""
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten output?)"
+    err = (got.double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    if torch_lowp is None:
+        tol = 1e-12 * max(scale, 1.0)
+    else:
+        tol = k * (torch_lowp.double() - ref64).abs().max().item() + rel_floor * scale + 1e-12
+    assert err <= tol, f"{name} {got.dtype}: error {err:.3e} > tolerance {tol:.3e} (max |ref| {scale:.3g})"
+
+
+def read_only_folder(tmp_path):
+    """A folder this process cannot create files in (root ignores permission bits: use sysfs)."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    d = "/sys/kernel"
+    try:
+        os.close(os.open(os.path.join(d, ".rga-probe"), os.O_WRONLY | os.O_CREAT, 0o666))
+    except OSError:
+        return d
+    pytest.skip("no read-only folder available to this user")
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny training runs: a ResNet-18 RGA-SC at 64x32 on a synthetic set of 8 training identities
+# (conftest.py's `data_root` fixture builds the set; rga.train's flags for a run come from here).
+# ------------------------------------------------------------------------------------------------
+TINY_DATA = ["num_train_ids=8", "num_test_ids=4", "num_cameras=2", "min_cams_per_id=2", "max_cams_per_id=2",
+             "min_imgs_per_cam=2", "max_imgs_per_cam=2", "num_distractors=2", "height=64", "width=32"]
+
+
+def build_tiny_dataset(root):
+    from rga.data import build_dataset
+    return build_dataset("synthetic", str(root), verbose=False,
+                         **{k: int(v) for k, v in (kv.split("=") for kv in TINY_DATA)})
+
+
+def tiny_run_args(data_root, out, *extra, dataset=None, pretrained="none"):
+    """rga.train's command line for a tiny CPU run into `out` (one thread, no evaluation before the
+    last epoch); `dataset` adds --dataset (the synthetic one gets TINY_DATA's options); `pretrained`
+    None leaves --pretrained at its default."""
+    args = ["--data-root", str(data_root), "--output-dir", str(out), "--backbone", "resnet18",
+            "--height", "64", "--width", "32", "--batch-ids", "4", "--batch-instances", "2", "--workers", "0",
+            "--threads", "1", "--eval-every", "0", "--warmup-epochs", "1", "--test-batch-size", "32",
+            "--no-progress"]
+    if dataset is not None:
+        args += ["--dataset", dataset]
+    if pretrained is not None:
+        args += ["--pretrained", pretrained]
+    if dataset in (None, "synthetic"):
+        for kv in TINY_DATA:
+            args += ["--dataset-opt", kv]
+    return args + list(extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison: assert_close(got, expected, "name") with the tolerances below, each named for what
+# it compares (torch.testing.assert_close's own dtype defaults when no name is given). Low-precision
+# kernels against a float64 reference use the shared rule instead: assert_within_torch_error.
+# ------------------------------------------------------------------------------------------------
+TOLERANCES = {
+    "exact": dict(rtol=0, atol=0),                   # bit for bit
+    "float64": dict(rtol=1e-10, atol=1e-10),         # the same float64 math by another route
+    "float64_tight": dict(rtol=1e-10, atol=1e-12),   # ... with values near zero held tighter
+    "float64_regrouped": dict(rtol=1e-9, atol=1e-10),  # float64 sums taken in another grouping
+    "float64_grad": dict(rtol=1e-9, atol=1e-9),      # float64 gradients through another route
+    "compiled": dict(rtol=1e-7, atol=1e-8),          # torch.compile against eager, float64
+    "float32": dict(rtol=1e-4, atol=1e-5),           # float32 by another op order
+    "float32_loss": dict(rtol=1e-5, atol=1e-6),      # a float32 scalar (a loss) by another route
+    "float32_grad": dict(rtol=1e-4, atol=1e-6),      # float32 gradients by another route
+    "float32_abs": dict(rtol=1e-5, atol=1e-5),       # float32 outputs of order one
+    "float32_wide": dict(rtol=1e-4, atol=1e-4),      # float32 against a float64 reference
+    "similarity": dict(rtol=0, atol=1e-5),           # cosine similarities in [-1, 1], float32
+}
+
+
+def assert_close(got, expected, tol: str | None = None, **kw):
+    """torch.testing.assert_close with the named tolerance `tol` (see TOLERANCES)."""
+    torch.testing.assert_close(got, expected, **(TOLERANCES[tol] if tol is not None else {}), **kw)
