@@ -379,39 +379,87 @@ def gradcam_figure(originals, runs, path, ratios=None) -> Path:
 # ranked lists and CMC (torchreid's visrank, in our own layout)
 # ----------------------------------------------------------------------------------------------
 
-def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: int = 12) -> dict:
-    """One sheet: a row per query, the query then its ranked gallery images.
+def _font(size: int):
+    """PIL's default font at ``size`` pixels (a scalable one since Pillow 10.1; the fixed bitmap font before)."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # older Pillow or no FreeType
+        return ImageFont.load_default()
 
-    queries: [(image path, pid)]; ranked: per query [(image path, pid)] in rank order. Each gallery
-    image gets a green border if its pid equals the query's, red otherwise; the query a grey one.
+
+def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: int = 12, title: str | None = None,
+               metric: str = "cosine distance", font_size: int = 10) -> dict:
+    """One sheet: a header (title, colour legend), then a row per query: the query, then its ranked gallery images.
+
+    queries: [(image path, pid)] or [(image path, pid, camid)]; ranked: per query [(image path, pid)]
+    or [(image path, pid, distance)] in rank order. Each gallery image gets a green border if its
+    pid equals the query's, red otherwise; the query a grey one. Above each image: the query's
+    identity (and camera), or the rank, the identity and the distance (``metric``) to the query.
     Returns the layout: {"path", "size", "cells": [[(x0, y0, x1, y1, colour), ...] per row]}
-    (outer border boxes), for checking.
+    (outer border boxes) and "texts" (every text drawn), for checking.
     """
     from PIL import Image, ImageDraw
 
     from .data import read_image
 
     ch, cw = cell
+    font = _font(font_size)
+    lh = font_size + 3  # line height
     top = max((len(r) for r in ranked), default=0)
+    with_dist = any(len(item) > 2 for row in ranked for item in row)
+    header = ([title] if title else []) + ["", ""]  # the legend takes the last two lines
+    legend = [(GREY, "query"), (GREEN, "same identity as the query"), (RED, "another identity")]
+    note = "above each image: rank, identity" + (f" and {metric} to the query (lower: closer)" if with_dist else "")
+    header_h = len(header) * lh + 6
+    row_h = 2 * lh + ch + 2 * border + 6
     W = border * 2 + cw + gap + top * (cw + 2 * border + 2)
-    H = len(queries) * (ch + 2 * border + 6)
+    text_w = max([int(font.getlength(t)) for t in (title or "", note)] +
+                 [sum(int(font.getlength(t)) + lh + 12 for _, t in legend)])
+    W = max(W, text_w + 4)
+    H = header_h + len(queries) * row_h
     sheet = Image.new("RGB", (max(W, 1), max(H, 1)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    texts = []
+
+    def text(xy, t, fill=(0, 0, 0)):
+        draw.text(xy, t, fill=fill, font=font)
+        texts.append(t)
+
+    y = 2
+    if title:
+        text((2, y), title)
+        y += lh
+    x = 2
+    for colour, t in legend:  # a colour swatch, then what it means
+        draw.rectangle((x, y + 1, x + lh - 3, y + lh - 2), fill=colour)
+        text((x + lh, y), t)
+        x += lh + int(font.getlength(t)) + 12
+    text((2, y + lh), note, fill=(60, 60, 60))
     cells = []
-    for r, ((qpath, qpid), row) in enumerate(zip(queries, ranked)):
-        y0 = r * (ch + 2 * border + 6)
+    for r, (q, row) in enumerate(zip(queries, ranked)):
+        qpath, qpid = q[0], q[1]
+        y0 = header_h + r * row_h
         boxes = []
         x0 = 0
-        for k, (p, pid) in enumerate([(qpath, qpid)] + list(row)):
+        for k, item in enumerate([q] + list(row)):
+            p, pid = item[0], item[1]
             colour = GREY if k == 0 else (GREEN if pid == qpid else RED)
-            box = (x0, y0, x0 + cw + 2 * border - 1, y0 + ch + 2 * border - 1)
+            if k == 0:
+                lines = ["query", f"id {pid}" + (f" cam {q[2]}" if len(q) > 2 else "")]
+            else:
+                lines = [f"#{k} id {pid}", f"d {item[2]:.3f}" if len(item) > 2 else ""]
+            for n, t in enumerate(lines):
+                if t:
+                    text((x0 + 1, y0 + n * lh), t)
+            box = (x0, y0 + 2 * lh, x0 + cw + 2 * border - 1, y0 + 2 * lh + ch + 2 * border - 1)
             draw.rectangle(box, fill=colour)
-            sheet.paste(read_image(p).resize((cw, ch)), (x0 + border, y0 + border))
+            sheet.paste(read_image(p).resize((cw, ch)), (x0 + border, box[1] + border))
             boxes.append((*box, colour))
             x0 += cw + 2 * border + (gap if k == 0 else 2)
         cells.append(boxes)
     path = save_figure(sheet, path)
-    return {"path": str(path), "size": sheet.size, "cells": cells}
+    return {"path": str(path), "size": sheet.size, "cells": cells, "texts": texts}
 
 
 def plot_cmc(cmc, path, *, label: str | None = None, max_rank: int = 20) -> Path:
@@ -641,15 +689,23 @@ def cmd_ranks(args) -> dict:
     nq = len(ds.query)
     picks = np.unique(np.linspace(0, nq - 1, min(args.num_queries, nq)).round().astype(int))
     ranked = ranked_gallery(qf[picks], gf, q_pids[picks], g_pids, q_camids[picks], g_camids, args.top)
-    queries = [(ds.query[i][0], int(q_pids[i])) for i in picks]
-    rows = [[(ds.gallery[j][0], int(g_pids[j])) for j in r] for r in ranked]
+    # the distance ranked_gallery sorts by (cosine), for the numbers on the sheet
+    qn = F.normalize(torch.as_tensor(qf[picks]).float(), dim=1)
+    gn = F.normalize(torch.as_tensor(gf).float(), dim=1)
+    queries = [(ds.query[i][0], int(q_pids[i]), int(q_camids[i])) for i in picks]
+    rows = [[(ds.gallery[j][0], int(g_pids[j]), float(1 - qn[n] @ gn[j])) for j in r] for n, r in enumerate(ranked)]
     out = Path(args.out)
-    layout = rank_sheet(queries, rows, out / "ranks.png")
+    title = (f"{_label(model)} on {args.dataset or dataset}: R1 {100 * res['cmc'][0]:.1f}%, mAP "
+             f"{100 * res['mAP']:.1f}% ({nq} queries); top {args.top} per query, same-camera images of the "
+             f"query's identity left out")
+    layout = rank_sheet(queries, rows, out / "ranks.png", title=title)
     cmc_path = plot_cmc(res["cmc"], out / "cmc.png", label=_label(model))
-    hits = [sum(pid == q[1] for _, pid in row) for q, row in zip(queries, rows)]
+    hits = [sum(item[1] == q[1] for item in row) for q, row in zip(queries, rows)]
     summary = {"figure": layout["path"], "cmc": str(cmc_path), "R1": float(res["cmc"][0]), "mAP": float(res["mAP"]),
-               "queries": [{"image": q[0], "pid": q[1], "top": [{"image": p, "pid": pid} for p, pid in row]}
-                           for q, row in zip(queries, rows)]}
+               "queries": [{"image": q[0], "pid": q[1], "camid": q[2],
+                            "top": [{"image": p, "pid": pid, "distance": d} for p, pid, d in row]}
+                           for q, row in zip(queries, rows)],
+               "cells": layout["cells"], "texts": layout["texts"]}
     write_text(json.dumps(summary, indent=2) + "\n", out / "ranks.json")
     print(f"{_label(model)}: R1 {100 * res['cmc'][0]:.2f}%  mAP {100 * res['mAP']:.2f}% on {len(ds.query)} queries; "
           f"drawn: {len(queries)} queries, correct in top {args.top}: {hits}")

@@ -192,6 +192,8 @@ def test_rank_sheet_borders_match_identities(tmp_path):
     queries = [(files[0], 1), (files[1], 2)]
     ranked = [[(files[2], 1), (files[3], 3), (files[4], 1)], [(files[2], 1), (files[3], 2), (files[4], 2)]]
     layout = V.rank_sheet(queries, ranked, tmp_path / "ranks.png", cell=(40, 20), border=3)
+    assert "#1 id 1" in layout["texts"] and "id 2" in layout["texts"]  # ranks and identities, no distances given
+    assert not any(t.startswith("d ") for t in layout["texts"])
     sheet = _png(layout["path"])
     assert sheet.shape[1::-1] == tuple(layout["size"])
     expect = [[V.GREY, V.GREEN, V.RED, V.GREEN], [V.GREY, V.RED, V.GREEN, V.GREEN]]
@@ -202,6 +204,12 @@ def test_rank_sheet_borders_match_identities(tmp_path):
                 assert tuple(sheet[py, px]) == colour
             # the image sits inside the border
             assert tuple(sheet[(y0 + y1) // 2, (x0 + x1) // 2]) != colour
+    # with distances and a title: they are on the sheet
+    scored = [[(p, pid, 0.1 * (k + 1)) for k, (p, pid) in enumerate(row)] for row in ranked]
+    layout = V.rank_sheet([(files[0], 1, 3), (files[1], 2, 4)], scored, tmp_path / "ranks2.png", title="model X")
+    assert layout["texts"][0] == "model X" and "id 1 cam 3" in layout["texts"]
+    assert "d 0.100" in layout["texts"] and "d 0.300" in layout["texts"]
+    assert any("cosine distance" in t for t in layout["texts"])
 
 
 def test_ranked_gallery_drops_same_camera_matches():
@@ -256,10 +264,18 @@ def test_cli_ranks_on_a_small_synthetic_set(tmp_path):
     assert len(summary["queries"]) == 4 and sheet.shape[0] > 4 * 128
     assert _png(out / "cmc.png").shape[1] > 300
     # the borders on the sheet say whether each ranked image has the query's identity
-    for r, q in enumerate(summary["queries"]):
-        y = r * (128 + 2 * 4 + 6) + 1
-        x = 4 * 2 + 64 + 12
-        for item in q["top"]:
+    for q, boxes in zip(summary["queries"], summary["cells"]):
+        assert len(boxes) == 1 + len(q["top"])
+        for item, (x0, y0, _x1, _y1, _colour) in zip(q["top"], boxes[1:]):
             want = V.GREEN if item["pid"] == q["pid"] else V.RED
-            assert tuple(sheet[y, x + 1]) == want
-            x += 64 + 2 * 4 + 2
+            assert tuple(sheet[y0 + 1, x0 + 1]) == want
+    # and the text says which model, which query, which rank and how far
+    texts = summary["texts"]
+    assert texts[0].startswith("Baseline (init:baseline) on synthetic"), texts[0]
+    assert "R1" in texts[0] and "mAP" in texts[0]
+    assert "same identity as the query" in texts and "another identity" in texts
+    q0 = summary["queries"][0]
+    assert f"id {q0['pid']} cam {q0['camid']}" in texts
+    d = [item["distance"] for item in q0["top"]]
+    assert d == sorted(d) and all(0 <= x <= 2 for x in d)
+    assert f"#1 id {q0['top'][0]['pid']}" in texts and f"d {d[0]:.3f}" in texts
