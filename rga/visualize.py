@@ -1,6 +1,6 @@
 """The paper's figures for your own runs: attention (Fig. 1), relations (Fig. 4), Grad-CAM (Fig. 5), ranked lists, CMC.
 
-    python -m rga.visualize attention RUN [IMAGES...] [--dataset synthetic --limit 200] [--compare RUN2] --out DIR
+    python -m rga.visualize attention RUN [IMAGES...] [--dataset synthetic --limit 200] [--compare RUN2] [--stretch per-map] --out DIR
     python -m rga.visualize relation RUN IMAGE [--compare RUN2] [--targets R,C R,C R,C] [--stage 1] --out DIR
     python -m rga.visualize gradcam RUN IMAGES... [--compare RUN2] --out DIR
     python -m rga.visualize ranks RUN [--dataset synthetic] [--top 10] [--num-queries 8] --out DIR
@@ -35,8 +35,8 @@ from torch import nn
 from .errors import run_cli
 from .fileio import save_figure, write_text
 
-__all__ = ["open_model", "attention_maps", "foreground_ratio", "overlay", "attention_figure", "relation_maps",
-           "position_invariance", "relation_figure", "gradcam_maps", "gradcam_figure", "rank_sheet", "plot_cmc",
+__all__ = ["open_model", "attention_maps", "foreground_ratio", "overlay", "map_range", "figure_texts",
+           "attention_figure", "relation_maps", "position_invariance", "relation_figure", "gradcam_maps", "gradcam_figure", "rank_sheet", "plot_cmc",
            "main"]
 
 GREEN, RED, GREY = (0, 170, 0), (220, 0, 0), (128, 128, 128)
@@ -188,14 +188,58 @@ def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: st
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * colour, 0, 255).astype(np.uint8)
 
 
-def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path:
+FLAT = 0.01  # a map whose values span less than this is labelled "flat" (gates live in 0..1)
+STRETCHES = ("shared", "per-map")
+
+
+def figure_texts(fig) -> list[str]:
+    """Every non-empty text of a matplotlib figure (titles, axis and colour-bar labels, ticks), in drawing order."""
+    from matplotlib.text import Text
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def _finish(fig, path, labels, **kw) -> Path:
+    """Record the figure's texts in ``labels`` (a list, when given), then write it."""
+    if labels is not None:
+        labels.extend(figure_texts(fig))
+    return save_figure(fig, path, **kw)
+
+
+def _heading(fig, text: str, fontsize: float = 7) -> None:
+    """A figure title wrapped to the figure's width."""
+    import textwrap
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    fig.suptitle("\n".join(textwrap.wrap(text, chars)), fontsize=fontsize)
+
+
+def _colorbar(fig, axes, lo: float, hi: float, label: str, cmap: str = "jet"):
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap=cmap), ax=axes, shrink=0.5, aspect=25, pad=0.02)
+    bar.set_label(label, fontsize=6)
+    bar.ax.tick_params(labelsize=6)
+    return bar
+
+
+def map_range(a) -> str:
+    """'range 0.12–0.88', or 'flat: range 0.500–0.500' for a map that spans less than FLAT."""
+    lo, hi = float(np.min(a)), float(np.max(a))
+    return f"flat: range {lo:.3f}–{hi:.3f}" if hi - lo < FLAT else f"range {lo:.2f}–{hi:.2f}"
+
+
+def attention_figure(originals, runs, path, *, stages=None, ratios=None, stretch: str = "shared",
+                     labels: list | None = None) -> Path:
     """Rows: images; columns: the image, then each run's spatial attention at each stage.
 
-    Each overlay's colours span that map's own min..max (printed as [min, max] above it), so
-    weak contrasts are visible; the numbers say how weak they are.
-
-    runs: [(label, {stage: (B,1,h,w)})]; ratios: optional [(label, {stage: (B,) tensor})] shown in titles.
+    ``stretch="shared"`` (default): every overlay uses one colour scale, the min..max over all the
+    maps drawn, shown by the colour bar, so a near-flat map looks flat. ``"per-map"``: each
+    overlay spans its own min..max, which makes weak contrasts visible and exaggerates them.
+    Above each map: its range ("flat: ..." when it spans less than FLAT) and, with ``ratios``,
+    its foreground ratio. runs: [(label, {stage: (B,1,h,w)})]; ratios: optional
+    [(label, {stage: (B,) tensor})]; labels: a list that receives the figure's texts.
     """
+    if stretch not in STRETCHES:
+        raise ValueError(f"stretch must be one of {STRETCHES}, got {stretch!r}")
     plt = _plt()
     cols = [("image", None, None)]
     for r, (label, maps) in enumerate(runs):
@@ -203,7 +247,13 @@ def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path
             if stages is None or s in stages:
                 cols.append((label, s, r))
     n = len(originals)
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 2.3 * n + 0.4), squeeze=False)
+    drawn = [runs[r][1][s][:n].float() for _, s, r in cols[1:]]
+    lo = min((float(a.min()) for a in drawn), default=0.0)
+    hi = max((float(a.max()) for a in drawn), default=1.0)
+    if hi - lo < 1e-6:  # everything flat: centre the scale on it
+        lo, hi = lo - 0.05, hi + 0.05
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols) + 0.6, 2.3 * n + 0.9), squeeze=False,
+                             layout="constrained")
     for i, img in enumerate(originals):
         for j, (label, s, r) in enumerate(cols):
             ax = axes[i, j]
@@ -211,17 +261,24 @@ def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path
             if s is None:
                 ax.imshow(img)
                 if i == 0:
-                    ax.set_title("image", fontsize=7)
+                    ax.set_title("input image", fontsize=7)
                 continue
-            a = runs[r][1][s][i, 0].numpy()
-            ax.imshow(overlay(img, a))  # colours span this map's own range, printed in the title
+            a = runs[r][1][s][i, 0].float().numpy()
+            ax.imshow(overlay(img, a, vmin=lo, vmax=hi) if stretch == "shared" else overlay(img, a))
             title = f"{label.replace(' (', chr(10) + '(')}\nstage {s}\n" if i == 0 else ""
-            title += f"[{a.min():.2f}, {a.max():.2f}]"
+            title += map_range(a)
             if ratios is not None and s in ratios[r][1]:
-                title += f"\nfg {float(ratios[r][1][s][i]):.2f}"
+                title += f"\nfg ratio {float(ratios[r][1][s][i]):.2f}"
             ax.set_title(title, fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
+    if stretch == "shared":
+        _heading(fig, "Spatial attention (gate values) after each stage, all maps on one colour scale; "
+                      f"'flat': a map that spans less than {FLAT}")
+        _colorbar(fig, axes, lo, hi, "attention (one scale for all maps)")
+    else:
+        _heading(fig, "Spatial attention (gate values) after each stage, each map stretched to its own "
+                      "min–max (printed above it): small differences look large")
+        _colorbar(fig, axes, 0.0, 1.0, "position in the map's own range (0: its min, 1: its max)")
+    return _finish(fig, path, labels, dpi=110)
 
 
 def spatial_maps(model, batch) -> dict[int, torch.Tensor]:
@@ -510,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=int, default=200, help="images taken from --dataset (default 200)")
     a.add_argument("--show", type=int, default=6, help="images drawn in attention.png (default 6)")
     a.add_argument("--stages", type=int, nargs="*", help="stages to draw (default: all with a spatial attention)")
+    a.add_argument("--stretch", choices=STRETCHES, default="shared",
+                   help="colours: one scale for all maps, with a colour bar (shared, default), or each map "
+                        "stretched to its own min..max (per-map)")
     _model_args(a)
     r = sub.add_parser("relation", help="relation values R(i, :) for three target positions (Fig. 4)")
     r.add_argument("run")
@@ -582,7 +642,10 @@ def cmd_attention(args) -> dict:
         show_orig = originals[:args.show]
     out = Path(args.out)
     stages = set(args.stages) if args.stages else None
-    summary["figure"] = str(attention_figure(show_orig, runs, out / "attention.png", stages=stages, ratios=ratios))
+    texts = []
+    summary["figure"] = str(attention_figure(show_orig, runs, out / "attention.png", stages=stages, ratios=ratios,
+                                             stretch=args.stretch, labels=texts))
+    summary["stretch"], summary["texts"] = args.stretch, texts
     write_text(json.dumps(summary, indent=2) + "\n", out / "foreground_ratio.json")
     print(f"foreground attention ratio (mass share inside the person mask / mask's area share; 1.0 = no preference), "
           f"{summary['images']} images:")

@@ -106,6 +106,29 @@ def test_attention_figure_png_changes_with_the_attention(tmp_path):
     assert diff[:, : xa.shape[1] // 4].mean() < 0.01
 
 
+def test_attention_figure_one_scale_colour_bar_and_flat_maps(tmp_path):
+    img = [np.full((64, 32, 3), 120, np.uint8)] * 2
+    varied = torch.linspace(0.1, 0.9, 64).reshape(2, 1, 8, 4)
+    near_flat = 0.5 + 1e-4 * torch.randn(2, 1, 8, 4, generator=torch.Generator().manual_seed(0))
+    runs = [("CBAM-S (run)", {1: varied}), ("RGA-SC (init:rga_sc)", {1: near_flat})]
+    shared, per = [], []
+    V.attention_figure(img, runs, tmp_path / "shared.png", labels=shared)
+    V.attention_figure(img, runs, tmp_path / "per.png", stretch="per-map", labels=per)
+    text = "\n".join(shared)
+    assert "input image" in shared and "stage 1" in text and "CBAM-S" in text and "RGA-SC" in text
+    assert "flat: range 0.500–0.500" in text and "range 0.10–0.49" in text
+    assert "attention (one scale for all maps)" in shared  # the colour bar's label
+    assert any("own range" in t for t in per) and not any("own range" in t for t in shared)
+    assert "flat: range 0.500–0.500" in "\n".join(per)  # flat is said whatever the stretch
+    # what the shared scale is for: a near-flat map stays flat, the per-map stretch blows it up
+    grey = img[0]
+    a = near_flat[0, 0].numpy()
+    assert V.overlay(grey, a, vmin=0.1, vmax=0.9).std(axis=(0, 1)).max() < 1
+    assert V.overlay(grey, a).std(axis=(0, 1)).max() > 20
+    with pytest.raises(ValueError, match="stretch"):
+        V.attention_figure(img, runs, tmp_path / "x.png", stretch="per-image")
+
+
 def test_attention_maps_of_a_design_are_its_gates():
     model = _small("cbam_cs")
     x = torch.randn(2, 3, 64, 32)
