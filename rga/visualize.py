@@ -1,6 +1,7 @@
 """The paper's figures for your own runs: attention (Fig. 1), relations (Fig. 4), Grad-CAM (Fig. 5), ranked lists, CMC.
 
-    python -m rga.visualize attention RUN [IMAGES...] [--dataset synthetic --limit 200] [--compare RUN2] [--stretch per-map] --out DIR
+    python -m rga.visualize attention RUN [IMAGES...] [--dataset synthetic --limit 200] [--compare RUN2]
+                                      [--stretch per-map] --out DIR
     python -m rga.visualize relation RUN IMAGE [--compare RUN2] [--targets R,C R,C R,C] [--stage 1] --out DIR
     python -m rga.visualize gradcam RUN IMAGES... [--compare RUN2] --out DIR
     python -m rga.visualize ranks RUN [--dataset synthetic] [--top 10] [--num-queries 8] --out DIR
@@ -36,8 +37,8 @@ from .errors import run_cli
 from .fileio import save_figure, write_text
 
 __all__ = ["open_model", "attention_maps", "foreground_ratio", "overlay", "map_range", "figure_texts",
-           "attention_figure", "relation_maps", "position_invariance", "relation_figure", "gradcam_maps", "gradcam_figure", "rank_sheet", "plot_cmc",
-           "main"]
+           "attention_figure", "relation_maps", "position_invariance", "relation_figure", "gradcam_maps",
+           "gradcam_figure", "rank_sheet", "plot_cmc", "main"]
 
 GREEN, RED, GREY = (0, 170, 0), (220, 0, 0), (128, 128, 128)
 
