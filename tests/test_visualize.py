@@ -203,6 +203,23 @@ def test_gradcam_through_the_grad_cam_package():
     cams = V.gradcam_maps(model, x)
     assert cams.shape == (2, 64, 32) and np.isfinite(cams).all()
     assert cams.min() >= 0 and cams.max() <= 1 and cams.max() > 0.5
+    # the default target is the top class, the one the figure names
+    top = V.top_classes(model, x)
+    assert top == logits.argmax(1).tolist()
+    np.testing.assert_allclose(V.gradcam_maps(model, x, classes=top), cams, atol=1e-6)
+
+
+def test_gradcam_figure_names_the_class_and_has_a_scale(tmp_path):
+    img = [np.full((64, 32, 3), 120, np.uint8)] * 2
+    cams = np.linspace(0, 1, 2 * 64 * 32).reshape(2, 64, 32)
+    labels = []
+    V.gradcam_figure(img, [("Baseline (run-a)", cams), ("RGA-SC (run-b)", cams[::-1])], tmp_path / "g.png",
+                     ratios=[[1.1, float("nan")], [1.3, 0.9]], classes=[[3, 5], [7, 7]], labels=labels)
+    text = "\n".join(labels)
+    assert "input image" in labels  # the first column's header
+    assert "Baseline\n(run-a)\nclass 3\nfg ratio 1.10" in labels and "class 5" in text and "class 7" in text
+    assert "Grad-CAM (0–1 per map)" in labels  # the colour bar
+    assert "training identity" in text  # the title says what 'class' means
 
 
 def test_rank_sheet_borders_match_identities(tmp_path):
@@ -257,6 +274,7 @@ def test_cli_attention_relation_gradcam(images, tmp_path, capsys):
     summary = json.loads((out / "foreground_ratio.json").read_text())
     assert [r["variant"] for r in summary["runs"]] == ["cbam_s", "fc_s"]
     assert summary["runs"][0]["stages"]["1"]["n"] == 3
+    assert summary["stretch"] == "shared" and "attention (one scale for all maps)" in summary["texts"]
     assert _png(out / "attention.png").shape[0] > 300
     assert "foreground attention ratio" in capsys.readouterr().out
     assert V.main(["attention", "init:se", *images, *args]) == 2  # no spatial attention: a clear error
@@ -271,6 +289,7 @@ def test_cli_attention_relation_gradcam(images, tmp_path, capsys):
     assert V.main(["gradcam", "init:baseline", *images[:2], "--compare", "init:rga_sc", *args]) == 0
     g = json.loads((out / "gradcam.json").read_text())
     assert len(g["runs"]) == 2 and len(g["runs"][0]["foreground_ratio"]) == 2
+    assert f"class {g['runs'][0]['classes'][0]}" in "\n".join(g["texts"])
     assert _png(out / "gradcam.png").shape[0] > 300
 
 
