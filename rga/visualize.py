@@ -359,23 +359,33 @@ def default_targets(h: int, w: int):
     return [(int(h * 0.25), w // 2), (int(h * 0.5), max(0, w // 2 - 1)), (int(h * 0.8), w // 4)]
 
 
-def relation_figure(original, rows, targets, grid, path) -> Path:
-    """rows: [(label, maps (T, h, w), invariance)]; a red square marks each target (Fig. 4's layout)."""
+def relation_figure(original, rows, targets, grid, path, *, stage: int = 1, labels: list | None = None) -> Path:
+    """rows: [(label, maps (T, h, w), invariance)]; a red square marks each target (Fig. 4's layout).
+
+    targets are (row, col) cells of ``stage``'s feature grid ``grid`` = (h, w), which the title and
+    each map's caption name. Each map's colours span its own min..max (RGA's dot products and NL's
+    softmax weights have different units). labels: a list that receives the figure's texts.
+    """
     plt = _plt()
     from matplotlib.patches import Rectangle
 
     h, w = grid
     ih, iw = original.shape[:2]
-    fig, axes = plt.subplots(len(rows), len(targets), figsize=(1.6 * len(targets), 2.9 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(targets), figsize=(1.6 * len(targets) + 0.6, 2.9 * len(rows) + 0.9),
+                             squeeze=False, layout="constrained")
     for r, (label, maps, inv) in enumerate(rows):
         for t, (tr, tc) in enumerate(targets):
             ax = axes[r, t]
             ax.imshow(overlay(original, maps[t], alpha=0.6))
             ax.add_patch(Rectangle((tc * iw / w, tr * ih / h), iw / w, ih / h, fill=False, edgecolor="red", lw=1.5))
             ax.axis("off")
-            ax.set_title((f"{label}\ninvariance {inv:.2f}\n" if t == 0 else "\n\n") + f"target ({tr},{tc})", fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=120)
+            head = f"{label}\ninvariance {inv:.2f}\n" if t == 0 else "\n\n"
+            ax.set_title(head + f"target ({tr},{tc}) of {h}×{w}", fontsize=6)
+    _heading(fig, f"Relation values from every position to a target cell (red square) at stage {stage}: "
+                  f"target (row, col) is a cell of stage {stage}'s {h}×{w} feature grid (input {ih}×{iw}); "
+                  "invariance: mean correlation between the targets' maps")
+    _colorbar(fig, axes, 0.0, 1.0, "position in the map's own range (0: min, 1: max)")
+    return _finish(fig, path, labels, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -723,7 +733,10 @@ def cmd_relation(args) -> dict:
         summary["runs"].append(entry)
     summary["targets"] = targets
     out = Path(args.out)
-    summary["figure"] = str(relation_figure(original, rows, targets, grid, out / "relation.png"))
+    texts = []
+    summary["figure"] = str(relation_figure(original, rows, targets, grid, out / "relation.png", stage=args.stage,
+                                            labels=texts))
+    summary["grid"], summary["texts"] = list(grid), texts
     write_text(json.dumps(summary, indent=2) + "\n", out / "relation.json")
     print(f"wrote {summary['figure']}")
     return summary

@@ -190,6 +190,17 @@ def test_relation_values_are_the_modules_own():
         V.relation_maps(model, x, 1, [(16, 0)])
 
 
+def test_relation_figure_names_the_grid(tmp_path):
+    img = np.full((64, 32, 3), 120, np.uint8)
+    maps = np.random.default_rng(0).random((2, 8, 4))
+    labels = []
+    V.relation_figure(img, [("NL (run)", maps, 0.9)], [(1, 1), (6, 3)], (8, 4), tmp_path / "r.png", stage=2,
+                      labels=labels)
+    text = "\n".join(labels)
+    assert "target (6,3) of 8×4" in text and "invariance 0.90" in text
+    assert "stage 2's 8×4 feature grid (input 64×32)" in text.replace("\n", " ")
+
+
 def test_gradcam_through_the_grad_cam_package():
     pytest.importorskip("pytorch_grad_cam")
     model = _small("cbam_s")
@@ -283,6 +294,8 @@ def test_cli_attention_relation_gradcam(images, tmp_path, capsys):
                    *args]) == 0
     rel = json.loads((out / "relation.json").read_text())
     assert rel["targets"] == [[1, 1], [4, 2], [15, 7]] and len(rel["runs"]) == 2
+    assert rel["grid"] == [16, 8] and "target (4,2) of 16×8" in "\n".join(rel["texts"])
+    assert "stage 1's 16×8 feature grid" in " ".join(rel["texts"]).replace("\n", " ")
     assert _png(out / "relation.png").shape[0] > 300
 
     pytest.importorskip("pytorch_grad_cam")
