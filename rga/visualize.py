@@ -1,6 +1,7 @@
 """The paper's figures for your own runs: attention (Fig. 1), relations (Fig. 4), Grad-CAM (Fig. 5), ranked lists, CMC.
 
-    python -m rga.visualize attention RUN [IMAGES...] [--dataset synthetic --limit 200] [--compare RUN2] --out DIR
+    python -m rga.visualize attention RUN [IMAGES...] [--dataset synthetic --limit 200] [--compare RUN2]
+                                      [--stretch per-map] --out DIR
     python -m rga.visualize relation RUN IMAGE [--compare RUN2] [--targets R,C R,C R,C] [--stage 1] --out DIR
     python -m rga.visualize gradcam RUN IMAGES... [--compare RUN2] --out DIR
     python -m rga.visualize ranks RUN [--dataset synthetic] [--top 10] [--num-queries 8] --out DIR
@@ -35,9 +36,9 @@ from torch import nn
 from .errors import run_cli
 from .fileio import save_figure, write_text
 
-__all__ = ["open_model", "attention_maps", "foreground_ratio", "overlay", "attention_figure", "relation_maps",
-           "position_invariance", "relation_figure", "gradcam_maps", "gradcam_figure", "rank_sheet", "plot_cmc",
-           "main"]
+__all__ = ["open_model", "attention_maps", "foreground_ratio", "overlay", "map_range", "figure_texts",
+           "attention_figure", "relation_maps", "position_invariance", "relation_figure", "top_classes",
+           "gradcam_maps", "gradcam_figure", "rank_sheet", "plot_cmc", "main"]
 
 GREEN, RED, GREY = (0, 170, 0), (220, 0, 0), (128, 128, 128)
 
@@ -188,14 +189,58 @@ def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: st
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * colour, 0, 255).astype(np.uint8)
 
 
-def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path:
+FLAT = 0.01  # a map whose values span less than this is labelled "flat" (gates live in 0..1)
+STRETCHES = ("shared", "per-map")
+
+
+def figure_texts(fig) -> list[str]:
+    """Every non-empty text of a matplotlib figure (titles, axis and colour-bar labels, ticks), in drawing order."""
+    from matplotlib.text import Text
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def _finish(fig, path, labels, **kw) -> Path:
+    """Record the figure's texts in ``labels`` (a list, when given), then write it."""
+    if labels is not None:
+        labels.extend(figure_texts(fig))
+    return save_figure(fig, path, **kw)
+
+
+def _heading(fig, text: str, fontsize: float = 7) -> None:
+    """A figure title wrapped to the figure's width."""
+    import textwrap
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    fig.suptitle("\n".join(textwrap.wrap(text, chars)), fontsize=fontsize)
+
+
+def _colorbar(fig, axes, lo: float, hi: float, label: str, cmap: str = "jet"):
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap=cmap), ax=axes, shrink=0.5, aspect=25, pad=0.02)
+    bar.set_label(label, fontsize=6)
+    bar.ax.tick_params(labelsize=6)
+    return bar
+
+
+def map_range(a) -> str:
+    """'range 0.12–0.88', or 'flat: range 0.500–0.500' for a map that spans less than FLAT."""
+    lo, hi = float(np.min(a)), float(np.max(a))
+    return f"flat: range {lo:.3f}–{hi:.3f}" if hi - lo < FLAT else f"range {lo:.2f}–{hi:.2f}"
+
+
+def attention_figure(originals, runs, path, *, stages=None, ratios=None, stretch: str = "shared",
+                     labels: list | None = None) -> Path:
     """Rows: images; columns: the image, then each run's spatial attention at each stage.
 
-    Each overlay's colours span that map's own min..max (printed as [min, max] above it), so
-    weak contrasts are visible; the numbers say how weak they are.
-
-    runs: [(label, {stage: (B,1,h,w)})]; ratios: optional [(label, {stage: (B,) tensor})] shown in titles.
+    ``stretch="shared"`` (default): every overlay uses one colour scale, the min..max over all the
+    maps drawn, shown by the colour bar, so a near-flat map looks flat. ``"per-map"``: each
+    overlay spans its own min..max, which makes weak contrasts visible and exaggerates them.
+    Above each map: its range ("flat: ..." when it spans less than FLAT) and, with ``ratios``,
+    its foreground ratio. runs: [(label, {stage: (B,1,h,w)})]; ratios: optional
+    [(label, {stage: (B,) tensor})]; labels: a list that receives the figure's texts.
     """
+    if stretch not in STRETCHES:
+        raise ValueError(f"stretch must be one of {STRETCHES}, got {stretch!r}")
     plt = _plt()
     cols = [("image", None, None)]
     for r, (label, maps) in enumerate(runs):
@@ -203,7 +248,13 @@ def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path
             if stages is None or s in stages:
                 cols.append((label, s, r))
     n = len(originals)
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 2.3 * n + 0.4), squeeze=False)
+    drawn = [runs[r][1][s][:n].float() for _, s, r in cols[1:]]
+    lo = min((float(a.min()) for a in drawn), default=0.0)
+    hi = max((float(a.max()) for a in drawn), default=1.0)
+    if hi - lo < 1e-6:  # everything flat: centre the scale on it
+        lo, hi = lo - 0.05, hi + 0.05
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols) + 0.6, 2.3 * n + 0.9), squeeze=False,
+                             layout="constrained")
     for i, img in enumerate(originals):
         for j, (label, s, r) in enumerate(cols):
             ax = axes[i, j]
@@ -211,17 +262,24 @@ def attention_figure(originals, runs, path, *, stages=None, ratios=None) -> Path
             if s is None:
                 ax.imshow(img)
                 if i == 0:
-                    ax.set_title("image", fontsize=7)
+                    ax.set_title("input image", fontsize=7)
                 continue
-            a = runs[r][1][s][i, 0].numpy()
-            ax.imshow(overlay(img, a))  # colours span this map's own range, printed in the title
+            a = runs[r][1][s][i, 0].float().numpy()
+            ax.imshow(overlay(img, a, vmin=lo, vmax=hi) if stretch == "shared" else overlay(img, a))
             title = f"{label.replace(' (', chr(10) + '(')}\nstage {s}\n" if i == 0 else ""
-            title += f"[{a.min():.2f}, {a.max():.2f}]"
+            title += map_range(a)
             if ratios is not None and s in ratios[r][1]:
-                title += f"\nfg {float(ratios[r][1][s][i]):.2f}"
+                title += f"\nfg ratio {float(ratios[r][1][s][i]):.2f}"
             ax.set_title(title, fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
+    if stretch == "shared":
+        _heading(fig, "Spatial attention (gate values) after each stage, all maps on one colour scale; "
+                      f"'flat': a map that spans less than {FLAT}")
+        _colorbar(fig, axes, lo, hi, "attention (one scale for all maps)")
+    else:
+        _heading(fig, "Spatial attention (gate values) after each stage, each map stretched to its own "
+                      "min–max (printed above it): small differences look large")
+        _colorbar(fig, axes, 0.0, 1.0, "position in the map's own range (0: its min, 1: its max)")
+    return _finish(fig, path, labels, dpi=110)
 
 
 def spatial_maps(model, batch) -> dict[int, torch.Tensor]:
@@ -301,23 +359,33 @@ def default_targets(h: int, w: int):
     return [(int(h * 0.25), w // 2), (int(h * 0.5), max(0, w // 2 - 1)), (int(h * 0.8), w // 4)]
 
 
-def relation_figure(original, rows, targets, grid, path) -> Path:
-    """rows: [(label, maps (T, h, w), invariance)]; a red square marks each target (Fig. 4's layout)."""
+def relation_figure(original, rows, targets, grid, path, *, stage: int = 1, labels: list | None = None) -> Path:
+    """rows: [(label, maps (T, h, w), invariance)]; a red square marks each target (Fig. 4's layout).
+
+    targets are (row, col) cells of ``stage``'s feature grid ``grid`` = (h, w), which the title and
+    each map's caption name. Each map's colours span its own min..max (RGA's dot products and NL's
+    softmax weights have different units). labels: a list that receives the figure's texts.
+    """
     plt = _plt()
     from matplotlib.patches import Rectangle
 
     h, w = grid
     ih, iw = original.shape[:2]
-    fig, axes = plt.subplots(len(rows), len(targets), figsize=(1.6 * len(targets), 2.9 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(targets), figsize=(1.6 * len(targets) + 0.6, 2.9 * len(rows) + 0.9),
+                             squeeze=False, layout="constrained")
     for r, (label, maps, inv) in enumerate(rows):
         for t, (tr, tc) in enumerate(targets):
             ax = axes[r, t]
             ax.imshow(overlay(original, maps[t], alpha=0.6))
             ax.add_patch(Rectangle((tc * iw / w, tr * ih / h), iw / w, ih / h, fill=False, edgecolor="red", lw=1.5))
             ax.axis("off")
-            ax.set_title((f"{label}\ninvariance {inv:.2f}\n" if t == 0 else "\n\n") + f"target ({tr},{tc})", fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=120)
+            head = f"{label}\ninvariance {inv:.2f}\n" if t == 0 else "\n\n"
+            ax.set_title(head + f"target ({tr},{tc}) of {h}×{w}", fontsize=6)
+    _heading(fig, f"Relation values from every position to a target cell (red square) at stage {stage}: "
+                  f"target (row, col) is a cell of stage {stage}'s {h}×{w} feature grid (input {ih}×{iw}); "
+                  "invariance: mean correlation between the targets' maps")
+    _colorbar(fig, axes, 0.0, 1.0, "position in the map's own range (0: min, 1: max)")
+    return _finish(fig, path, labels, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,78 +408,150 @@ class LogitsModel(nn.Module):
         return m.cls(m.feat_bn(m.backbone(x).mean((2, 3))))
 
 
-def gradcam_maps(model, images: torch.Tensor, target_layer=None) -> np.ndarray:
+@torch.no_grad()
+def top_classes(model, images: torch.Tensor) -> list[int]:
+    """Each image's highest-scoring training identity (the class Grad-CAM explains by default)."""
+    model.eval()
+    return LogitsModel(model)(images).argmax(1).tolist()
+
+
+def gradcam_maps(model, images: torch.Tensor, target_layer=None, classes=None) -> np.ndarray:
     """Grad-CAM (Selvaraju et al. 2017) of the final stage (after its attention), (B, H, W) in [0, 1].
 
-    The target is each image's highest-scoring training identity (the usual choice for re-id
-    models, whose test identities are not among the classes). Uses ``pytorch_grad_cam.GradCAM``.
+    The target is ``classes`` (one training identity per image), by default each image's
+    highest-scoring training identity (``top_classes``; the usual choice for re-id models, whose
+    test identities are not among the classes). Uses ``pytorch_grad_cam.GradCAM``, which scales
+    each image's map to 0..1.
     """
     try:
         from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError as e:  # pragma: no cover
         raise ImportError("gradcam needs the grad-cam package: pip install grad-cam (or the [vis] extra)") from e
     model.eval()
+    if classes is None:
+        classes = top_classes(model, images)
     layer = target_layer if target_layer is not None else model.backbone.rga_att4
     with GradCAM(model=LogitsModel(model), target_layers=[layer]) as cam:
-        return cam(input_tensor=images, targets=None)
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
 
 
-def gradcam_figure(originals, runs, path, ratios=None) -> Path:
-    """Rows: images; columns: the image, then each run's Grad-CAM. runs: [(label, (B, H, W))]."""
+def gradcam_figure(originals, runs, path, ratios=None, classes=None, labels: list | None = None) -> Path:
+    """Rows: images; columns: the image, then each run's Grad-CAM, on one 0..1 colour scale.
+
+    runs: [(label, (B, H, W))]; ratios: per run, per image foreground ratios; classes: per run, per
+    image the training identity explained (printed above each map); labels: a list that
+    receives the figure's texts.
+    """
     plt = _plt()
     n = len(originals)
-    fig, axes = plt.subplots(n, 1 + len(runs), figsize=(1.9 * (1 + len(runs)), 2.4 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(n, 1 + len(runs), figsize=(1.9 * (1 + len(runs)) + 0.6, 2.4 * n + 0.9),
+                             squeeze=False, layout="constrained")
     for i, img in enumerate(originals):
         axes[i, 0].imshow(img)
         axes[i, 0].axis("off")
+        if i == 0:
+            axes[i, 0].set_title("input image", fontsize=7)
         for j, (label, cams) in enumerate(runs, start=1):
             axes[i, j].imshow(overlay(img, cams[i], vmin=0.0, vmax=1.0))
             axes[i, j].axis("off")
-            title = label if i == 0 else ""
+            title = [label.replace(" (", "\n(")] if i == 0 else []
+            if classes is not None:
+                title.append(f"class {classes[j - 1][i]}")
             if ratios is not None and not np.isnan(ratios[j - 1][i]):
-                title += f"\nfg {ratios[j - 1][i]:.2f}"
-            axes[i, j].set_title(title, fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
+                title.append(f"fg ratio {ratios[j - 1][i]:.2f}")
+            axes[i, j].set_title("\n".join(title), fontsize=6)
+    _heading(fig, "Grad-CAM of the last stage (after its attention) for the class each model scores highest on "
+                  "the image ('class k': training identity k); each map scaled to 0–1")
+    _colorbar(fig, axes, 0.0, 1.0, "Grad-CAM (0–1 per map)")
+    return _finish(fig, path, labels, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------
 # ranked lists and CMC (torchreid's visrank, in our own layout)
 # ----------------------------------------------------------------------------------------------
 
-def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: int = 12) -> dict:
-    """One sheet: a row per query, the query then its ranked gallery images.
+def _font(size: int):
+    """PIL's default font at ``size`` pixels (a scalable one since Pillow 10.1; the fixed bitmap font before)."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # older Pillow or no FreeType
+        return ImageFont.load_default()
 
-    queries: [(image path, pid)]; ranked: per query [(image path, pid)] in rank order. Each gallery
-    image gets a green border if its pid equals the query's, red otherwise; the query a grey one.
+
+def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: int = 12, title: str | None = None,
+               metric: str = "cosine distance", font_size: int = 10) -> dict:
+    """One sheet: a header (title, colour legend), then a row per query: the query, then its ranked gallery images.
+
+    queries: [(image path, pid)] or [(image path, pid, camid)]; ranked: per query [(image path, pid)]
+    or [(image path, pid, distance)] in rank order. Each gallery image gets a green border if its
+    pid equals the query's, red otherwise; the query a grey one. Above each image: the query's
+    identity (and camera), or the rank, the identity and the distance (``metric``) to the query.
     Returns the layout: {"path", "size", "cells": [[(x0, y0, x1, y1, colour), ...] per row]}
-    (outer border boxes), for checking.
+    (outer border boxes) and "texts" (every text drawn), for checking.
     """
     from PIL import Image, ImageDraw
 
     from .data import read_image
 
     ch, cw = cell
+    font = _font(font_size)
+    lh = font_size + 3  # line height
     top = max((len(r) for r in ranked), default=0)
+    with_dist = any(len(item) > 2 for row in ranked for item in row)
+    header = ([title] if title else []) + ["", ""]  # the legend takes the last two lines
+    legend = [(GREY, "query"), (GREEN, "same identity as the query"), (RED, "another identity")]
+    note = "above each image: rank, identity" + (f" and {metric} to the query (lower: closer)" if with_dist else "")
+    header_h = len(header) * lh + 6
+    row_h = 2 * lh + ch + 2 * border + 6
     W = border * 2 + cw + gap + top * (cw + 2 * border + 2)
-    H = len(queries) * (ch + 2 * border + 6)
+    text_w = max([int(font.getlength(t)) for t in (title or "", note)] +
+                 [sum(int(font.getlength(t)) + lh + 12 for _, t in legend)])
+    W = max(W, text_w + 4)
+    H = header_h + len(queries) * row_h
     sheet = Image.new("RGB", (max(W, 1), max(H, 1)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    texts = []
+
+    def text(xy, t, fill=(0, 0, 0)):
+        draw.text(xy, t, fill=fill, font=font)
+        texts.append(t)
+
+    y = 2
+    if title:
+        text((2, y), title)
+        y += lh
+    x = 2
+    for colour, t in legend:  # a colour swatch, then what it means
+        draw.rectangle((x, y + 1, x + lh - 3, y + lh - 2), fill=colour)
+        text((x + lh, y), t)
+        x += lh + int(font.getlength(t)) + 12
+    text((2, y + lh), note, fill=(60, 60, 60))
     cells = []
-    for r, ((qpath, qpid), row) in enumerate(zip(queries, ranked)):
-        y0 = r * (ch + 2 * border + 6)
+    for r, (q, row) in enumerate(zip(queries, ranked)):
+        qpath, qpid = q[0], q[1]
+        y0 = header_h + r * row_h
         boxes = []
         x0 = 0
-        for k, (p, pid) in enumerate([(qpath, qpid)] + list(row)):
+        for k, item in enumerate([q] + list(row)):
+            p, pid = item[0], item[1]
             colour = GREY if k == 0 else (GREEN if pid == qpid else RED)
-            box = (x0, y0, x0 + cw + 2 * border - 1, y0 + ch + 2 * border - 1)
+            if k == 0:
+                lines = ["query", f"id {pid}" + (f" cam {q[2]}" if len(q) > 2 else "")]
+            else:
+                lines = [f"#{k} id {pid}", f"d {item[2]:.3f}" if len(item) > 2 else ""]
+            for n, t in enumerate(lines):
+                if t:
+                    text((x0 + 1, y0 + n * lh), t)
+            box = (x0, y0 + 2 * lh, x0 + cw + 2 * border - 1, y0 + 2 * lh + ch + 2 * border - 1)
             draw.rectangle(box, fill=colour)
-            sheet.paste(read_image(p).resize((cw, ch)), (x0 + border, y0 + border))
+            sheet.paste(read_image(p).resize((cw, ch)), (x0 + border, box[1] + border))
             boxes.append((*box, colour))
             x0 += cw + 2 * border + (gap if k == 0 else 2)
         cells.append(boxes)
     path = save_figure(sheet, path)
-    return {"path": str(path), "size": sheet.size, "cells": cells}
+    return {"path": str(path), "size": sheet.size, "cells": cells, "texts": texts}
 
 
 def plot_cmc(cmc, path, *, label: str | None = None, max_rank: int = 20) -> Path:
@@ -462,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=int, default=200, help="images taken from --dataset (default 200)")
     a.add_argument("--show", type=int, default=6, help="images drawn in attention.png (default 6)")
     a.add_argument("--stages", type=int, nargs="*", help="stages to draw (default: all with a spatial attention)")
+    a.add_argument("--stretch", choices=STRETCHES, default="shared",
+                   help="colours: one scale for all maps, with a colour bar (shared, default), or each map "
+                        "stretched to its own min..max (per-map)")
     _model_args(a)
     r = sub.add_parser("relation", help="relation values R(i, :) for three target positions (Fig. 4)")
     r.add_argument("run")
@@ -534,7 +677,10 @@ def cmd_attention(args) -> dict:
         show_orig = originals[:args.show]
     out = Path(args.out)
     stages = set(args.stages) if args.stages else None
-    summary["figure"] = str(attention_figure(show_orig, runs, out / "attention.png", stages=stages, ratios=ratios))
+    texts = []
+    summary["figure"] = str(attention_figure(show_orig, runs, out / "attention.png", stages=stages, ratios=ratios,
+                                             stretch=args.stretch, labels=texts))
+    summary["stretch"], summary["texts"] = args.stretch, texts
     write_text(json.dumps(summary, indent=2) + "\n", out / "foreground_ratio.json")
     print(f"foreground attention ratio (mass share inside the person mask / mask's area share; 1.0 = no preference), "
           f"{summary['images']} images:")
@@ -587,7 +733,10 @@ def cmd_relation(args) -> dict:
         summary["runs"].append(entry)
     summary["targets"] = targets
     out = Path(args.out)
-    summary["figure"] = str(relation_figure(original, rows, targets, grid, out / "relation.png"))
+    texts = []
+    summary["figure"] = str(relation_figure(original, rows, targets, grid, out / "relation.png", stage=args.stage,
+                                            labels=texts))
+    summary["grid"], summary["texts"] = list(grid), texts
     write_text(json.dumps(summary, indent=2) + "\n", out / "relation.json")
     print(f"wrote {summary['figure']}")
     return summary
@@ -595,25 +744,32 @@ def cmd_relation(args) -> dict:
 
 def cmd_gradcam(args) -> dict:
     models = _load_all(args)
-    runs, ratios, summary = [], [], {"images": args.images, "runs": []}
+    runs, ratios, explained, summary = [], [], [], {"images": args.images, "runs": []}
     originals = None
     for model in models:
         originals, batch, masks = load_images(args.images, model.height, model.width)
-        cams = np.concatenate([gradcam_maps(model, batch[s:s + 32]) for s in range(0, len(batch), 32)])
+        classes = [c for s in range(0, len(batch), 32) for c in top_classes(model, batch[s:s + 32])]
+        cams = np.concatenate([gradcam_maps(model, batch[s:s + 32], classes=classes[s:s + 32])
+                               for s in range(0, len(batch), 32)])
         big = [F.interpolate(torch.from_numpy(c)[None, None], size=o.shape[:2], mode="bilinear",
                              align_corners=False)[0, 0].numpy() for c, o in zip(cams, originals)]
         rt = [float(foreground_ratio(torch.from_numpy(b)[None, None] + 1e-12, torch.from_numpy(m)[None, None]))
               if m is not None else float("nan") for b, m in zip(big, masks)]
         runs.append((_label(model), big))
         ratios.append(rt)
-        summary["runs"].append({"run": model.run_name, "variant": model.variant, "foreground_ratio": rt})
+        explained.append(classes)
+        summary["runs"].append({"run": model.run_name, "variant": model.variant, "foreground_ratio": rt,
+                                "classes": classes})
         v = [x for x in rt if not np.isnan(x)]
         print(f"{_label(model)}: Grad-CAM foreground ratio mean {np.mean(v):.3f} over {len(v)} images" if v
               else f"{_label(model)}: no masks")
     out = Path(args.out)
     k = args.show
+    texts = []
     summary["figure"] = str(gradcam_figure(originals[:k], [(label, cams[:k]) for label, cams in runs],
-                                           out / "gradcam.png", ratios=[r[:k] for r in ratios]))
+                                           out / "gradcam.png", ratios=[r[:k] for r in ratios],
+                                           classes=[c[:k] for c in explained], labels=texts))
+    summary["texts"] = texts
     write_text(json.dumps(summary, indent=2) + "\n", out / "gradcam.json")
     print(f"wrote {summary['figure']}")
     return summary
@@ -641,15 +797,23 @@ def cmd_ranks(args) -> dict:
     nq = len(ds.query)
     picks = np.unique(np.linspace(0, nq - 1, min(args.num_queries, nq)).round().astype(int))
     ranked = ranked_gallery(qf[picks], gf, q_pids[picks], g_pids, q_camids[picks], g_camids, args.top)
-    queries = [(ds.query[i][0], int(q_pids[i])) for i in picks]
-    rows = [[(ds.gallery[j][0], int(g_pids[j])) for j in r] for r in ranked]
+    # the distance ranked_gallery sorts by (cosine), for the numbers on the sheet
+    qn = F.normalize(torch.as_tensor(qf[picks]).float(), dim=1)
+    gn = F.normalize(torch.as_tensor(gf).float(), dim=1)
+    queries = [(ds.query[i][0], int(q_pids[i]), int(q_camids[i])) for i in picks]
+    rows = [[(ds.gallery[j][0], int(g_pids[j]), float(1 - qn[n] @ gn[j])) for j in r] for n, r in enumerate(ranked)]
     out = Path(args.out)
-    layout = rank_sheet(queries, rows, out / "ranks.png")
+    title = (f"{_label(model)} on {args.dataset or dataset}: R1 {100 * res['cmc'][0]:.1f}%, mAP "
+             f"{100 * res['mAP']:.1f}% ({nq} queries); top {args.top} per query, same-camera images of the "
+             f"query's identity left out")
+    layout = rank_sheet(queries, rows, out / "ranks.png", title=title)
     cmc_path = plot_cmc(res["cmc"], out / "cmc.png", label=_label(model))
-    hits = [sum(pid == q[1] for _, pid in row) for q, row in zip(queries, rows)]
+    hits = [sum(item[1] == q[1] for item in row) for q, row in zip(queries, rows)]
     summary = {"figure": layout["path"], "cmc": str(cmc_path), "R1": float(res["cmc"][0]), "mAP": float(res["mAP"]),
-               "queries": [{"image": q[0], "pid": q[1], "top": [{"image": p, "pid": pid} for p, pid in row]}
-                           for q, row in zip(queries, rows)]}
+               "queries": [{"image": q[0], "pid": q[1], "camid": q[2],
+                            "top": [{"image": p, "pid": pid, "distance": d} for p, pid, d in row]}
+                           for q, row in zip(queries, rows)],
+               "cells": layout["cells"], "texts": layout["texts"]}
     write_text(json.dumps(summary, indent=2) + "\n", out / "ranks.json")
     print(f"{_label(model)}: R1 {100 * res['cmc'][0]:.2f}%  mAP {100 * res['mAP']:.2f}% on {len(ds.query)} queries; "
           f"drawn: {len(queries)} queries, correct in top {args.top}: {hits}")

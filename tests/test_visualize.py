@@ -106,6 +106,29 @@ def test_attention_figure_png_changes_with_the_attention(tmp_path):
     assert diff[:, : xa.shape[1] // 4].mean() < 0.01
 
 
+def test_attention_figure_one_scale_colour_bar_and_flat_maps(tmp_path):
+    img = [np.full((64, 32, 3), 120, np.uint8)] * 2
+    varied = torch.linspace(0.1, 0.9, 64).reshape(2, 1, 8, 4)
+    near_flat = 0.5 + 1e-4 * torch.randn(2, 1, 8, 4, generator=torch.Generator().manual_seed(0))
+    runs = [("CBAM-S (run)", {1: varied}), ("RGA-SC (init:rga_sc)", {1: near_flat})]
+    shared, per = [], []
+    V.attention_figure(img, runs, tmp_path / "shared.png", labels=shared)
+    V.attention_figure(img, runs, tmp_path / "per.png", stretch="per-map", labels=per)
+    text = "\n".join(shared)
+    assert "input image" in shared and "stage 1" in text and "CBAM-S" in text and "RGA-SC" in text
+    assert "flat: range 0.500–0.500" in text and "range 0.10–0.49" in text
+    assert "attention (one scale for all maps)" in shared  # the colour bar's label
+    assert any("own range" in t for t in per) and not any("own range" in t for t in shared)
+    assert "flat: range 0.500–0.500" in "\n".join(per)  # flat is said whatever the stretch
+    # what the shared scale is for: a near-flat map stays flat, the per-map stretch blows it up
+    grey = img[0]
+    a = near_flat[0, 0].numpy()
+    assert V.overlay(grey, a, vmin=0.1, vmax=0.9).std(axis=(0, 1)).max() < 1
+    assert V.overlay(grey, a).std(axis=(0, 1)).max() > 20
+    with pytest.raises(ValueError, match="stretch"):
+        V.attention_figure(img, runs, tmp_path / "x.png", stretch="per-image")
+
+
 def test_attention_maps_of_a_design_are_its_gates():
     model = _small("cbam_cs")
     x = torch.randn(2, 3, 64, 32)
@@ -167,6 +190,17 @@ def test_relation_values_are_the_modules_own():
         V.relation_maps(model, x, 1, [(16, 0)])
 
 
+def test_relation_figure_names_the_grid(tmp_path):
+    img = np.full((64, 32, 3), 120, np.uint8)
+    maps = np.random.default_rng(0).random((2, 8, 4))
+    labels = []
+    V.relation_figure(img, [("NL (run)", maps, 0.9)], [(1, 1), (6, 3)], (8, 4), tmp_path / "r.png", stage=2,
+                      labels=labels)
+    text = "\n".join(labels)
+    assert "target (6,3) of 8×4" in text and "invariance 0.90" in text
+    assert "stage 2's 8×4 feature grid (input 64×32)" in text.replace("\n", " ")
+
+
 def test_gradcam_through_the_grad_cam_package():
     pytest.importorskip("pytorch_grad_cam")
     model = _small("cbam_s")
@@ -180,6 +214,23 @@ def test_gradcam_through_the_grad_cam_package():
     cams = V.gradcam_maps(model, x)
     assert cams.shape == (2, 64, 32) and np.isfinite(cams).all()
     assert cams.min() >= 0 and cams.max() <= 1 and cams.max() > 0.5
+    # the default target is the top class, the one the figure names
+    top = V.top_classes(model, x)
+    assert top == logits.argmax(1).tolist()
+    np.testing.assert_allclose(V.gradcam_maps(model, x, classes=top), cams, atol=1e-6)
+
+
+def test_gradcam_figure_names_the_class_and_has_a_scale(tmp_path):
+    img = [np.full((64, 32, 3), 120, np.uint8)] * 2
+    cams = np.linspace(0, 1, 2 * 64 * 32).reshape(2, 64, 32)
+    labels = []
+    V.gradcam_figure(img, [("Baseline (run-a)", cams), ("RGA-SC (run-b)", cams[::-1])], tmp_path / "g.png",
+                     ratios=[[1.1, float("nan")], [1.3, 0.9]], classes=[[3, 5], [7, 7]], labels=labels)
+    text = "\n".join(labels)
+    assert "input image" in labels  # the first column's header
+    assert "Baseline\n(run-a)\nclass 3\nfg ratio 1.10" in labels and "class 5" in text and "class 7" in text
+    assert "Grad-CAM (0–1 per map)" in labels  # the colour bar
+    assert "training identity" in text  # the title says what 'class' means
 
 
 def test_rank_sheet_borders_match_identities(tmp_path):
@@ -192,6 +243,8 @@ def test_rank_sheet_borders_match_identities(tmp_path):
     queries = [(files[0], 1), (files[1], 2)]
     ranked = [[(files[2], 1), (files[3], 3), (files[4], 1)], [(files[2], 1), (files[3], 2), (files[4], 2)]]
     layout = V.rank_sheet(queries, ranked, tmp_path / "ranks.png", cell=(40, 20), border=3)
+    assert "#1 id 1" in layout["texts"] and "id 2" in layout["texts"]  # ranks and identities, no distances given
+    assert not any(t.startswith("d ") for t in layout["texts"])
     sheet = _png(layout["path"])
     assert sheet.shape[1::-1] == tuple(layout["size"])
     expect = [[V.GREY, V.GREEN, V.RED, V.GREEN], [V.GREY, V.RED, V.GREEN, V.GREEN]]
@@ -202,6 +255,12 @@ def test_rank_sheet_borders_match_identities(tmp_path):
                 assert tuple(sheet[py, px]) == colour
             # the image sits inside the border
             assert tuple(sheet[(y0 + y1) // 2, (x0 + x1) // 2]) != colour
+    # with distances and a title: they are on the sheet
+    scored = [[(p, pid, 0.1 * (k + 1)) for k, (p, pid) in enumerate(row)] for row in ranked]
+    layout = V.rank_sheet([(files[0], 1, 3), (files[1], 2, 4)], scored, tmp_path / "ranks2.png", title="model X")
+    assert layout["texts"][0] == "model X" and "id 1 cam 3" in layout["texts"]
+    assert "d 0.100" in layout["texts"] and "d 0.300" in layout["texts"]
+    assert any("cosine distance" in t for t in layout["texts"])
 
 
 def test_ranked_gallery_drops_same_camera_matches():
@@ -226,6 +285,7 @@ def test_cli_attention_relation_gradcam(images, tmp_path, capsys):
     summary = json.loads((out / "foreground_ratio.json").read_text())
     assert [r["variant"] for r in summary["runs"]] == ["cbam_s", "fc_s"]
     assert summary["runs"][0]["stages"]["1"]["n"] == 3
+    assert summary["stretch"] == "shared" and "attention (one scale for all maps)" in summary["texts"]
     assert _png(out / "attention.png").shape[0] > 300
     assert "foreground attention ratio" in capsys.readouterr().out
     assert V.main(["attention", "init:se", *images, *args]) == 2  # no spatial attention: a clear error
@@ -234,12 +294,15 @@ def test_cli_attention_relation_gradcam(images, tmp_path, capsys):
                    *args]) == 0
     rel = json.loads((out / "relation.json").read_text())
     assert rel["targets"] == [[1, 1], [4, 2], [15, 7]] and len(rel["runs"]) == 2
+    assert rel["grid"] == [16, 8] and "target (4,2) of 16×8" in "\n".join(rel["texts"])
+    assert "stage 1's 16×8 feature grid" in " ".join(rel["texts"]).replace("\n", " ")
     assert _png(out / "relation.png").shape[0] > 300
 
     pytest.importorskip("pytorch_grad_cam")
     assert V.main(["gradcam", "init:baseline", *images[:2], "--compare", "init:rga_sc", *args]) == 0
     g = json.loads((out / "gradcam.json").read_text())
     assert len(g["runs"]) == 2 and len(g["runs"][0]["foreground_ratio"]) == 2
+    assert f"class {g['runs'][0]['classes'][0]}" in "\n".join(g["texts"])
     assert _png(out / "gradcam.png").shape[0] > 300
 
 
@@ -256,10 +319,18 @@ def test_cli_ranks_on_a_small_synthetic_set(tmp_path):
     assert len(summary["queries"]) == 4 and sheet.shape[0] > 4 * 128
     assert _png(out / "cmc.png").shape[1] > 300
     # the borders on the sheet say whether each ranked image has the query's identity
-    for r, q in enumerate(summary["queries"]):
-        y = r * (128 + 2 * 4 + 6) + 1
-        x = 4 * 2 + 64 + 12
-        for item in q["top"]:
+    for q, boxes in zip(summary["queries"], summary["cells"]):
+        assert len(boxes) == 1 + len(q["top"])
+        for item, (x0, y0, _x1, _y1, _colour) in zip(q["top"], boxes[1:]):
             want = V.GREEN if item["pid"] == q["pid"] else V.RED
-            assert tuple(sheet[y, x + 1]) == want
-            x += 64 + 2 * 4 + 2
+            assert tuple(sheet[y0 + 1, x0 + 1]) == want
+    # and the text says which model, which query, which rank and how far
+    texts = summary["texts"]
+    assert texts[0].startswith("Baseline (init:baseline) on synthetic"), texts[0]
+    assert "R1" in texts[0] and "mAP" in texts[0]
+    assert "same identity as the query" in texts and "another identity" in texts
+    q0 = summary["queries"][0]
+    assert f"id {q0['pid']} cam {q0['camid']}" in texts
+    d = [item["distance"] for item in q0["top"]]
+    assert d == sorted(d) and all(0 <= x <= 2 for x in d)
+    assert f"#1 id {q0['top'][0]['pid']}" in texts and f"d {d[0]:.3f}" in texts
