@@ -318,7 +318,8 @@ def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=
             json_path = dest / "foreground_ratio.json"
             if not json_path.is_file():
                 V.main(["attention", res["run_dir"], "--dataset", dataset or res["dataset"], "--data-root",
-                        data_root or res.get("data_root") or "data", "--limit", str(limit), "--out", str(dest)])
+                        data_root or res.get("data_root") or "data", *_run_dataset_opts(res, dataset),
+                        "--limit", str(limit), "--out", str(dest)])
             stages = json.loads(json_path.read_text())["runs"][0]["stages"]
             per_seed.append({"seed": seed, **{s: v["mean"] for s, v in stages.items()}})
         stage_keys = sorted({k for r in per_seed for k in r if k != "seed"})
@@ -339,6 +340,7 @@ def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=
                 argv += ["--compare", res["run_dir"]]
         argv += ["--compare", "init:rga_sc", "--backbone", some["backbone"], "--height", str(h), "--width", str(w),
                  "--dataset", dataset or some["dataset"], "--data-root", data_root or some.get("data_root") or "data",
+                 *_run_dataset_opts(some, dataset),
                  "--limit", str(limit), "--out", str(out / "attention" / "figure")]
         V.main(argv)
         fig = out / "attention" / "figure" / "attention.png"
@@ -395,12 +397,22 @@ def run_info(run_dir: Path) -> dict | None:
     return out
 
 
+def _dataset_opt_args(options: dict) -> list[str]:
+    """rga.visualize's (and rga.train's) --dataset-opt flags for build_dataset keywords."""
+    return [a for k, v in options.items() for a in ("--dataset-opt", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
+
+
 def _dataset_args(info: dict) -> list[str]:
     """rga.visualize's --dataset/--data-root/--dataset-opt for the data a run was trained on."""
-    argv = ["--dataset", info["dataset"], "--data-root", info["data_root"]]
-    for k, v in info["dataset_opt"].items():
-        argv += ["--dataset-opt", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
-    return argv
+    return ["--dataset", info["dataset"], "--data-root", info["data_root"], *_dataset_opt_args(info["dataset_opt"])]
+
+
+def _run_dataset_opts(res: dict, dataset: str | None) -> list[str]:
+    """The --dataset-opt flags of a row's run (none when `dataset` names another dataset than the run's)."""
+    info = run_info(Path(res["run_dir"]))
+    if info is None or dataset not in (None, info.get("dataset")):
+        return []
+    return _dataset_opt_args(info.get("dataset_opt") or {})
 
 
 def _shell(argv: list[str]) -> str:
