@@ -420,21 +420,18 @@ def _shell(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def figure_commands(infos: dict, out: Path, *, limit: int | None = None, threads: int = 0) -> list[dict]:
+def figure_commands(infos: dict, out: Path, queries: list[str], *, limit: int | None = None,
+                    threads: int = 0) -> list[dict]:
     """The rga.visualize command line of each figure, from the runs' infos ({slug: run_info or None};
     rga_sc, rga_s and baseline must be there, nl may be None: the relation figure then compares with
-    an untrained NL). One entry per figure: name, argv, files written, runs read, note."""
-    from .visualize import dataset_images
-
+    an untrained NL) and the query images of their dataset (the relation figure shows the first,
+    Grad-CAM every k-th). One entry per figure: name, argv, files written, runs read, note."""
     sc, s, base, nl = (infos[k] for k in ("rga_sc", "rga_s", "baseline", "nl"))
     h, w = sc["input"].split("x")
     init = ["--backbone", sc["backbone"], "--height", h, "--width", w]  # the untrained controls' shape
     data = _dataset_args(sc)
     tail = ["--out", str(out)] + (["--threads", str(threads)] if threads else [])
     lim = {k: str(v if limit is None else min(v, limit)) for k, v in FIGURE_LIMITS.items()}
-    queries = dataset_images(sc["dataset"], sc["data_root"], "query", None, sc["dataset_opt"])
-    if not queries:
-        raise ValueError(f"the {sc['dataset']} set in {sc['data_root']} has no query images")
     step = max(1, len(queries) // int(lim["gradcam"]))
     cams = queries[::step][:int(lim["gradcam"])]
     nl_run = nl["folder"] if nl is not None else "init:nl"
@@ -507,7 +504,11 @@ def figures(args, extra: list[str]) -> int:
     for slug, info in infos.items():
         if info is not None and info["epochs"] is not None and info["epoch"] != info["epochs"]:
             print(f"note: {info['folder']} is at epoch {info['epoch']} of {info['epochs']} (an unfinished run)")
-    figs = figure_commands(infos, out, limit=args.limit, threads=args.threads)
+    sc = infos["rga_sc"]
+    queries = V.dataset_images(sc["dataset"], sc["data_root"], "query", None, sc["dataset_opt"])
+    if not queries:
+        raise UsageError(f"the {sc['dataset']} set in {sc['data_root']} has no query images")
+    figs = figure_commands(infos, out, queries, limit=args.limit, threads=args.threads)
     for f in figs:
         print(f"== {f['figure']}: {f['command'] if len(f['command']) < 400 else f['command'][:400] + ' ...'}",
               flush=True)

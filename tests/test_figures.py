@@ -81,3 +81,27 @@ def test_figures_train_what_is_missing_draw_everything_and_name_each_command(tmp
     assert record["trained_by_this_command"] == [] and "nl" not in record["runs"]
     rel = record["figures"]["relation"]
     assert "--compare init:nl" in rel["command"] and "init:nl" in rel["note"]
+
+
+def test_the_readme_writes_out_the_commands_figures_runs():
+    """The README's visualize commands are those `figures` runs on seed 0's showcase runs (default paths)."""
+    import re
+    from pathlib import Path
+
+    text = re.sub(r"\\\n\s*", "", (Path(__file__).resolve().parents[1] / "README.md").read_text())
+    infos = {slug: {"folder": f"runs/showcase/{slug}-seed0", "epoch": 12, "epochs": 12, "backbone": "resnet18",
+                    "input": "128x64", "dataset": "synthetic_scenes", "data_root": "data", "dataset_opt": {}}
+             for slug in ("rga_sc", "rga_s", "baseline", "nl")}
+    # the default set's 370 query images, the first by name (the relation figure's image)
+    queries = ["data/synthetic_scenes/query/0101_c1s1_000213_00.jpg"] + [f"q{i:03d}.jpg" for i in range(1, 370)]
+    figs = {f["figure"]: f for f in E.figure_commands(infos, Path("docs/figures"), queries)}
+    assert "python -m rga.experiments figures " in text
+    for name in ("attention", "relation", "ranks"):
+        assert figs[name]["command"] in text, name
+    argv = figs["gradcam"]["argv"]
+    assert argv[2:52] == queries[::7][:50] and argv[52] == "--compare"  # every 7th image, 50 of them
+    images = "$(ls data/synthetic_scenes/query/*.jpg | awk '(NR-1) % 7 == 0' | head -50)"
+    assert f"python -m rga.visualize gradcam {argv[1]} {images} {E._shell(argv[52:])}" in text
+    for slug in infos:  # the training command of each run, with its --output-dir
+        assert f"python -m rga.train --preset showcase --model {slug} --seed 0 --output-dir {infos[slug]['folder']}" \
+            in text
