@@ -105,9 +105,12 @@ def load_images(paths, height: int, width: int):
     return originals, torch.stack(batch), masks
 
 
-def dataset_images(dataset: str, data_root: str, split: str = "query", limit: int | None = None) -> list[str]:
+def dataset_images(dataset: str, data_root: str, split: str = "query", limit: int | None = None,
+                   options: dict | None = None) -> list[str]:
+    """The image paths of a split; ``options``: build_dataset keywords (a generated set made with other
+    options would be generated anew with these, as in rga.train's --dataset-opt)."""
     from .data import build_dataset
-    ds = build_dataset(dataset, data_root, verbose=False)
+    ds = build_dataset(dataset, data_root, verbose=False, **(options or {}))
     items = getattr(ds, split)
     paths = [p for p, pid, _cam in items]
     return paths if limit is None else paths[:limit]
@@ -590,6 +593,12 @@ def _model_args(p):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
 
 
+def _dataset_opt_arg(p, default=""):
+    from .config import parse_kv
+    p.add_argument("--dataset-opt", action="append", default=[], type=parse_kv, metavar="KEY=VALUE",
+                   help="build_dataset keyword, repeatable, as rga.train's" + default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rga.visualize", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -598,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("images", nargs="*", help="image files (the synthetic set's have masks); or use --dataset")
     a.add_argument("--dataset", help="take the images from this dataset's --split instead (e.g. synthetic)")
     a.add_argument("--data-root", default="data")
+    _dataset_opt_arg(a)
     a.add_argument("--split", default="query", choices=("query", "gallery", "train"))
     a.add_argument("--limit", type=int, default=200, help="images taken from --dataset (default 200)")
     a.add_argument("--show", type=int, default=6, help="images drawn in attention.png (default 6)")
@@ -613,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stage", type=int, default=1, help="stage (default 1, the finest grid)")
     r.add_argument("--dataset", help="also average the position invariance over this dataset's query images")
     r.add_argument("--data-root", default="data")
+    _dataset_opt_arg(r)
     r.add_argument("--limit", type=int, default=50, help="images for the --dataset average (default 50)")
     _model_args(r)
     g = sub.add_parser("gradcam", help="Grad-CAM of the final stage for two models side by side (Fig. 5)")
@@ -624,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("run")
     k.add_argument("--dataset", default=None, help="dataset (default: the run's)")
     k.add_argument("--data-root", default=None, help="dataset folder (default: the run's)")
+    _dataset_opt_arg(k, " (default: the run's, when the dataset is the run's)")
     k.add_argument("--top", type=int, default=10)
     k.add_argument("--num-queries", type=int, default=8, help="queries drawn (default 8, evenly spaced)")
     k.add_argument("--batch-size", type=int, default=64)
@@ -640,7 +652,7 @@ def cmd_attention(args) -> dict:
     models = _load_all(args)
     paths = list(args.images)
     if args.dataset:
-        paths += dataset_images(args.dataset, args.data_root, args.split, args.limit)
+        paths += dataset_images(args.dataset, args.data_root, args.split, args.limit, dict(args.dataset_opt))
     if not paths:
         raise ValueError("give image files or --dataset")
     summary = {"images": len(paths), "runs": []}
@@ -723,7 +735,7 @@ def cmd_relation(args) -> dict:
         print(f"{_label(model)}: {what}; position invariance (mean correlation between the targets' maps, "
               f"1.0 = the same map for every target) {inv:.3f}")
         if args.dataset:
-            paths = dataset_images(args.dataset, args.data_root, "query", args.limit)
+            paths = dataset_images(args.dataset, args.data_root, "query", args.limit, dict(args.dataset_opt))
             _, many, _ = load_images(paths, model.height, model.width)
             invs = np.array([position_invariance(relation_maps(model, many[i:i + 1], args.stage, targets)[0])
                              for i in range(len(paths))])
@@ -783,12 +795,15 @@ def cmd_ranks(args) -> dict:
     from .metrics import evaluate_features, ranked_gallery
 
     model = _load_all(args)[0]
-    dataset, root = "synthetic", "data"
+    dataset, root, options = "synthetic", "data", {}
     if not args.run.startswith("init:"):
         run_cfg = read_model_checkpoint(args.run).config
         if run_cfg is not None:
-            dataset, root = run_cfg.data.dataset, run_cfg.data.data_root
-    ds = build_dataset(args.dataset or dataset, args.data_root or root, verbose=False)
+            dataset, root, options = run_cfg.data.dataset, run_cfg.data.data_root, dict(run_cfg.data.dataset_opt)
+    if args.dataset not in (None, dataset):
+        options = {}
+    ds = build_dataset(args.dataset or dataset, args.data_root or root, verbose=False,
+                       **(dict(args.dataset_opt) or options))
     extract = FeatureExtractor(model, device="cpu", feat=getattr(model, "neck_feat", "bn"), normalize=False)
     kw = dict(height=model.height, width=model.width, batch_size=args.batch_size, workers=0, device=extract.device)
     qf, q_pids, q_camids = extract.extract_loader(build_test_loader(ds.query, **kw))

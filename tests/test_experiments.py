@@ -116,6 +116,11 @@ def test_showcase_runs_rows_times_seeds_and_reports_mean_and_std(tmp_path, capsy
     assert [r["seed"] for r in fg["rows"]["rga_s"]["per_seed"]] == [0, 1]
     assert set(fg["rows"]["rga_s"]["stages"]) == {"1", "2", "3", "4"} and "untrained_rga_sc" in fg
     assert (out / "attention.png").is_file() and "RGA-S" in (out / "foreground_ratio.md").read_text()
+    # the ratios were measured on the set the runs trained on (its options reach rga.visualize), not a new default one
+    from rga.data.synthetic import make_config
+    from rga.data.synthetic_scenes import DIRNAME, MARKER, SceneConfig, marker_text
+    opts = {k: int(v) for k, v in (a.split("=") for a in tiny[1:10:2])}
+    assert (tmp_path / "data" / DIRNAME / MARKER).read_text() == marker_text(make_config(SceneConfig, "s", opts))
     # the standalone command names the same run folder as the runner
     assert T.parse_config(["--preset", "showcase", "--model", "rga_c", "--seed", "2"]).run.output_dir == \
         "runs/showcase/{model}-seed{seed}"
