@@ -588,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run without --seed)")
     p.add_argument("--rows", nargs="+", metavar="SLUG", help="run only these rows (default: all, in order)")
     p.add_argument("--list", action="store_true", help="list the rows and their state, run nothing")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: write the table (and the showcase's attention figures) from the finished "
+                        "runs, the others marked pending")
     return p
 
 
@@ -631,7 +634,9 @@ def main(argv=None) -> int:
                 "started" if (runs / slug).is_dir() else "pending")
             print(f"{slug:<20} {row.label:<22} {state}")
         return 0
-    if showcase and preset == "showcase":
+    if args.no_train:
+        jobs = []
+    if showcase and preset == "showcase" and jobs:
         try:
             extra = ensure_pretrain(runs, extra, data_root=args.data_root)
         except Exception as e:  # noqa: BLE001

@@ -126,6 +126,9 @@ def test_showcase_runs_rows_times_seeds_and_reports_mean_and_std(tmp_path, capsy
         "runs/showcase/{model}-seed{seed}"
     assert E.main(common + ["--list"]) == 0
     assert "rga_sc-seed1" in capsys.readouterr().out
+    # --no-train: the table from the finished runs only, nothing trained (RGA-C and RGA-SC stay pending)
+    assert E.main(common + ["--no-train"]) == 0
+    assert not (runs / "rga_c-seed0").exists() and "| RGA-SC | 0 of 2 | pending" in (out / "showcase.md").read_text()
 
 
 if __name__ == "__main__":
