@@ -121,9 +121,10 @@ TABLES = {
 EPOCH_LINE = re.compile(r"epoch \d+/\d+ .* (\d+) batches in ([0-9.]+)s")
 
 
-def run_slug(row: Row, seed: int | None) -> str:
+def run_slug(row: Row | str, seed: int | None) -> str:
     """A run's folder and result name: the row's slug, with -seedN when the runner repeats seeds."""
-    return row.slug if seed is None else f"{row.slug}-seed{seed}"
+    slug = row if isinstance(row, str) else row.slug
+    return slug if seed is None else f"{slug}-seed{seed}"
 
 
 def train_argv(row: Row, run_dir: Path, preset: str | None, dataset: str | None, data_root: str | None,
@@ -305,7 +306,7 @@ def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=
     found = {}
     for slug in SPATIAL_ROWS:
         for seed in seeds or [None]:
-            res_path = out / "rows" / f"{run_slug(Row(slug, slug), seed)}.json"
+            res_path = out / "rows" / f"{run_slug(slug, seed)}.json"
             if res_path.is_file():
                 found.setdefault(slug, []).append((seed, json.loads(res_path.read_text())))
     if not found:
