@@ -129,6 +129,31 @@ def _tie_running_stats(bns: Sequence[nn.BatchNorm2d]) -> None:
             b._buffers[name] = piece
 
 
+def _tie_parameters(params: Sequence[torch.Tensor]) -> None:
+    """Put the parameters side by side in one storage (their .data become views of it), so the
+    fused kernels read them as one matrix without a concatenation per step. Each stays its own
+    Parameter (own gradient, own optimizer state); a copy or reassignment that separates them
+    again only costs the kernels one concatenation."""
+    params = [p for p in params if p is not None]
+    if len(params) < 2 or len({(p.device, p.dtype) for p in params}) != 1:
+        return
+    ptr, size = params[0].data_ptr(), params[0].element_size()
+    adjacent = True
+    for p in params:
+        if not p.is_contiguous() or p.data_ptr() != ptr:
+            adjacent = False
+            break
+        ptr += p.numel() * size
+    if adjacent:
+        return
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+
+
 def _batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d, counted: bool = False) -> torch.Tensor:
     """nn.BatchNorm's forward on a (B, k, L) tensor (same statistics as BatchNorm2d on (B, k, H, W)).
 
@@ -347,6 +372,10 @@ class RGAModule(nn.Module):
     def _tie_buffers(self) -> None:
         for branch in ("spatial", "channel"):
             _tie_running_stats(self._embedding_bns(branch))
+            seqs = [getattr(self, f"{name}_{branch}") for name in self._embedding_names()
+                    if hasattr(self, f"{name}_{branch}")]
+            for params in ([s[0].weight for s in seqs], [s[1].weight for s in seqs], [s[1].bias for s in seqs]):
+                _tie_parameters(params)
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .double() give every buffer its own new tensor: tie them again
@@ -443,6 +472,8 @@ class RGAModule(nn.Module):
             return spatial(channel(x)[0])[0]
         # parallel: both attentions from the same input, applied jointly: (x · a_s) · a_c
         gated_s, _ = spatial(x)
+        if self._fused is not False:
+            return channel(x, gated_s)[0]
         _, a_c = channel(x)
         return gated_s * a_c
 
@@ -516,18 +547,105 @@ class RGAModule(nn.Module):
         def _like(a, t):
             return a if torch.promote_types(a.dtype, t.dtype) == t.dtype else a.to(t.dtype)
 
-        def spatial(t):
-            a = _like(torch.sigmoid(self._branch_fused("spatial", t)), t)  # (b, 1, n)
-            self._record("spatial", a, (b, 1, h, w))
-            return t * a, a
+        kernels = self._kernel_branches()
 
-        def channel(t):
-            a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2)  # (b, c, 1)
-            a = _like(a, t)
+        def spatial(t, target=None):
+            if "spatial" in kernels:
+                out, a = kernels["spatial"](t, target)
+            else:
+                a = _like(torch.sigmoid(self._branch_fused("spatial", t)), t)  # (b, 1, n)
+                out = (t if target is None else target) * a
+            self._record("spatial", a, (b, 1, h, w))
+            return out, a
+
+        def channel(t, target=None):
+            if "channel" in kernels:  # nodes = channels: the branch runs on the transposed view
+                out, a = kernels["channel"](t.transpose(1, 2), None if target is None else target.transpose(1, 2))
+                out, a = out.transpose(1, 2), a.transpose(1, 2)
+            else:
+                a = torch.sigmoid(self._branch_fused("channel", t.transpose(1, 2))).transpose(1, 2)  # (b, c, 1)
+                a = _like(a, t)
+                out = (t if target is None else target) * a
             self._record("channel", a, (b, c, 1, 1))
-            return t * a, a
+            return out, a
 
         return self._combine(x3, spatial, channel).reshape(b, c, h, w)
+
+    def _kernel_branches(self) -> dict:
+        """branch -> fn(inp, target) -> (gated target, attention) through rga_kernels' fused branch
+        (its own kernels), for the branches where it applies; the others take _branch_fused."""
+        backend = self.backend
+        if backend is None or torch.compiler.is_compiling():
+            return {}
+        from rga_kernels.branch import FUSED_BRANCH_BACKENDS
+
+        if backend == "auto":
+            from rga_kernels.ops import _resolve_backend
+
+            device = next(self.parameters()).device
+            backend = _resolve_backend("auto", device)
+        if backend not in FUSED_BRANCH_BACKENDS:
+            return {}
+        fns = {}
+        for branch in ("spatial", "channel"):
+            if getattr(self, f"use_{branch}"):
+                args = self._branch_args(branch, backend)
+                if args is not None:
+                    fns[branch] = self._make_kernel_branch(*args)
+        return fns
+
+    @staticmethod
+    def _make_kernel_branch(spec, params, running):
+        from rga_kernels.branch import fused_branch
+
+        def run(inp, target):
+            return fused_branch(spec, inp, params, running, target)
+
+        return run
+
+    def _branch_args(self, branch: str, backend: str):
+        """(BranchSpec, BranchParams, BranchRunning) of a branch, or None where the kernels do not
+        apply (BN subclasses such as SyncBatchNorm, differing BN settings, affine=False,
+        momentum=None, untied running statistics): those run the composite path."""
+        from rga_kernels.branch import BranchParams, BranchRunning, BranchSpec
+
+        names = self._embedding_names()
+        emb = [getattr(self, f"{name}_{branch}") for name in names]
+        mods = emb + ([getattr(self, f"gg_{branch}")] if self.use_relation else [])
+        mlp = getattr(self, f"W_{branch}")
+        bns = [m[1] for m in mods] + [mlp[1], mlp[4]]
+        if not (all(_plain_bn(b) and b.affine for b in bns) and _same_config(bns)) or bns[0].momentum is None:
+            return None
+        b0 = bns[0]
+        track = b0.track_running_stats and b0.running_mean is not None
+        emb_mean = emb_var = None
+        if track and emb:
+            emb_mean = _flat_base([m[1].running_mean for m in emb]) if len(emb) > 1 else emb[0][1].running_mean
+            emb_var = _flat_base([m[1].running_var for m in emb]) if len(emb) > 1 else emb[0][1].running_var
+            if emb_mean is None or emb_var is None:
+                return None
+
+        def idx(name):
+            return names.index(name) if name in names else -1
+
+        theta = idx("theta")
+        phi = idx("phi") if self.embedding == "asymmetric" else theta
+        spec = BranchSpec(
+            groups=tuple(m[0].out_channels for m in emb), theta=theta, phi=phi, mean_group=idx("gx"),
+            relation=self.use_relation, batch_stats=_bn_uses_batch_stats(b0), momentum=_momentum_factor(b0),
+            eps=b0.eps, backend=backend)
+        rel = getattr(self, f"gg_{branch}") if self.use_relation else None
+        params = BranchParams(
+            tuple(m[0].weight for m in emb), tuple(m[1].weight for m in emb), tuple(m[1].bias for m in emb),
+            rel[0].weight if rel else None, rel[1].weight if rel else None, rel[1].bias if rel else None,
+            mlp[0].weight, mlp[1].weight, mlp[1].bias, mlp[3].weight, mlp[4].weight, mlp[4].bias)
+
+        def stats(bn):
+            return (bn.running_mean, bn.running_var) if track else (None, None)
+
+        running = BranchRunning(emb_mean, emb_var, *(stats(rel[1]) if rel else (None, None)), *stats(mlp[1]),
+                                *stats(mlp[4]))
+        return spec, params, running
 
     def _branch_fused(self, branch: str, inp: torch.Tensor) -> torch.Tensor:
         """inp: (B, D, n) with nodes along the last axis (a view is fine). Returns logits (B, 1, n).
