@@ -92,7 +92,7 @@ def _extensions():
         return [], {}
 
     want_cuda = _switch("RGA_KERNELS_BUILD_CUDA", "auto")
-    sources = ["csrc/relation.cpp"]
+    sources = ["csrc/relation.cpp", "csrc/branch.cpp"]
     cxx_flags = ["-O3"]  # the C++ standard is left to torch (its recent headers need C++20)
     define_macros = []
     build_cuda, why_not = False, ""
@@ -131,7 +131,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             define_macros=define_macros,
         )
-    ext.depends = [os.path.join("csrc", "relation.h")]
+    ext.depends = [os.path.join("csrc", f) for f in ("relation.h", "branch.h", "branch_ops.h")]
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -8,10 +8,12 @@ included, from ``torch.profiler``: every ``aten::`` op whose nearest profiled an
 kernel: views, metadata, allocations without a fill, and ``to``/``contiguous`` calls that return
 their input. Each Triton kernel launch of rga_kernels._triton is one profiler event
 (``triton::...``) and counts as one launch (under the Triton interpreter, the host copies it makes
-inside are not counted: a GPU launch makes none).
+inside are not counted: a GPU launch makes none); likewise each hand-written C++/CUDA kernel of
+``csrc/`` records one ``kernel::NAME`` event per launch (on the CPU the same events as on the GPU),
+counted as one launch with nothing inside it counted.
 
 The count is the same on the CPU and the GPU for the same code path, so it can be measured and
-enforced where no GPU is available (tests/test_launches.py, bench/test_rga_module.py).
+enforced where no GPU is available (tests/test_launches.py, bench/bench_rga_module.py).
 """
 from __future__ import annotations
 
@@ -63,19 +65,20 @@ def count_launches(fn: Callable[[], object], *, by_op: bool = False):
             children.setdefault(id(parent), []).append(e)
     counts: Counter = Counter()
     for e in events:
-        if e.name.startswith("triton::"):  # a Triton kernel launch (rga_kernels._triton names them)
+        if e.name.startswith(("triton::", "kernel::")):  # a Triton launch / a hand-written C++/CUDA kernel
             counts[e.name] += 1
             continue
         if not e.name.startswith("aten::"):
             continue
         parent = e.cpu_parent
         # climb to the nearest aten:: ancestor, if any (record_function scopes are not ops)
-        while parent is not None and not parent.name.startswith(("aten::", "rga_kernels::", "triton::")):
+        while parent is not None and not parent.name.startswith(("aten::", "rga_kernels::", "triton::", "kernel::")):
             if parent.name.startswith("autograd::") or "Backward" in parent.name:
                 break
             parent = parent.cpu_parent
-        # inside an aten op: part of it; inside a Triton launch: the interpreter's host copies
-        if parent is not None and parent.name.startswith(("aten::", "triton::")):
+        # inside an aten op: part of it; inside a Triton launch: the interpreter's host copies;
+        # inside a hand-written kernel's scope: work of that one launch
+        if parent is not None and parent.name.startswith(("aten::", "triton::", "kernel::")):
             continue
         if _is_counted(e, children):
             counts[e.name] += 1
