@@ -92,7 +92,7 @@ def _extensions():
         return [], {}
 
     want_cuda = _switch("RGA_KERNELS_BUILD_CUDA", "auto")
-    sources = ["csrc/relation.cpp", "csrc/branch.cpp"]
+    sources = ["csrc/relation.cpp", "csrc/branch.cpp", "csrc/branch_op.cpp"]
     cxx_flags = ["-O3"]  # the C++ standard is left to torch (its recent headers need C++20)
     define_macros = []
     build_cuda, why_not = False, ""

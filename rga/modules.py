@@ -370,6 +370,7 @@ class RGAModule(nn.Module):
         return names
 
     def _tie_buffers(self) -> None:
+        self._forget_plan()
         for branch in ("spatial", "channel"):
             _tie_running_stats(self._embedding_bns(branch))
             seqs = [getattr(self, f"{name}_{branch}") for name in self._embedding_names()
@@ -385,10 +386,45 @@ class RGAModule(nn.Module):
 
     def _count_batches(self) -> None:
         """num_batches_tracked += 1 for every plain BN of the module that tracks statistics, in one op."""
-        counters = [m.num_batches_tracked for m in self.modules()
-                    if _plain_bn(m) and m.training and m.track_running_stats and m.num_batches_tracked is not None]
+        counters = self._plan()[2]
         if counters:
             torch._foreach_add_(counters, 1)
+
+    # -- the fused path's plan, cached ---------------------------------------------------------------
+    # What the fused path runs (which branches go through rga_kernels' kernels, with which
+    # parameters and buffers) depends on the module's structure, its mode and its BNs' settings; it
+    # is worked out once and reused while those stay the same (an eager step is host-bound).
+    def _plan_key(self):
+        return (self._fused, self.training, tuple((b.training, b.momentum, b.eps, b.track_running_stats, b.affine)
+                                                  for b in self.__dict__.get("_plan_bns", ())))
+
+    def _plan(self):
+        if torch.compiler.is_compiling():  # traced: the composite path, nothing cached
+            counters = [m.num_batches_tracked for m in self.modules() if _plain_bn(m) and m.training
+                        and m.track_running_stats and m.num_batches_tracked is not None]
+            return None, {}, counters
+        plan = self.__dict__.get("_plan_cache")
+        if plan is not None and plan[0] == self._plan_key():
+            return plan
+        self.__dict__["_plan_bns"] = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        counters = [m.num_batches_tracked for m in self._plan_bns
+                    if _plain_bn(m) and m.training and m.track_running_stats and m.num_batches_tracked is not None]
+        plan = (self._plan_key(), self._kernel_branches(), counters)
+        self.__dict__["_plan_cache"] = plan
+        return plan
+
+    def _forget_plan(self) -> None:
+        self.__dict__.pop("_plan_cache", None)
+
+    def __setattr__(self, name, value):
+        # a replaced submodule, parameter or buffer (e.g. convert_sync_batchnorm) changes the plan
+        if isinstance(value, (nn.Module, torch.Tensor)):
+            self.__dict__.pop("_plan_cache", None)
+        super().__setattr__(name, value)
+
+    def train(self, mode: bool = True):
+        self._forget_plan()
+        return super().train(mode)
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -547,7 +583,7 @@ class RGAModule(nn.Module):
         def _like(a, t):
             return a if torch.promote_types(a.dtype, t.dtype) == t.dtype else a.to(t.dtype)
 
-        kernels = self._kernel_branches()
+        kernels = self._plan()[1]
 
         def spatial(t, target=None):
             if "spatial" in kernels:

@@ -252,36 +252,78 @@ def _forward(spec: BranchSpec, k, inp, target, p: BranchParams, run: BranchRunni
     return out, a, saved
 
 
+#: names of the C++ op's saved tensors, in its order (csrc/branch_op.cpp, enum Saved)
+_CPP_SAVED = ("e", "e_mean", "e_invstd", "theta", "phi", "z", "rp", "rq", "z_mean", "z_invstd", "y", "h", "h_mean",
+              "h_invstd", "l", "l_mean", "l_invstd", "a", "we", "ew", "eb", "wrel", "w1")
+
+
+def _cpp_forward(spec: BranchSpec, inp, target, p: BranchParams, run: BranchRunning):
+    """rga_kernels::branch_fwd: the whole forward in one C++ call (the same sequence as _forward).
+    (Inside autograd.Function.forward nothing records a graph: no detach needed.)"""
+    none = inp.new_empty(0)
+    running = [none if r is None else r for r in run]
+    out, a, saved = torch.ops.rga_kernels.branch_fwd(
+        inp, target, p.emb_weight, p.emb_bn_weight, p.emb_bn_bias, p.rel_weight, p.rel_bn_weight, p.rel_bn_bias,
+        p.w1, p.h_bn_weight, p.h_bn_bias, p.w2, p.l_bn_weight, p.l_bn_bias, running, spec.groups, spec.theta,
+        spec.phi, spec.mean_group, spec.relation, spec.batch_stats, spec.momentum, spec.eps)
+    return out, a, saved
+
+
+def _cpp_backward(spec, inp, target, p: BranchParams, saved, grad_out):
+    """rga_kernels::branch_bwd; returns (d_inp, d_target, flat parameter gradients)."""
+    r = torch.ops.rga_kernels.branch_bwd(
+        grad_out, inp, target, p.rel_bn_weight, p.rel_bn_bias, p.h_bn_weight, p.h_bn_bias, p.w2, p.l_bn_weight,
+        saved, spec.groups, spec.theta, spec.phi, spec.mean_group, spec.relation, spec.batch_stats)
+    d_inp = r[0] if r[0].numel() else None
+    d_target = r[1] if target is not None else None
+    emb = ((), (), ())
+    if spec.groups:
+        emb = (tuple(g.to(w.dtype) for g, w in zip(_split_like(r[2], p.emb_weight), p.emb_weight)),
+               tuple(_split_like(r[3], p.emb_bn_weight)), tuple(_split_like(r[4], p.emb_bn_bias)))
+    rel = (r[5].view(p.rel_weight.shape).to(p.rel_weight.dtype), r[6], r[7]) if spec.relation else (None,) * 3
+    return d_inp, d_target, (*emb[0], *emb[1], *emb[2], *rel, r[8].view(p.w1.shape).to(p.w1.dtype), r[9], r[10],
+                             r[11].view(p.w2.shape).to(p.w2.dtype), r[12], r[13])
+
+
 class _Branch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, run, own_target, inp, target, *flat_params):
         p = _unflatten(spec, flat_params)
-        cdt = inp.dtype
-        k = _kernels(spec.backend)
-        tgt = inp if not own_target else target
-        out, a, saved = _forward(spec, k, inp, tgt, p, run, cdt)
-        ctx.spec, ctx.own_target, ctx.run = spec, own_target, run
-        ctx.keys = sorted(k_ for k_, v in saved.items() if v is not None)
-        ctx.save_for_backward(inp, target, *flat_params, *[saved[k_] for k_ in ctx.keys])
-        ctx.n_params = len(flat_params)
+        if spec.backend in ("cpp", "cuda"):
+            out, a, saved = _cpp_forward(spec, inp, target if own_target else None, p, run)
+        else:
+            out, a, saved = _forward(spec, _kernels(spec.backend), inp, target if own_target else inp, p, run,
+                                     inp.dtype)
+            ctx.keys = tuple(k_ for k_, v in saved.items() if v is not None)
+            saved = [saved[k_] for k_ in ctx.keys]
+        ctx.spec, ctx.own_target, ctx.n_params = spec, own_target, len(flat_params)
+        # inputs through save_for_backward (their in-place modification before backward is an
+        # error); the intermediates, which nothing else can reach, as a plain attribute (cheaper)
+        ctx.save_for_backward(inp, target, *flat_params)
+        ctx.intermediates = saved
         ctx.mark_non_differentiable(a)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the attention output
         return out, a
 
     @staticmethod
     def backward(ctx, grad_out, _grad_a):
         spec = ctx.spec
-        tensors = ctx.saved_tensors
-        inp, target = tensors[0], tensors[1]
-        flat_params = tensors[2:2 + ctx.n_params]
-        saved = dict(zip(ctx.keys, tensors[2 + ctx.n_params:]))
-        p = _unflatten(spec, flat_params)
         if grad_out is None:
             return (None,) * (5 + ctx.n_params)
+        tensors = ctx.saved_tensors
+        inp, target = tensors[0], tensors[1]
+        flat_params = tensors[2:]
+        saved = ctx.intermediates
+        p = _unflatten(spec, flat_params)
+        cpp = spec.backend in ("cpp", "cuda")
         if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable recompute
-            grads = _double_backward(ctx, spec, inp, target, p, flat_params, saved, grad_out)
+            names = _CPP_SAVED if cpp else ctx.keys
+            grads = _double_backward(ctx, spec, inp, target, p, flat_params, dict(zip(names, saved)), grad_out)
+        elif cpp:
+            grads = _cpp_backward(spec, inp, target if ctx.own_target else None, p, saved, grad_out)
         else:
-            grads = _backward(spec, _kernels(spec.backend), inp, target if ctx.own_target else inp, p, saved,
-                              grad_out, ctx.own_target)
+            grads = _backward(spec, _kernels(spec.backend), inp, target if ctx.own_target else inp, p,
+                              dict(zip(ctx.keys, saved)), grad_out, ctx.own_target)
         d_inp, d_target, d_params = grads
         return (None, None, None, d_inp, d_target, *d_params)
 
