@@ -123,7 +123,7 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
         _log(f"building the CPU and CUDA parts (CUDA_HOME={os.environ['CUDA_HOME']}, "
              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})")
-        sources.append("csrc/relation_cuda.cu")
+        sources += ["csrc/relation_cuda.cu", "csrc/branch_cuda.cu"]
         ext = CUDAExtension(
             "rga_kernels._C",
             sources,

@@ -60,13 +60,8 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cpu(
     const Tensor& y, const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, bool batch_stats, double momentum, double eps, at::IntArrayRef groups,
     int64_t mean_group, const OptTensor& prefix) {
-  check_3d(y, "y");
+  const Groups g = check_bn_act_fwd(y, weight, bias, running_mean, running_var, batch_stats, groups, mean_group);
   const int64_t B = y.size(0), K = y.size(1), n = y.size(2);
-  const auto acc = acc_type_of(y.scalar_type());
-  check_vector(weight, K, acc, "weight");
-  check_vector(bias, K, acc, "bias");
-  check_running(running_mean, running_var, batch_stats, K, acc);
-  const Groups g = make_groups(groups.vec(), mean_group, K);
   BnActOutputs o = alloc_bn_act(y, g, prefix);
   const Strided3 s(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd", [&] {
@@ -159,30 +154,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_cpu(at::TensorList grad_outs, cons
                                                   const Tensor& bias, const Tensor& mean, const Tensor& invstd,
                                                   bool batch_stats, const OptTensor& grad_chmean, int64_t mean_group,
                                                   at::IntArrayRef groups) {
-  check_3d(y, "y");
   const int64_t B = y.size(0), K = y.size(1), n = y.size(2);
-  const auto acc = acc_type_of(y.scalar_type());
-  for (const auto& [t, what] : {std::pair<const Tensor&, const char*>{weight, "weight"}, {bias, "bias"},
-                                {mean, "mean"}, {invstd, "invstd"}})
-    check_vector(t, K, acc, what);
   const Groups g = make_groups(groups.vec(), mean_group, K);
-  // grad_outs[j] belongs to the j-th written (non-mean) group
-  std::vector<int> source(g.num, -1);
-  for (int i = 0, j = 0; i < g.num; ++i)
-    if (i != g.mean_group && j < static_cast<int>(grad_outs.size())) source[i] = j++;
-  for (int i = 0; i < g.num; ++i) {
-    if (source[i] < 0) continue;
-    const Tensor& go = grad_outs[source[i]];
-    TORCH_CHECK(go.dim() == 3 && go.size(0) == B && go.size(1) == g.start[i + 1] - g.start[i] && go.size(2) == n,
-                "rga_kernels: bn_act_bwd: grad_outs[", source[i], "] must be (", B, ", ",
-                g.start[i + 1] - g.start[i], ", ", n, "), got ", go.sizes());
-    TORCH_CHECK(go.scalar_type() == y.scalar_type(), "rga_kernels: bn_act_bwd: gradient dtype ",
-                go.scalar_type(), " differs from y's ", y.scalar_type());
-  }
-  if (grad_chmean.has_value())
-    TORCH_CHECK(grad_chmean->dim() == 3 && grad_chmean->size(0) == B && grad_chmean->size(1) == 1 &&
-                    grad_chmean->size(2) == n && grad_chmean->scalar_type() == y.scalar_type(),
-                "rga_kernels: bn_act_bwd: grad_chmean must be (", B, ", 1, ", n, ") of y's dtype");
+  const std::vector<int> source = check_bn_act_bwd(grad_outs, y, weight, bias, mean, invstd, grad_chmean, g);
   Tensor grad_y = at::empty({B, K, n}, y.options());
   Tensor grad_w = at::empty({K}, weight.options());
   Tensor grad_b = at::empty({K}, weight.options());
@@ -246,18 +220,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gate_fwd_cpu(
     const Tensor& h, const Tensor& h_weight, const Tensor& h_bias, const Tensor& h_mean, const Tensor& h_invstd,
     const Tensor& w2, const Tensor& l_weight, const Tensor& l_bias, const OptTensor& l_running_mean,
     const OptTensor& l_running_var, bool batch_stats, double momentum, double eps) {
-  check_3d(h, "h");
+  check_gate_fwd(h, h_weight, h_bias, h_mean, h_invstd, w2, l_weight, l_bias, l_running_mean, l_running_var,
+                 batch_stats);
   const int64_t B = h.size(0), Kh = h.size(1), n = h.size(2);
   const auto acc = acc_type_of(h.scalar_type());
-  for (const auto& [t, what] : {std::pair<const Tensor&, const char*>{h_weight, "h_weight"}, {h_bias, "h_bias"},
-                                {h_mean, "h_mean"}, {h_invstd, "h_invstd"}})
-    check_vector(t, Kh, acc, what);
-  TORCH_CHECK(w2.numel() == Kh && w2.is_contiguous() && w2.scalar_type() == acc,
-              "rga_kernels: gate_fwd: w2 must hold ", Kh, " contiguous ", acc, " values, got ", w2.sizes(), " ",
-              w2.scalar_type());
-  check_vector(l_weight, 1, acc, "l_weight");
-  check_vector(l_bias, 1, acc, "l_bias");
-  check_running(l_running_mean, l_running_var, batch_stats, 1, acc);
   Tensor a = at::empty({B, 1, n}, h.options());
   Tensor l = at::empty({B, 1, n}, h.options());
   Tensor l_mean = at::empty({1}, h.options().dtype(acc));
@@ -308,15 +274,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gate_fwd_cpu(
 }
 
 std::tuple<Tensor, Tensor> gate_bwd_cpu(const Tensor& grad_out, const Tensor& target, const Tensor& a) {
-  check_3d(grad_out, "grad_out");
-  check_3d(target, "target");
-  TORCH_CHECK(grad_out.sizes() == target.sizes(), "rga_kernels: gate_bwd: grad_out ", grad_out.sizes(),
-              " and target ", target.sizes(), " differ");
+  check_gate_bwd(grad_out, target, a);
   const int64_t B = target.size(0), D = target.size(1), n = target.size(2);
-  TORCH_CHECK(a.dim() == 3 && a.size(0) == B && a.size(1) == 1 && a.size(2) == n, "rga_kernels: gate_bwd: a must be (",
-              B, ", 1, ", n, "), got ", a.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == target.scalar_type(), "rga_kernels: gate_bwd: grad_out dtype ",
-              grad_out.scalar_type(), " differs from target's ", target.scalar_type());
   Tensor grad_target = at::empty_like(target);  // keeps target's strides (the channel branch's transposed view)
   Tensor grad_s = at::empty({B, 1, n}, a.options());
   const Strided3 st(target), sg(grad_out), sa(a), so(grad_target);
@@ -354,20 +313,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_bwd_cpu(
     const Tensor& grad_s, const Tensor& l, const Tensor& l_weight, const Tensor& l_mean, const Tensor& l_invstd,
     const Tensor& h, const Tensor& h_weight, const Tensor& h_bias, const Tensor& h_mean, const Tensor& h_invstd,
     const Tensor& w2, bool batch_stats) {
-  check_3d(h, "h");
+  check_head_bwd(grad_s, l, l_weight, l_mean, l_invstd, h, h_weight, h_bias, h_mean, h_invstd, w2);
   const int64_t B = h.size(0), Kh = h.size(1), n = h.size(2);
-  const auto acc = acc_type_of(h.scalar_type());
-  for (const auto& [t, what] : {std::pair<const Tensor&, const char*>{h_weight, "h_weight"}, {h_bias, "h_bias"},
-                                {h_mean, "h_mean"}, {h_invstd, "h_invstd"}})
-    check_vector(t, Kh, acc, what);
-  check_vector(l_weight, 1, acc, "l_weight");
-  check_vector(l_mean, 1, acc, "l_mean");
-  check_vector(l_invstd, 1, acc, "l_invstd");
-  TORCH_CHECK(w2.numel() == Kh && w2.is_contiguous() && w2.scalar_type() == acc, "rga_kernels: head_bwd: w2 must hold ",
-              Kh, " contiguous ", acc, " values");
-  TORCH_CHECK(l.is_contiguous() && l.numel() == B * n && grad_s.is_contiguous() && grad_s.numel() == B * n &&
-                  l.scalar_type() == h.scalar_type() && grad_s.scalar_type() == h.scalar_type(),
-              "rga_kernels: head_bwd: l and grad_s must be contiguous (", B, ", 1, ", n, ") tensors of h's dtype");
   Tensor grad_h = at::empty({B, Kh, n}, h.options());
   Tensor grad_w2 = at::empty({Kh}, h_weight.options());
   Tensor grad_hw = at::empty({Kh}, h_weight.options());
