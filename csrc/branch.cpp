@@ -11,6 +11,7 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -27,12 +28,27 @@ struct Strided3 {
   int64_t at(int64_t b, int64_t k, int64_t i) const { return b * sb + k * sk + i * si; }
 };
 
-// Welford statistics of channel k of y over (B, n).
+// Statistics of channel k of y over (B, n): a two-pass mean / sum of squared deviations per chunk
+// of kChunk values (in cache for the second pass), chunks merged with branch.h's welford_merge.
+constexpr int64_t kChunk = 1024;
+
 template <typename scalar_t, typename acc_t>
 Welford<acc_t> channel_welford(const scalar_t* y, const Strided3& s, int64_t k, int64_t B, int64_t n) {
   Welford<acc_t> w = welford_init<acc_t>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < n; ++i) welford_push(w, static_cast<acc_t>(y[s.at(b, k, i)]));
+  const int64_t total = B * n;
+  for (int64_t e0 = 0; e0 < total; e0 += kChunk) {
+    const int64_t e1 = std::min(total, e0 + kChunk);
+    acc_t sum = 0;
+    for (int64_t e = e0; e < e1; ++e) sum += static_cast<acc_t>(y[s.at(e / n, k, e % n)]);
+    const acc_t count = static_cast<acc_t>(e1 - e0);
+    const acc_t mean = sum / count;
+    acc_t m2 = 0;
+    for (int64_t e = e0; e < e1; ++e) {
+      const acc_t d = static_cast<acc_t>(y[s.at(e / n, k, e % n)]) - mean;
+      m2 += d * d;
+    }
+    w = welford_merge(w, Welford<acc_t>{mean, m2, count});
+  }
   return w;
 }
 
@@ -59,10 +75,10 @@ acc_t* opt_ptr(const OptTensor& t) {
 std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cpu(
     const Tensor& y, const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, bool batch_stats, double momentum, double eps, at::IntArrayRef groups,
-    int64_t mean_group, const OptTensor& prefix) {
+    int64_t mean_group, const OptTensor& prefix, bool channels_last) {
   const Groups g = check_bn_act_fwd(y, weight, bias, running_mean, running_var, batch_stats, groups, mean_group);
   const int64_t B = y.size(0), K = y.size(1), n = y.size(2);
-  BnActOutputs o = alloc_bn_act(y, g, prefix);
+  BnActOutputs o = alloc_bn_act(y, g, prefix, channels_last);
   const Strided3 s(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -85,12 +101,12 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cpu(
           const int gi = group_of(g, k);
           if (gi == g.mean_group) continue;  // only its channel mean is wanted (kernel::channel_mean)
           bn_affine(wp[k], bp[k], m, is, scale, shift);
-          const int64_t kg = g.start[gi + 1] - g.start[gi];
           scalar_t* out = o.outs[gi].data_ptr<scalar_t>();
+          const Strided3 os(o.outs[gi]);
           const int64_t row = P + k - g.start[gi];
           for (int64_t b = 0; b < B; ++b)
             for (int64_t i = 0; i < n; ++i)
-              out[(b * (kg + P) + row) * n + i] =
+              out[os.at(b, row, i)] =
                   static_cast<scalar_t>(relu(scale * static_cast<acc_t>(yp[s.at(b, k, i)]) + shift));
         }
       });
@@ -98,9 +114,10 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cpu(
         const scalar_t* pp = prefix->data_ptr<scalar_t>();
         const Strided3 ps(*prefix);
         scalar_t* out = o.outs[0].data_ptr<scalar_t>();
+        const Strided3 os(o.outs[0]);
         for (int64_t b = 0; b < B; ++b)
           for (int64_t c = 0; c < P; ++c)
-            for (int64_t i = 0; i < n; ++i) out[(b * (K + P) + c) * n + i] = pp[ps.at(b, c, i)];
+            for (int64_t i = 0; i < n; ++i) out[os.at(b, c, i)] = pp[ps.at(b, c, i)];
       }
     }
     if (g.mean_group >= 0) {
@@ -125,8 +142,9 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cpu(
 }
 
 std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& y, const OptTensor& running_mean,
-                                        const OptTensor& running_var, bool batch_stats, double momentum,
-                                        double eps) {
+                                        const OptTensor& running_var, at::TensorList counters, bool batch_stats,
+                                        double momentum, double eps) {
+  check_counters(counters, y);
   check_3d(y, "y");
   const int64_t B = y.size(0), K = y.size(1), n = y.size(2);
   const auto acc = acc_type_of(y.scalar_type());
@@ -146,6 +164,7 @@ std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& y, const OptTensor& runnin
       for (int64_t k = k0; k < k1; ++k)
         channel_stats<scalar_t, acc_t>(yp, s, k, B, n, batch_stats, rm, rv, momentum, eps, mp[k], ip[k]);
     });
+    for (const auto& c : counters) c.data_ptr<int64_t>()[0] += 1;
   });
   return {mean, invstd};
 }
@@ -157,7 +176,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_cpu(at::TensorList grad_outs, cons
   const int64_t B = y.size(0), K = y.size(1), n = y.size(2);
   const Groups g = make_groups(groups.vec(), mean_group, K);
   const std::vector<int> source = check_bn_act_bwd(grad_outs, y, weight, bias, mean, invstd, grad_chmean, g);
-  Tensor grad_y = at::empty({B, K, n}, y.options());
+  Tensor grad_y = at::empty_like(y);  // y's layout (a transposed E gives a transposed gradient)
+  const Strided3 so(grad_y);
   Tensor grad_w = at::empty({K}, weight.options());
   Tensor grad_b = at::empty({K}, weight.options());
   const Strided3 s(y);
@@ -207,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_cpu(at::TensorList grad_outs, cons
         for (int64_t b = 0; b < B; ++b)
           for (int64_t i = 0; i < n; ++i) {
             const acc_t xhat = (static_cast<acc_t>(yp[s.at(b, k, i)]) - mp[k]) * ip[k];
-            gy[(b * K + k) * n + i] = static_cast<scalar_t>(
+            gy[so.at(b, k, i)] = static_cast<scalar_t>(
                 bn_backward(incoming(b, i, xhat), xhat, w_is, sum_g / N, sum_gx / N, batch_stats));
           }
       }
@@ -315,7 +335,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_bwd_cpu(
     const Tensor& w2, bool batch_stats) {
   check_head_bwd(grad_s, l, l_weight, l_mean, l_invstd, h, h_weight, h_bias, h_mean, h_invstd, w2);
   const int64_t B = h.size(0), Kh = h.size(1), n = h.size(2);
-  Tensor grad_h = at::empty({B, Kh, n}, h.options());
+  Tensor grad_h = at::empty_like(h);  // h's layout
+  const Strided3 sgh(grad_h);
   Tensor grad_w2 = at::empty({Kh}, h_weight.options());
   Tensor grad_hw = at::empty({Kh}, h_weight.options());
   Tensor grad_hb = at::empty({Kh}, h_weight.options());
@@ -369,13 +390,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_bwd_cpu(
           for (int64_t i = 0; i < n; ++i) {
             const acc_t hv = static_cast<acc_t>(hp[s.at(b, k, i)]);
             const acc_t gv = scale * hv + shift > acc_t(0) ? wp2[k] * dl[b * n + i] : acc_t(0);
-            gh[(b * Kh + k) * n + i] =
+            gh[sgh.at(b, k, i)] =
                 static_cast<scalar_t>(bn_backward(gv, (hv - hm[k]) * hi[k], scale, sg / N, sgx / N, batch_stats));
           }
       }
     });
   });
   return {grad_h, grad_w2, grad_hw, grad_hb, grad_lw, grad_lb};
+}
+
+Tensor gate_apply_cpu(const Tensor& target, const Tensor& a) {
+  check_gate_apply(target, a);
+  const int64_t B = target.size(0), D = target.size(1), n = target.size(2);
+  Tensor out = at::empty_like(target);  // target's layout and dtype
+  const Strided3 st(target), sa(a), so(out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "gate_apply", [&] {
+    using tgt_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "gate_apply_a", [&] {
+      using acc_t = at::opmath_type<tgt_t>;
+      const tgt_t* tp = target.data_ptr<tgt_t>();
+      const scalar_t* ap = a.data_ptr<scalar_t>();
+      tgt_t* op = out.data_ptr<tgt_t>();
+      RECORD_FUNCTION("kernel::gate_apply", std::vector<c10::IValue>());
+      at::parallel_for(0, B * D, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = r / D, d = r % D;
+          for (int64_t i = 0; i < n; ++i)
+            op[so.at(b, d, i)] = static_cast<tgt_t>(static_cast<acc_t>(tp[st.at(b, d, i)]) *
+                                                    static_cast<acc_t>(ap[sa.at(b, 0, i)]));
+        }
+      });
+    });
+  });
+  return out;
 }
 
 }  // namespace
@@ -385,11 +432,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_bwd_cpu(
 TORCH_LIBRARY_FRAGMENT(rga_kernels, m) {
   m.def(
       "bn_act_fwd(Tensor y, Tensor weight, Tensor bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "bool batch_stats, float momentum, float eps, int[] groups, int mean_group, Tensor? prefix) "
-      "-> (Tensor[], Tensor, Tensor, Tensor)");
+      "bool batch_stats, float momentum, float eps, int[] groups, int mean_group, Tensor? prefix, "
+      "bool channels_last=False) -> (Tensor[], Tensor, Tensor, Tensor)");
   m.def(
-      "bn_stats(Tensor y, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool batch_stats, float momentum, "
-      "float eps) -> (Tensor, Tensor)");
+      "bn_stats(Tensor y, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)[] counters, "
+      "bool batch_stats, float momentum, float eps) -> (Tensor, Tensor)");
+  m.def("gate_apply(Tensor target, Tensor a) -> Tensor");
   m.def(
       "bn_act_bwd(Tensor[] grad_outs, Tensor y, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, "
       "bool batch_stats, Tensor? grad_chmean, int mean_group, int[] groups) -> (Tensor, Tensor, Tensor)");
@@ -412,4 +460,5 @@ TORCH_LIBRARY_IMPL(rga_kernels, CPU, m) {
   m.impl("gate_fwd", &gate_fwd_cpu);
   m.impl("gate_bwd", &gate_bwd_cpu);
   m.impl("head_bwd", &head_bwd_cpu);
+  m.impl("gate_apply", &gate_apply_cpu);
 }

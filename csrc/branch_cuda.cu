@@ -6,7 +6,7 @@
 //     the block's threads stride over the channel's B*n values, reduce in shared memory, then
 //     (where there is an output) stride again to write it. Two passes over the data, no atomics,
 //     deterministic.
-//   * per-node kernels (channel_mean, gate_bwd): a grid-stride loop over the B*n nodes.
+//   * per-node kernels (channel_mean, gate_bwd) and gate_apply: grid-stride loops over nodes / elements.
 //   * gate_fwd: a single block (the logit's BatchNorm has one channel: a reduction over every
 //     node before any sigmoid can be written).
 // Every launch records one `kernel::NAME` profiler event, the same names as the CPU scopes.
@@ -101,6 +101,12 @@ __device__ void channel_stats(const scalar_t* y, Strides3 s, int64_t k, int64_t 
 template <typename scalar_t>
 struct GroupOuts {
   scalar_t* ptr[kMaxGroups];
+  Strides3 s[kMaxGroups];
+};
+
+struct Counters {
+  int64_t* ptr[kMaxCounters];
+  int num;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -118,12 +124,12 @@ __global__ void bn_act_fwd_kernel(const scalar_t* y, Strides3 s, int64_t B, int6
   const int gi = group_of(g, k);
   if (gi != g.mean_group) {
     bn_affine(weight[k], bias[k], mean, invstd, scale, shift);
-    const int64_t kg = g.start[gi + 1] - g.start[gi];
     const int64_t row = P + k - g.start[gi];
     scalar_t* out = outs.ptr[gi];
+    const Strides3 os = outs.s[gi];
     for (int64_t e = threadIdx.x; e < B * n; e += blockDim.x) {
       const int64_t b = e / n, i = e % n;
-      out[(b * (kg + P) + row) * n + i] =
+      out[offset(os, b, row, i)] =
           static_cast<scalar_t>(relu(scale * static_cast<acc_t>(y[offset(s, b, k, i)]) + shift));
     }
   }
@@ -131,7 +137,7 @@ __global__ void bn_act_fwd_kernel(const scalar_t* y, Strides3 s, int64_t B, int6
     scalar_t* out = outs.ptr[0];
     for (int64_t e = threadIdx.x; e < B * P * n; e += blockDim.x) {
       const int64_t b = e / (P * n), c = (e / n) % P, i = e % n;
-      out[(b * (K + P) + c) * n + i] = prefix[offset(ps, b, c, i)];
+      out[offset(outs.s[0], b, c, i)] = prefix[offset(ps, b, c, i)];
     }
   }
 }
@@ -155,8 +161,10 @@ __global__ void channel_mean_kernel(const scalar_t* y, Strides3 s, int64_t B, in
 
 template <typename scalar_t, typename acc_t>
 __global__ void bn_stats_kernel(const scalar_t* y, Strides3 s, int64_t B, int64_t n, acc_t* rm, acc_t* rv,
-                                bool batch_stats, double momentum, double eps, acc_t* mean_out, acc_t* invstd_out) {
+                                bool batch_stats, double momentum, double eps, acc_t* mean_out, acc_t* invstd_out,
+                                Counters counters) {
   const int64_t k = blockIdx.x;
+  if (k == 0 && threadIdx.x < counters.num) counters.ptr[threadIdx.x][0] += 1;  // num_batches_tracked
   acc_t mean, invstd;
   channel_stats<scalar_t, acc_t>(y, s, k, B, n, batch_stats, rm, rv, momentum, eps, mean, invstd);
   if (threadIdx.x == 0) {
@@ -177,7 +185,8 @@ struct GradSources {
 template <typename scalar_t, typename acc_t>
 __global__ void bn_act_bwd_kernel(const scalar_t* y, Strides3 s, int64_t B, int64_t K, int64_t n, const acc_t* weight,
                                   const acc_t* bias, const acc_t* mean, const acc_t* invstd, bool batch_stats, Groups g,
-                                  GradSources<scalar_t, acc_t> src, scalar_t* grad_y, acc_t* grad_w, acc_t* grad_b) {
+                                  GradSources<scalar_t, acc_t> src, scalar_t* grad_y, Strides3 so, acc_t* grad_w,
+                                  acc_t* grad_b) {
   const int64_t k = blockIdx.x;
   const int gi = group_of(g, k);
   const scalar_t* gp = src.ptr[gi];
@@ -205,7 +214,7 @@ __global__ void bn_act_bwd_kernel(const scalar_t* y, Strides3 s, int64_t B, int6
     const acc_t xhat = (static_cast<acc_t>(y[offset(s, b, k, i)]) - m) * is;
     const acc_t gv = (gp != nullptr && w * xhat + bb > acc_t(0))
                          ? gscale * static_cast<acc_t>(gp[offset(gs, b, gk, i)]) : acc_t(0);
-    grad_y[(b * K + k) * n + i] =
+    grad_y[offset(so, b, k, i)] =
         static_cast<scalar_t>(bn_backward(gv, xhat, w * is, sums[0] / N, sums[1] / N, batch_stats));
   }
 }
@@ -280,7 +289,7 @@ __global__ void head_bwd_kernel(const scalar_t* grad_s, const scalar_t* l, const
                                 const acc_t* li_p,
                                 const scalar_t* h, Strides3 s, int64_t B, int64_t Kh, int64_t n, const acc_t* hw,
                                 const acc_t* hb, const acc_t* hm, const acc_t* hi, const acc_t* w2, bool batch_stats,
-                                scalar_t* grad_h, acc_t* grad_w2, acc_t* grad_hw, acc_t* grad_hb, acc_t* grad_lw,
+                                scalar_t* grad_h, Strides3 sgh, acc_t* grad_w2, acc_t* grad_hw, acc_t* grad_hb, acc_t* grad_lw,
                                 acc_t* grad_lb) {
   const int64_t k = blockIdx.x;
   const int64_t NN = B * n;
@@ -323,8 +332,19 @@ __global__ void head_bwd_kernel(const scalar_t* grad_s, const scalar_t* l, const
                                  lsums[0] / N, lsums[1] / N, batch_stats);
     const acc_t hv = static_cast<acc_t>(h[offset(s, b, k, i)]);
     const acc_t gv = scale * hv + shift > acc_t(0) ? w2[k] * dl : acc_t(0);
-    grad_h[(b * Kh + k) * n + i] =
+    grad_h[offset(sgh, b, k, i)] =
         static_cast<scalar_t>(bn_backward(gv, (hv - hm[k]) * hi[k], scale, sums[1] / N, sums[2] / N, batch_stats));
+  }
+}
+
+template <typename tgt_t, typename gate_t, typename acc_t>
+__global__ void gate_apply_kernel(const tgt_t* target, Strides3 st, const gate_t* a, Strides3 sa, int64_t B, int64_t D,
+                                  int64_t n, tgt_t* out, Strides3 so) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < B * D * n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = e / (D * n), d = (e / n) % D, i = e % n;
+    out[offset(so, b, d, i)] = static_cast<tgt_t>(static_cast<acc_t>(target[offset(st, b, d, i)]) *
+                                                  static_cast<acc_t>(a[offset(sa, b, 0, i)]));
   }
 }
 
@@ -345,16 +365,20 @@ acc_t* opt_ptr(const OptTensor& t) {
 std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cuda(
     const Tensor& y, const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, bool batch_stats, double momentum, double eps, at::IntArrayRef groups,
-    int64_t mean_group, const OptTensor& prefix) {
+    int64_t mean_group, const OptTensor& prefix, bool channels_last) {
   const Groups g = check_bn_act_fwd(y, weight, bias, running_mean, running_var, batch_stats, groups, mean_group);
   const c10::cuda::CUDAGuard guard(y.device());
   const int64_t B = y.size(0), K = y.size(1), n = y.size(2);
-  BnActOutputs o = alloc_bn_act(y, g, prefix);
+  BnActOutputs o = alloc_bn_act(y, g, prefix, channels_last);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     GroupOuts<scalar_t> outs{};
-    for (int i = 0; i < g.num; ++i) outs.ptr[i] = i == g.mean_group ? nullptr : o.outs[i].data_ptr<scalar_t>();
+    for (int i = 0; i < g.num; ++i) {
+      const bool written = i != g.mean_group;
+      outs.ptr[i] = written ? o.outs[i].data_ptr<scalar_t>() : nullptr;
+      outs.s[i] = written ? strides_of(o.outs[i]) : Strides3{0, 0, 0};
+    }
     const scalar_t* pp = prefix.has_value() ? prefix->data_ptr<scalar_t>() : nullptr;
     const Strides3 ps = prefix.has_value() ? strides_of(*prefix) : Strides3{0, 0, 0};
     {
@@ -378,8 +402,12 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cuda(
 }
 
 std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& y, const OptTensor& running_mean, const OptTensor& running_var,
-                                         bool batch_stats, double momentum, double eps) {
+                                         at::TensorList counters, bool batch_stats, double momentum, double eps) {
   check_3d(y, "y");
+  check_counters(counters, y);
+  Counters cnt{};
+  cnt.num = static_cast<int>(counters.size());
+  for (int i = 0; i < cnt.num; ++i) cnt.ptr[i] = counters[i].data_ptr<int64_t>();
   const int64_t B = y.size(0), K = y.size(1), n = y.size(2);
   const auto acc = acc_type_of(y.scalar_type());
   check_running(running_mean, running_var, batch_stats, K, acc);
@@ -391,7 +419,7 @@ std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& y, const OptTensor& runni
     RECORD_FUNCTION("kernel::bn_stats", std::vector<c10::IValue>());
     bn_stats_kernel<scalar_t, acc_t><<<K, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         y.data_ptr<scalar_t>(), strides_of(y), B, n, opt_ptr<acc_t>(running_mean), opt_ptr<acc_t>(running_var),
-        batch_stats, momentum, eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>());
+        batch_stats, momentum, eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), cnt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, invstd};
@@ -405,7 +433,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_cuda(at::TensorList grad_outs, con
   const Groups g = make_groups(groups.vec(), mean_group, K);
   const std::vector<int> source = check_bn_act_bwd(grad_outs, y, weight, bias, mean, invstd, grad_chmean, g);
   const c10::cuda::CUDAGuard guard(y.device());
-  Tensor grad_y = at::empty({B, K, n}, y.options());
+  Tensor grad_y = at::empty_like(y);  // y's layout
   Tensor grad_w = at::empty({K}, weight.options());
   Tensor grad_b = at::empty({K}, weight.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_bwd_cuda", [&] {
@@ -430,7 +458,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_cuda(at::TensorList grad_outs, con
     bn_act_bwd_kernel<scalar_t, acc_t><<<K, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         y.data_ptr<scalar_t>(), strides_of(y), B, K, n, weight.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
         mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), batch_stats, g, src, grad_y.data_ptr<scalar_t>(),
-        grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>());
+        strides_of(grad_y), grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_y, grad_w, grad_b};
@@ -492,7 +520,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_bwd_cuda(
   check_head_bwd(grad_s, l, l_weight, l_mean, l_invstd, h, h_weight, h_bias, h_mean, h_invstd, w2);
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t B = h.size(0), Kh = h.size(1), n = h.size(2);
-  Tensor grad_h = at::empty({B, Kh, n}, h.options());
+  Tensor grad_h = at::empty_like(h);  // h's layout
   Tensor grad_w2 = at::empty({Kh}, h_weight.options());
   Tensor grad_hw = at::empty({Kh}, h_weight.options());
   Tensor grad_hb = at::empty({Kh}, h_weight.options());
@@ -505,11 +533,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_bwd_cuda(
         grad_s.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), l_weight.data_ptr<acc_t>(), l_mean.data_ptr<acc_t>(),
         l_invstd.data_ptr<acc_t>(), h.data_ptr<scalar_t>(), strides_of(h), B, Kh, n, h_weight.data_ptr<acc_t>(),
         h_bias.data_ptr<acc_t>(), h_mean.data_ptr<acc_t>(), h_invstd.data_ptr<acc_t>(), w2.data_ptr<acc_t>(),
-        batch_stats, grad_h.data_ptr<scalar_t>(), grad_w2.data_ptr<acc_t>(), grad_hw.data_ptr<acc_t>(),
+        batch_stats, grad_h.data_ptr<scalar_t>(), strides_of(grad_h), grad_w2.data_ptr<acc_t>(), grad_hw.data_ptr<acc_t>(),
         grad_hb.data_ptr<acc_t>(), grad_lw.data_ptr<acc_t>(), grad_lb.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_h, grad_w2, grad_hw, grad_hb, grad_lw, grad_lb};
+}
+
+Tensor gate_apply_cuda(const Tensor& target, const Tensor& a) {
+  check_gate_apply(target, a);
+  const c10::cuda::CUDAGuard guard(target.device());
+  const int64_t B = target.size(0), D = target.size(1), n = target.size(2);
+  Tensor out = at::empty_like(target);  // target's layout and dtype
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "gate_apply_cuda", [&] {
+    using tgt_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "gate_apply_cuda_a", [&] {
+      RECORD_FUNCTION("kernel::gate_apply", std::vector<c10::IValue>());
+      gate_apply_kernel<tgt_t, scalar_t, at::opmath_type<tgt_t>>
+          <<<node_blocks(B * D * n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              target.data_ptr<tgt_t>(), strides_of(target), a.data_ptr<scalar_t>(), strides_of(a), B, D, n,
+              out.data_ptr<tgt_t>(), strides_of(out));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
 }
 
 }  // namespace
@@ -524,4 +571,5 @@ TORCH_LIBRARY_IMPL(rga_kernels, CUDA, m) {
   m.impl("gate_fwd", &gate_fwd_cuda);
   m.impl("gate_bwd", &gate_bwd_cuda);
   m.impl("head_bwd", &head_bwd_cuda);
+  m.impl("gate_apply", &gate_apply_cuda);
 }

@@ -10,10 +10,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/conv1d.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
 
@@ -35,8 +38,10 @@ enum Saved : int {
 // The kernels, called through the dispatcher (device dispatch, one profiler scope per kernel).
 using BnActFwd = std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool, double, double,
-    at::IntArrayRef, int64_t, const OptTensor&);
-using BnStats = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, bool, double, double);
+    at::IntArrayRef, int64_t, const OptTensor&, bool);
+using BnStats = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, at::TensorList, bool,
+                                           double, double);
+using GateApply = Tensor(const Tensor&, const Tensor&);
 using BnActBwd = std::tuple<Tensor, Tensor, Tensor>(at::TensorList, const Tensor&, const Tensor&, const Tensor&,
                                                     const Tensor&, const Tensor&, bool, const OptTensor&, int64_t,
                                                     at::IntArrayRef);
@@ -81,30 +86,79 @@ Tensor flat_rows(at::TensorList ts, int64_t cols) {
 
 Tensor as_dtype(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
+// The embedding GEMM E = W_e . inp (B, K, n). The channel branch's input is the transpose of a
+// contiguous (B, n, D) tensor: one GEMM over all B*n rows, E comes out transposed (a view; the
+// kernels read any layout). Otherwise a batched GEMM with the weight broadcast (stride 0).
+bool rows_major(const Tensor& inp) { return inp.transpose(1, 2).is_contiguous(); }
+
+Tensor embed(const Tensor& inp, const Tensor& we) {
+  const int64_t B = inp.size(0), D = inp.size(1), n = inp.size(2);
+  if (rows_major(inp))
+    return at::mm(inp.transpose(1, 2).reshape({B * n, D}), we.t()).view({B, n, we.size(0)}).transpose(1, 2);
+  return at::matmul(we, inp);
+}
+
+// (B, c, n) <-> (B*n, c) for tensors stored channels-last ((B, n, c) in memory): views.
+Tensor rows_of(const Tensor& t) { return t.transpose(1, 2).reshape({t.size(0) * t.size(2), t.size(1)}); }
+Tensor from_rows(const Tensor& rows, int64_t B, int64_t n) {
+  return rows.view({B, n, rows.size(1)}).transpose(1, 2);
+}
+
+// Gradients of embed: returns (d_inp, dWe); with `accumulate` (the gate's gradient of the same
+// input), d_inp is added into it in place, in the GEMM.
+std::tuple<Tensor, Tensor> embed_backward(const Tensor& grad_e, const Tensor& inp, const Tensor& we,
+                                          const Tensor& accumulate) {
+  const int64_t B = inp.size(0), D = inp.size(1), n = inp.size(2), K = we.size(0);
+  if (rows_major(inp) && grad_e.transpose(1, 2).is_contiguous()) {
+    const Tensor ge = grad_e.transpose(1, 2).reshape({B * n, K});
+    const Tensor x = inp.transpose(1, 2).reshape({B * n, D});
+    Tensor d_w = at::mm(ge.t(), x);
+    if (accumulate.defined() && accumulate.transpose(1, 2).is_contiguous()) {
+      Tensor acc = accumulate.transpose(1, 2).view({B * n, D});
+      acc.addmm_(ge, we);
+      return {accumulate, d_w};
+    }
+    Tensor d_x = at::mm(ge, we).view({B, n, D}).transpose(1, 2);
+    return {accumulate.defined() ? d_x.add_(accumulate) : d_x, d_w};
+  }
+  if (accumulate.defined() && accumulate.is_contiguous()) {
+    auto r = at::convolution_backward(grad_e, inp, we.unsqueeze(-1), c10::nullopt, {1}, {0}, {1}, false, {0}, 1,
+                                      {false, true, false});
+    Tensor acc = accumulate;
+    acc.baddbmm_(we.t().expand({B, D, K}), grad_e);
+    return {acc, std::get<1>(r).squeeze(-1)};
+  }
+  auto r = at::convolution_backward(grad_e, inp, we.unsqueeze(-1), c10::nullopt, {1}, {0}, {1}, false, {0}, 1,
+                                    {true, true, false});
+  Tensor d_x = std::get<0>(r);
+  return {accumulate.defined() ? d_x.add_(accumulate) : d_x, std::get<1>(r).squeeze(-1)};
+}
+
 std::tuple<Tensor, Tensor, std::vector<Tensor>> branch_fwd(
     const Tensor& inp, const OptTensor& target, at::TensorList emb_w, at::TensorList emb_bn_w,
     at::TensorList emb_bn_b, const OptTensor& rel_w, const OptTensor& rel_bn_w, const OptTensor& rel_bn_b,
     const Tensor& w1, const Tensor& h_bn_w, const Tensor& h_bn_b, const Tensor& w2, const Tensor& l_bn_w,
-    const Tensor& l_bn_b, at::TensorList running, at::IntArrayRef groups, int64_t theta_idx, int64_t phi_idx,
-    int64_t mean_group, bool relation, bool batch_stats, double momentum, double eps) {
+    const Tensor& l_bn_b, at::TensorList running, at::TensorList counters, at::IntArrayRef groups, int64_t theta_idx,
+    int64_t phi_idx, int64_t mean_group, bool relation, bool batch_stats, double momentum, double eps) {
   TORCH_CHECK(inp.dim() == 3, "rga_kernels: branch_fwd: inp must be (B, D, n), got ", inp.sizes());
   TORCH_CHECK(running.size() == 8, "rga_kernels: branch_fwd: 8 running-statistics entries expected");
   static auto bn_act_fwd = kernel<BnActFwd>("rga_kernels::bn_act_fwd");
   static auto bn_stats = kernel<BnStats>("rga_kernels::bn_stats");
   static auto gate_fwd = kernel<GateFwd>("rga_kernels::gate_fwd");
+  static auto gate_apply = kernel<GateApply>("rga_kernels::gate_apply");
   const auto dt = inp.scalar_type();
   const int64_t D = inp.size(1);
-  std::vector<Tensor> s(kNumSaved);
-  for (auto& t : s) t = empty_like_nothing(inp);
+  const Tensor nothing = empty_like_nothing(inp);  // one placeholder for every absent entry
+  std::vector<Tensor> s(kNumSaved, nothing);
   std::vector<Tensor> outs;
   Tensor chmean;
   if (!groups.empty()) {
     s[kWe] = as_dtype(flat_rows(emb_w, D), dt);
     s[kEw] = flat_rows(emb_bn_w, 1).view({-1});
     s[kEb] = flat_rows(emb_bn_b, 1).view({-1});
-    s[kE] = at::conv1d(inp, s[kWe].unsqueeze(-1));
+    s[kE] = embed(inp, s[kWe]);
     auto r = bn_act_fwd.call(s[kE], s[kEw], s[kEb], opt(running[0]), opt(running[1]), batch_stats, momentum, eps,
-                             groups, mean_group, c10::nullopt);
+                             groups, mean_group, c10::nullopt, false);
     outs = std::get<0>(r);
     s[kEMean] = std::get<1>(r);
     s[kEInvstd] = std::get<2>(r);
@@ -122,8 +176,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> branch_fwd(
     s[kPt] = pt;
     s[kQt] = qt;
     const OptTensor prefix = mean_group >= 0 ? OptTensor(chmean) : OptTensor();
+    // y = [mean(g), z] stored channels-last: the W1 GEMM reads it as one (B*n, width) matrix
     auto r = bn_act_fwd.call(z, *rel_bn_w, *rel_bn_b, opt(running[2]), opt(running[3]), batch_stats, momentum, eps,
-                             {z.size(1)}, -1, prefix);
+                             {z.size(1)}, -1, prefix, true);
     y = std::get<0>(r)[0];
     s[kZMean] = std::get<1>(r);
     s[kZInvstd] = std::get<2>(r);
@@ -132,13 +187,14 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> branch_fwd(
   }
   s[kY] = y;
   s[kW1] = as_dtype(w1.flatten(1), dt);
-  s[kH] = at::conv1d(y, s[kW1].unsqueeze(-1));
+  const int64_t B = inp.size(0), n = inp.size(2);
+  s[kH] = from_rows(at::mm(rows_of(y), s[kW1].t()), B, n);  // (B, h, n), channels-last
   std::tie(s[kHMean], s[kHInvstd]) =
-      bn_stats.call(s[kH], opt(running[4]), opt(running[5]), batch_stats, momentum, eps);
+      bn_stats.call(s[kH], opt(running[4]), opt(running[5]), counters, batch_stats, momentum, eps);
   std::tie(s[kA], s[kL], s[kLMean], s[kLInvstd]) =
       gate_fwd.call(s[kH], h_bn_w, h_bn_b, s[kHMean], s[kHInvstd], w2.flatten(1), l_bn_w, l_bn_b, opt(running[6]),
                     opt(running[7]), batch_stats, momentum, eps);
-  Tensor out = at::mul(target.has_value() ? *target : inp, s[kA]);
+  Tensor out = gate_apply.call(target.has_value() ? *target : inp, s[kA]);
   return {out, s[kA], s};
 }
 
@@ -146,10 +202,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> branch_fwd(
 // dWrel (M, 2n), d rel BN weight, bias, dW1 (h, width), d h BN weight, bias, dW2 (1, h), d l BN
 // weight, bias); absent ones are empty.
 std::vector<Tensor> branch_bwd(const Tensor& grad_out, const Tensor& inp, const OptTensor& target,
-                               const OptTensor& rel_bn_w, const OptTensor& rel_bn_b, const Tensor& h_bn_w,
-                               const Tensor& h_bn_b, const Tensor& w2, const Tensor& l_bn_w, at::TensorList saved,
-                               at::IntArrayRef groups, int64_t theta_idx, int64_t phi_idx, int64_t mean_group,
-                               bool relation, bool batch_stats) {
+                               at::TensorList emb_w, const OptTensor& rel_w, const OptTensor& rel_bn_w,
+                               const OptTensor& rel_bn_b, const Tensor& w1, const Tensor& h_bn_w, const Tensor& h_bn_b,
+                               const Tensor& w2, const Tensor& l_bn_w, at::TensorList saved, at::IntArrayRef groups,
+                               int64_t theta_idx, int64_t phi_idx, int64_t mean_group, bool relation,
+                               bool batch_stats) {
   TORCH_CHECK(saved.size() == kNumSaved, "rga_kernels: branch_bwd: ", kNumSaved, " saved tensors expected");
   static auto bn_act_bwd = kernel<BnActBwd>("rga_kernels::bn_act_bwd");
   static auto gate_bwd = kernel<GateBwd>("rga_kernels::gate_bwd");
@@ -160,11 +217,13 @@ std::vector<Tensor> branch_bwd(const Tensor& grad_out, const Tensor& inp, const 
   auto [grad_h, grad_w2, grad_hw, grad_hb, grad_lw, grad_lb] =
       head_bwd.call(grad_s, s[kL], l_bn_w, s[kLMean], s[kLInvstd], s[kH], h_bn_w, h_bn_b, s[kHMean], s[kHInvstd],
                     w2.flatten(1), batch_stats);
-  auto [grad_y, grad_w1, unused_b] = at::convolution_backward(grad_h, s[kY], s[kW1].unsqueeze(-1), c10::nullopt,
-                                                              {1}, {0}, {1}, false, {0}, 1, {true, true, false});
-  (void)unused_b;
-  std::vector<Tensor> r(15);
-  for (auto& t : r) t = empty_like_nothing(inp);
+  // H = W1 . y with y, H and grad_h stored channels-last: two plain GEMMs
+  const int64_t B = inp.size(0), n = inp.size(2);
+  const Tensor grad_h_rows = rows_of(grad_h);
+  const Tensor grad_w1 = at::mm(grad_h_rows.t(), rows_of(s[kY]));
+  const Tensor grad_y = from_rows(at::mm(grad_h_rows, s[kW1]), B, n);
+  const Tensor nothing = empty_like_nothing(inp);
+  std::vector<Tensor> r(15, nothing);
   Tensor d_inp;
   std::vector<Tensor> emb_grads;
   if (relation) {
@@ -189,27 +248,49 @@ std::vector<Tensor> branch_bwd(const Tensor& grad_out, const Tensor& inp, const 
     const OptTensor grad_chmean = mean_group >= 0 ? OptTensor(grad_y.narrow(1, 0, 1)) : OptTensor();
     auto [grad_e, grad_ew, grad_eb] = bn_act_bwd.call(emb_grads, s[kE], s[kEw], s[kEb], s[kEMean], s[kEInvstd],
                                                       batch_stats, grad_chmean, mean_group, groups);
-    auto [d_x, grad_we, unused] = at::convolution_backward(grad_e, inp, s[kWe].unsqueeze(-1), c10::nullopt, {1},
-                                                           {0}, {1}, false, {0}, 1, {true, true, false});
-    (void)unused;
+    // the gate's gradient of inp (when inp is the gated tensor) is added inside the GEMM
+    const Tensor acc = !target.has_value() ? grad_target : Tensor();
+    auto [d_x, grad_we] = embed_backward(grad_e, inp, s[kWe], acc);
     d_inp = d_inp.defined() ? d_inp.add_(d_x) : d_x;
-    r[2] = grad_we.squeeze(-1);
+    r[2] = grad_we;
     r[3] = grad_ew;
     r[4] = grad_eb;
-  }
-  if (target.has_value()) {
+    if (target.has_value()) r[1] = grad_target;
+  } else if (target.has_value()) {
     r[1] = grad_target;
   } else {
     d_inp = d_inp.defined() ? d_inp.add_(grad_target) : grad_target;
   }
-  r[0] = d_inp.defined() ? d_inp : empty_like_nothing(inp);
-  r[8] = grad_w1.squeeze(-1);
+  r[0] = d_inp.defined() ? d_inp : nothing;
+  r[8] = grad_w1;
   r[9] = grad_hw;
   r[10] = grad_hb;
   r[11] = grad_w2;
   r[12] = grad_lw;
   r[13] = grad_lb;
-  return r;
+  // In the Python side's flat parameter order (rga_kernels/branch.py, _flatten), each gradient
+  // shaped and typed like its parameter: d_inp, d_target, then per embedding the conv weight,
+  // BN weight and BN bias gradients, the relation conv and BN, W1 and its BN, W2 and its BN.
+  std::vector<Tensor> out{r[0], r[1]};
+  const int64_t ng = static_cast<int64_t>(emb_w.size());
+  if (ng > 0) {
+    std::vector<int64_t> sizes;
+    for (const auto& w : emb_w) sizes.push_back(w.size(0));
+    const auto dw = r[2].split_with_sizes(sizes);
+    for (int64_t i = 0; i < ng; ++i) out.push_back(as_dtype(dw[i].view(emb_w[i].sizes()), emb_w[i].scalar_type()));
+    for (const auto& t : r[3].split_with_sizes(sizes)) out.push_back(t);
+    for (const auto& t : r[4].split_with_sizes(sizes)) out.push_back(t);
+  }
+  out.push_back(relation ? as_dtype(r[5].view(rel_w->sizes()), rel_w->scalar_type()) : r[5]);
+  out.push_back(r[6]);
+  out.push_back(r[7]);
+  out.push_back(as_dtype(r[8].view(w1.sizes()), w1.scalar_type()));
+  out.push_back(r[9]);
+  out.push_back(r[10]);
+  out.push_back(as_dtype(r[11].view(w2.sizes()), w2.scalar_type()));
+  out.push_back(r[12]);
+  out.push_back(r[13]);
+  return out;
 }
 
 }  // namespace
@@ -220,12 +301,13 @@ TORCH_LIBRARY_FRAGMENT(rga_kernels, m) {
   m.def(
       "branch_fwd(Tensor inp, Tensor? target, Tensor[] emb_w, Tensor[] emb_bn_w, Tensor[] emb_bn_b, Tensor? rel_w, "
       "Tensor? rel_bn_w, Tensor? rel_bn_b, Tensor w1, Tensor h_bn_w, Tensor h_bn_b, Tensor w2, Tensor l_bn_w, "
-      "Tensor l_bn_b, Tensor(a!)[] running, int[] groups, int theta, int phi, int mean_group, bool relation, "
+      "Tensor l_bn_b, Tensor(a!)[] running, Tensor(b!)[] counters, int[] groups, int theta, int phi, "
+      "int mean_group, bool relation, "
       "bool batch_stats, float momentum, float eps) -> (Tensor, Tensor, Tensor[])");
   m.def(
-      "branch_bwd(Tensor grad_out, Tensor inp, Tensor? target, Tensor? rel_bn_w, Tensor? rel_bn_b, Tensor h_bn_w, "
-      "Tensor h_bn_b, Tensor w2, Tensor l_bn_w, Tensor[] saved, int[] groups, int theta, int phi, int mean_group, "
-      "bool relation, bool batch_stats) -> Tensor[]");
+      "branch_bwd(Tensor grad_out, Tensor inp, Tensor? target, Tensor[] emb_w, Tensor? rel_w, Tensor? rel_bn_w, "
+      "Tensor? rel_bn_b, Tensor w1, Tensor h_bn_w, Tensor h_bn_b, Tensor w2, Tensor l_bn_w, Tensor[] saved, "
+      "int[] groups, int theta, int phi, int mean_group, bool relation, bool batch_stats) -> Tensor[]");
 }
 
 // Device-generic: the kernels it calls dispatch on the tensors' device.

@@ -156,6 +156,23 @@ inline void check_head_bwd(const Tensor& grad_s, const Tensor& l, const Tensor& 
               "rga_kernels: head_bwd: l and grad_s must be contiguous (", B, ", 1, ", n, ") tensors of h's dtype");
 }
 
+constexpr int kMaxCounters = 8;
+
+// num_batches_tracked counters (int64 scalars) that a kernel increments.
+inline void check_counters(at::TensorList counters, const Tensor& like) {
+  TORCH_CHECK(counters.size() <= kMaxCounters, "rga_kernels: at most ", kMaxCounters, " counters, got ",
+              counters.size());
+  for (const auto& c : counters)
+    TORCH_CHECK(c.scalar_type() == at::kLong && c.numel() == 1 && c.device() == like.device(),
+                "rga_kernels: counters must be one-element int64 tensors on ", like.device());
+}
+
+inline void check_gate_apply(const Tensor& target, const Tensor& a) {
+  check_3d(target, "target");
+  TORCH_CHECK(a.dim() == 3 && a.size(0) == target.size(0) && a.size(1) == 1 && a.size(2) == target.size(2),
+              "rga_kernels: gate_apply: a must be (", target.size(0), ", 1, ", target.size(2), "), got ", a.sizes());
+}
+
 // Outputs of bn_act_fwd: one contiguous (B, k_i (+P), n) tensor per written group, an empty
 // tensor for the mean group; mean/invstd (K,); chmean (B, 1, n) or empty.
 struct BnActOutputs {
@@ -164,7 +181,9 @@ struct BnActOutputs {
   int64_t prefix_channels = 0;
 };
 
-inline BnActOutputs alloc_bn_act(const Tensor& y, const Groups& g, const OptTensor& prefix) {
+// channels_last: each output's storage is (B, n, k) (returned as its (B, k, n) transpose), the
+// layout the next GEMM reads as one (B*n, k) matrix.
+inline BnActOutputs alloc_bn_act(const Tensor& y, const Groups& g, const OptTensor& prefix, bool channels_last) {
   const int64_t B = y.size(0), K = y.size(1), n = y.size(2);
   BnActOutputs o;
   if (prefix.has_value()) {
@@ -180,7 +199,9 @@ inline BnActOutputs alloc_bn_act(const Tensor& y, const Groups& g, const OptTens
     if (i == g.mean_group) {
       o.outs.push_back(at::empty({0}, y.options()));
     } else {
-      o.outs.push_back(at::empty({B, k + o.prefix_channels, n}, y.options()));
+      const int64_t c = k + o.prefix_channels;
+      o.outs.push_back(channels_last ? at::empty({B, n, c}, y.options()).transpose(1, 2)
+                                     : at::empty({B, c, n}, y.options()));
     }
   }
   const auto acc = y.options().dtype(acc_type_of(y.scalar_type()));

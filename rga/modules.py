@@ -407,9 +407,11 @@ class RGAModule(nn.Module):
         if plan is not None and plan[0] == self._plan_key():
             return plan
         self.__dict__["_plan_bns"] = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        kernels, counted = self._kernel_branches()
         counters = [m.num_batches_tracked for m in self._plan_bns
-                    if _plain_bn(m) and m.training and m.track_running_stats and m.num_batches_tracked is not None]
-        plan = (self._plan_key(), self._kernel_branches(), counters)
+                    if _plain_bn(m) and m.training and m.track_running_stats and m.num_batches_tracked is not None
+                    and not any(m.num_batches_tracked is c for c in counted)]
+        plan = (self._plan_key(), kernels, counters)
         self.__dict__["_plan_cache"] = plan
         return plan
 
@@ -608,11 +610,12 @@ class RGAModule(nn.Module):
         return self._combine(x3, spatial, channel).reshape(b, c, h, w)
 
     def _kernel_branches(self) -> dict:
-        """branch -> fn(inp, target) -> (gated target, attention) through rga_kernels' fused branch
-        (its own kernels), for the branches where it applies; the others take _branch_fused."""
+        """(branch -> fn(inp, target) -> (gated target, attention) through rga_kernels' fused branch
+        (its own kernels), for the branches where it applies (the others take _branch_fused); the
+        num_batches_tracked counters those branches' kernels increment themselves)."""
         backend = self.backend
         if backend is None or torch.compiler.is_compiling():
-            return {}
+            return {}, ()
         from rga_kernels.branch import FUSED_BRANCH_BACKENDS
 
         if backend == "auto":
@@ -621,14 +624,15 @@ class RGAModule(nn.Module):
             device = next(self.parameters()).device
             backend = _resolve_backend("auto", device)
         if backend not in FUSED_BRANCH_BACKENDS:
-            return {}
-        fns = {}
+            return {}, ()
+        fns, counted = {}, ()
         for branch in ("spatial", "channel"):
             if getattr(self, f"use_{branch}"):
                 args = self._branch_args(branch, backend)
                 if args is not None:
                     fns[branch] = self._make_kernel_branch(*args)
-        return fns
+                    counted += args[2].counters
+        return fns, counted
 
     @staticmethod
     def _make_kernel_branch(spec, params, running):
@@ -679,8 +683,11 @@ class RGAModule(nn.Module):
         def stats(bn):
             return (bn.running_mean, bn.running_var) if track else (None, None)
 
+        counters = ()
+        if backend in ("cpp", "cuda") and b0.training and track:  # incremented by the branch's kernels
+            counters = tuple(b.num_batches_tracked for b in bns)
         running = BranchRunning(emb_mean, emb_var, *(stats(rel[1]) if rel else (None, None)), *stats(mlp[1]),
-                                *stats(mlp[4]))
+                                *stats(mlp[4]), counters)
         return spec, params, running
 
     def _branch_fused(self, branch: str, inp: torch.Tensor) -> torch.Tensor:

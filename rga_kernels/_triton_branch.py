@@ -32,13 +32,14 @@ import struct
 import torch
 
 from . import _triton
-from ._triton import INTERPRET, TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton
+from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton
 from .branch_reference import acc_dtype
 
 BLOCK = 1024  # nodes per loop step of a per-channel program
 TILE = 4096  # elements of a (channels x nodes) tile
 
 if TRITON_AVAILABLE:
+    _TL = {torch.float32: tl.float32, torch.float64: tl.float64}  # the accumulation dtype, a constexpr
 
     @triton.jit
     def _node_offsets(i, n, sb, sn):
@@ -100,6 +101,36 @@ if TRITON_AVAILABLE:
     # ------------------------------------------------------------------------------------------
 
     @triton.jit
+    def _mean_group_program(y, y_sb, y_sc, y_sn, w, bias, rm, rv, mean_out, invstd_out, chmean, m_start, m_k, n, N,
+                            eps, mom, BATCH_STATS: tl.constexpr, HAS_RUNNING: tl.constexpr, MC: tl.constexpr,
+                            MN: tl.constexpr):
+        """bn_act_fwd's mean group [m_start, m_start + m_k): its statistics (chunks of MC channels),
+        then chmean (B, 1, n) = the mean over its channels of ReLU(BN(y)), per block of MN nodes."""
+        ACC = eps.dtype
+        cc = tl.arange(0, MC)
+        for c0 in range(0, m_k, MC):
+            _stats(y, y_sb, y_sc, y_sn, m_start + c0 + cc, (c0 + cc) < m_k, n, N, rm, rv, mean_out, invstd_out,
+                   eps, mom, BATCH_STATS, HAS_RUNNING, MC, MN)
+        tl.debug_barrier()  # the statistics just stored are read back below
+        nn = tl.arange(0, MN)
+        for i0 in range(0, N, MN):
+            i = i0 + nn
+            total = tl.zeros([MN], ACC)
+            for c0 in range(0, m_k, MC):
+                ch = m_start + c0 + cc
+                cm = (c0 + cc) < m_k
+                mean = tl.load(mean_out + ch, mask=cm, other=0.0)
+                invstd = tl.load(invstd_out + ch, mask=cm, other=0.0)
+                wc = tl.load(w + ch, mask=cm, other=0.0).to(ACC)
+                bc = tl.load(bias + ch, mask=cm, other=0.0).to(ACC)
+                m = cm[:, None] & (i < N)[None, :]
+                x = tl.load(y + ch[:, None].to(tl.int64) * y_sc + _node_offsets(i, n, y_sb, y_sn)[None, :],
+                            mask=m, other=0.0).to(ACC)
+                act = tl.maximum(_bn(x, mean[:, None], invstd[:, None], wc[:, None], bc[:, None]), 0.0)
+                total += tl.sum(tl.where(m, act, 0.0), 0)
+            tl.store(chmean + i, (total / m_k).to(chmean.dtype.element_ty), mask=i < N)
+
+    @triton.jit
     def _bn_act_fwd_kernel(
         y, y_sb, y_sc, y_sn, w, bias, rm, rv, mean_out, invstd_out,
         o0, o1, o2, ok0, ok1, ok2,  # the written groups' outputs (B, ok_i, n), contiguous
@@ -107,16 +138,12 @@ if TRITON_AVAILABLE:
         prefix, p_sb, p_sc, p_sn, P,  # prefix (B, P, n) -> o0[:, :P]
         chmean, m_start, m_k,  # the mean group [m_start, m_start + m_k) -> chmean (B, 1, n)
         n, N, eps_hi, eps_lo, mom_hi, mom_lo,
-        BATCH_STATS: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_MEAN: tl.constexpr, ACC_FP64: tl.constexpr,
+        BATCH_STATS: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_MEAN: tl.constexpr, ACC: tl.constexpr,
         BLOCK: tl.constexpr, MC: tl.constexpr, MN: tl.constexpr,
     ):
         """Programs 0 .. K - m_k - 1: one written channel each (stats, running update, ReLU(BN(y))
         into its group's output; also the prefix copy). With HAS_MEAN, the last program: the mean
         group's stats (chunks of MC channels), then chmean = mean over its channels of ReLU(BN(y))."""
-        if ACC_FP64:
-            ACC: tl.constexpr = tl.float64
-        else:
-            ACC: tl.constexpr = tl.float32
         eps = _pair(eps_hi, eps_lo, ACC)
         mom = _pair(mom_hi, mom_lo, ACC)
         pid = tl.program_id(0)
@@ -150,48 +177,33 @@ if TRITON_AVAILABLE:
             for p in range(pid, P, n_written):  # the prefix channels, spread over the programs
                 for i0 in range(0, N, BLOCK):
                     i = i0 + nn
-                    v = tl.load(prefix + tl.cast(p, tl.int64) * p_sc + _node_offsets(i, n, p_sb, p_sn), mask=i < N)
-                    tl.store(o0 + tl.cast(p, tl.int64) * n + _node_offsets(i, n, ok0 * n, 1), v.to(o0.dtype.element_ty),
-                             mask=i < N)
+                    p64 = tl.cast(p, tl.int64)
+                    v = tl.load(prefix + p64 * p_sc + _node_offsets(i, n, p_sb, p_sn), mask=i < N)
+                    tl.store(o0 + p64 * n + _node_offsets(i, n, ok0 * n, 1), v.to(o0.dtype.element_ty), mask=i < N)
         elif HAS_MEAN:
-            cc = tl.arange(0, MC)
-            for c0 in range(0, m_k, MC):
-                _stats(y, y_sb, y_sc, y_sn, m_start + c0 + cc, (c0 + cc) < m_k, n, N, rm, rv, mean_out, invstd_out,
-                       eps, mom, BATCH_STATS, HAS_RUNNING, MC, MN)
-            tl.debug_barrier()  # the statistics just stored are read back below
-            nn = tl.arange(0, MN)
-            for i0 in range(0, N, MN):
-                i = i0 + nn
-                total = tl.zeros([MN], ACC)
-                for c0 in range(0, m_k, MC):
-                    ch = m_start + c0 + cc
-                    cm = (c0 + cc) < m_k
-                    mean = tl.load(mean_out + ch, mask=cm, other=0.0)
-                    invstd = tl.load(invstd_out + ch, mask=cm, other=0.0)
-                    wc = tl.load(w + ch, mask=cm, other=0.0).to(ACC)
-                    bc = tl.load(bias + ch, mask=cm, other=0.0).to(ACC)
-                    m = cm[:, None] & (i < N)[None, :]
-                    x = tl.load(y + ch[:, None].to(tl.int64) * y_sc + _node_offsets(i, n, y_sb, y_sn)[None, :],
-                                mask=m, other=0.0).to(ACC)
-                    act = tl.maximum(_bn(x, mean[:, None], invstd[:, None], wc[:, None], bc[:, None]), 0.0)
-                    total += tl.sum(tl.where(m, act, 0.0), 0)
-                tl.store(chmean + i, (total / m_k).to(chmean.dtype.element_ty), mask=i < N)
+            _mean_group_program(y, y_sb, y_sc, y_sn, w, bias, rm, rv, mean_out, invstd_out, chmean, m_start, m_k,
+                                n, N, eps, mom, BATCH_STATS, HAS_RUNNING, MC, MN)
+
+    @triton.jit
+    def _bn_bwd_block(y, y_sb, y_sn, g, g_sb, g_sn, g_div, g_on, i, n, N, mean, invstd, w, b):
+        """At nodes i of one channel: the masked incoming gradient (g / g_div where the ReLU passed, 0
+        without a gradient or outside the nodes) and x̂."""
+        m = i < N
+        xhat = (tl.load(y + _node_offsets(i, n, y_sb, y_sn), mask=m, other=0.0).to(mean.dtype) - mean) * invstd
+        gi = tl.load(g + _node_offsets(i, n, g_sb, g_sn), mask=m & g_on, other=0.0)
+        return tl.where(xhat * w + b > 0, gi.to(mean.dtype) / g_div, 0.0), xhat
 
     @triton.jit
     def _bn_act_bwd_kernel(
-        y, y_sb, y_sc, y_sn, w, bias, mean, invstd, grad_y, grad_w, grad_b,
+        y, y_sb, y_sc, y_sn, w, bias, mean, invstd, grad_y, gy_sb, gy_sc, gy_sn, grad_w, grad_b,
         g0, g0_sb, g0_sc, g0_sn, g0_div, g0_on,  # the incoming gradient of each group: tensor, strides,
         g1, g1_sb, g1_sc, g1_sn, g1_div, g1_on,  # divisor (the mean group's k) and whether it has one
         g2, g2_sb, g2_sc, g2_sn, g2_div, g2_on,
-        s1, s2, K, n, N,
-        BATCH_STATS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
+        s1, s2, n, N,
+        BATCH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """One program per channel c: g = its group's incoming gradient (/ k for the mean group) where
-        the ReLU passed; grad_bias = sum g, grad_weight = sum g*x̂, then grad_y (into (B, K, n))."""
-        if ACC_FP64:
-            ACC: tl.constexpr = tl.float64
-        else:
-            ACC: tl.constexpr = tl.float32
+        the ReLU passed; grad_bias = sum g, grad_weight = sum g*x̂, then grad_y (y's layout)."""
         c = tl.program_id(0)
         grp = (c >= s1).to(tl.int32) + (c >= s2).to(tl.int32)
         if grp == 0:
@@ -213,43 +225,31 @@ if TRITON_AVAILABLE:
         nn = tl.arange(0, BLOCK)
         sum_g = tl.zeros([BLOCK], ACC)
         sum_gx = tl.zeros([BLOCK], ACC)
-        for i0 in range(0, N, BLOCK):
-            i = i0 + nn
-            m = i < N
-            xhat = (tl.load(y + c.to(tl.int64) * y_sc + _node_offsets(i, n, y_sb, y_sn), mask=m, other=0.0).to(ACC)
-                    - mc) * ic
-            gi = tl.load(g + local.to(tl.int64) * g_sc + _node_offsets(i, n, g_sb, g_sn), mask=m & g_on, other=0.0)
-            gi = tl.where(xhat * wc + bc > 0, gi.to(ACC) / g_div, 0.0)
+        for i0 in range(0, N, BLOCK):  # the sums over the nodes
+            gi, xhat = _bn_bwd_block(y + c.to(tl.int64) * y_sc, y_sb, y_sn, g + local.to(tl.int64) * g_sc, g_sb, g_sn,
+                                     g_div, g_on, i0 + nn, n, N, mc, ic, wc, bc)
             sum_g += gi
             sum_gx += gi * xhat
         gb = tl.sum(sum_g, 0)
         gw = tl.sum(sum_gx, 0)
         tl.store(grad_b + c, gb.to(grad_b.dtype.element_ty))
         tl.store(grad_w + c, gw.to(grad_w.dtype.element_ty))
-        scale = wc * ic
-        for i0 in range(0, N, BLOCK):
+        for i0 in range(0, N, BLOCK):  # grad_y
             i = i0 + nn
-            m = i < N
-            xhat = (tl.load(y + c.to(tl.int64) * y_sc + _node_offsets(i, n, y_sb, y_sn), mask=m, other=0.0).to(ACC)
-                    - mc) * ic
-            gi = tl.load(g + local.to(tl.int64) * g_sc + _node_offsets(i, n, g_sb, g_sn), mask=m & g_on, other=0.0)
-            gi = tl.where(xhat * wc + bc > 0, gi.to(ACC) / g_div, 0.0)
+            gi, xhat = _bn_bwd_block(y + c.to(tl.int64) * y_sc, y_sb, y_sn, g + local.to(tl.int64) * g_sc, g_sb, g_sn,
+                                     g_div, g_on, i, n, N, mc, ic, wc, bc)
             if BATCH_STATS:
-                gy = scale * (gi - gb / N - xhat * gw / N)
+                gy = (wc * ic) * (gi - gb / N - xhat * gw / N)
             else:
-                gy = scale * gi
-            tl.store(grad_y + c.to(tl.int64) * n + _node_offsets(i, n, K * n, 1), gy.to(grad_y.dtype.element_ty),
-                     mask=m)
+                gy = (wc * ic) * gi
+            tl.store(grad_y + c.to(tl.int64) * gy_sc + _node_offsets(i, n, gy_sb, gy_sn),
+                     gy.to(grad_y.dtype.element_ty), mask=i < N)
 
     @triton.jit
     def _bn_stats_kernel(y, y_sb, y_sc, y_sn, rm, rv, mean_out, invstd_out, n, N, eps_hi, eps_lo, mom_hi, mom_lo,
-                         BATCH_STATS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC_FP64: tl.constexpr,
+                         BATCH_STATS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC: tl.constexpr,
                          BLOCK: tl.constexpr):
         """One program per channel: the statistics alone (and the running update)."""
-        if ACC_FP64:
-            ACC: tl.constexpr = tl.float64
-        else:
-            ACC: tl.constexpr = tl.float32
         ch = tl.program_id(0) + tl.zeros([1], tl.int32)
         _stats(y, y_sb, y_sc, y_sn, ch, ch >= 0, n, N, rm, rv, mean_out, invstd_out,
                _pair(eps_hi, eps_lo, ACC), _pair(mom_hi, mom_lo, ACC), BATCH_STATS, HAS_RUNNING, 1, BLOCK)
@@ -262,17 +262,13 @@ if TRITON_AVAILABLE:
     def _gate_fwd_kernel(
         h, h_sb, h_sc, h_sn, hw, hb, hm, hi, w2, w2_s, lw, lb, rm, rv, l_out, l_acc, l_mean, l_invstd, a_out,
         H, n, N, eps_hi, eps_lo, mom_hi, mom_lo,
-        BATCH_STATS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC_FP64: tl.constexpr, L_ACC: tl.constexpr,
+        BATCH_STATS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC: tl.constexpr, L_ACC: tl.constexpr,
         HC: tl.constexpr, BN: tl.constexpr,
     ):
         """A single program. Pass 1: the logits l = w2 · ReLU(BN_h(h)) (B, 1, n) per node block,
         summing (HC channels x BN nodes) tiles over the channels; stored in h's dtype (l_out) and,
         when that is narrower, in the accumulation dtype (l_acc, L_ACC). Then l's statistics (or the
         running ones) and pass 2: a = sigmoid(BN_l(l))."""
-        if ACC_FP64:
-            ACC: tl.constexpr = tl.float64
-        else:
-            ACC: tl.constexpr = tl.float32
         eps = _pair(eps_hi, eps_lo, ACC)
         mom = _pair(mom_hi, mom_lo, ACC)
         cc = tl.arange(0, HC)
@@ -286,7 +282,8 @@ if TRITON_AVAILABLE:
                 m = cm[:, None] & (i < N)[None, :]
                 x = tl.load(h + ch[:, None].to(tl.int64) * h_sc + _node_offsets(i, n, h_sb, h_sn)[None, :],
                             mask=m, other=0.0).to(ACC)
-                pre = _bn(x, tl.load(hm + ch, mask=cm, other=0.0)[:, None], tl.load(hi + ch, mask=cm, other=0.0)[:, None],
+                pre = _bn(x, tl.load(hm + ch, mask=cm, other=0.0)[:, None],
+                          tl.load(hi + ch, mask=cm, other=0.0)[:, None],
                           tl.load(hw + ch, mask=cm, other=0.0).to(ACC)[:, None],
                           tl.load(hb + ch, mask=cm, other=0.0).to(ACC)[:, None])
                 w2c = tl.load(w2 + ch * w2_s, mask=cm, other=0.0).to(ACC)
@@ -309,14 +306,10 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _gate_bwd_kernel(
         go, go_sb, go_sc, go_sn, t, t_sb, t_sc, t_sn, a, a_sb, a_sn, gt, gt_sb, gt_sc, gt_sn, gs,
-        C, n, N, ACC_FP64: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
+        C, n, N, ACC: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
     ):
         """A program per block of BN nodes: grad_target = grad_out * a and
         grad_s = sum_c(grad_out * target) * a * (1 - a), over chunks of CC channels."""
-        if ACC_FP64:
-            ACC: tl.constexpr = tl.float64
-        else:
-            ACC: tl.constexpr = tl.float32
         i = tl.program_id(0) * BN + tl.arange(0, BN)
         im = i < N
         av = tl.load(a + _node_offsets(i, n, a_sb, a_sn), mask=im, other=0.0).to(ACC)
@@ -353,15 +346,11 @@ if TRITON_AVAILABLE:
     def _head_bwd_kernel(
         gs, gs_sb, gs_sn, l, l_sb, l_sn, lw, lm, li, h, h_sb, h_sc, h_sn, hw, hb, hm, hi, w2, w2_s,
         grad_h, grad_w2, grad_hw, grad_hb, grad_lw, grad_lb, H, n, N,
-        BATCH_STATS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
+        BATCH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """One program per hidden channel k. The logit BN's backward sums (sum grad_s, sum grad_s*l̂;
         every program computes them, program 0 stores them as grad_l_bias/weight) give dl; then
         grad_w2[k] = sum dl*ReLU(pre), g = w2[k]*dl*[pre > 0], BN_h's backward sums and grad_h[:, k]."""
-        if ACC_FP64:
-            ACC: tl.constexpr = tl.float64
-        else:
-            ACC: tl.constexpr = tl.float32
         k = tl.program_id(0)
         nn = tl.arange(0, BLOCK)
         lmean = tl.load(lm)
@@ -419,14 +408,18 @@ if TRITON_AVAILABLE:
 
 
 def _launch(kernel, name, grid, *args, **meta):
-    """One launch, as one ``triton::<name>`` profiler event (what rga_kernels.launches counts)."""
+    """One launch, as one ``triton::<name>`` profiler event (what rga_kernels.launches counts).
+
+    The kernel is launched directly, not through torch.library.wrap_triton: the fused branch never
+    runs under torch.compile / export tracing (RGAModule takes its composite path there), and the
+    higher-order-op dispatch would only add host time to every launch."""
     if not TRITON_AVAILABLE:
         raise RuntimeError(TRITON_UNAVAILABLE_REASON)
-    if torch.autograd.profiler._is_profiler_enabled and not torch.compiler.is_compiling():
+    if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function("triton::" + name):
-            _triton._launchable(kernel)[grid](*args, **meta)
-        return
-    _triton._launchable(kernel)[grid](*args, **meta)
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
 
 
 def _f32_pair(x: float):
@@ -482,7 +475,7 @@ class TritonKernels:
                 *bounds, pre, *pre.stride(), P, chmean if mean_group >= 0 else y, m_start, m_k,
                 n, B * n, *_f32_pair(eps), *_f32_pair(momentum),
                 BATCH_STATS=bool(batch_stats), HAS_RUNNING=has_running, HAS_MEAN=int(mean_group >= 0),
-                ACC_FP64=acc == torch.float64, BLOCK=BLOCK, MC=mc, MN=mn)
+                ACC=_TL[acc], BLOCK=BLOCK, MC=mc, MN=mn)
         return outs, mean, invstd, chmean
 
     @staticmethod
@@ -494,7 +487,7 @@ class TritonKernels:
         _launch(_bn_stats_kernel, "_bn_stats_kernel", (K,), y, *y.stride(),
                 *((rm, rv) if rm is not None else (mean, invstd)), mean, invstd, n, B * n,
                 *_f32_pair(eps), *_f32_pair(momentum), BATCH_STATS=bool(batch_stats),
-                HAS_RUNNING=bool(batch_stats) and rm is not None, ACC_FP64=acc == torch.float64, BLOCK=BLOCK)
+                HAS_RUNNING=bool(batch_stats) and rm is not None, ACC=_TL[acc], BLOCK=BLOCK)
         return mean, invstd
 
     @staticmethod
@@ -518,12 +511,12 @@ class TritonKernels:
                 slots.append((g, g.stride(0), 0 if i == mean_group else g.stride(1), g.stride(2), div, 1))
         slots += [(y, 0, 0, 0, 1, 0)] * (3 - len(slots))
         bounds = [sum(groups[:i]) for i in (1, 2)]
-        grad_y = torch.empty((B, K, n), dtype=y.dtype, device=y.device)
+        grad_y = torch.empty_like(y)  # y's layout (strides), as branch_reference
         grad_w = torch.empty(K, dtype=weight.dtype, device=y.device)
         grad_b = torch.empty(K, dtype=bias.dtype, device=y.device)
         _launch(_bn_act_bwd_kernel, "_bn_act_bwd_kernel", (K,), y, *y.stride(), _vec(weight), _vec(bias), mean,
-                invstd, grad_y, grad_w, grad_b, *slots[0], *slots[1], *slots[2], *bounds, K, n, B * n,
-                BATCH_STATS=bool(batch_stats), ACC_FP64=mean.dtype == torch.float64, BLOCK=BLOCK)
+                invstd, grad_y, *grad_y.stride(), grad_w, grad_b, *slots[0], *slots[1], *slots[2], *bounds, n, B * n,
+                BATCH_STATS=bool(batch_stats), ACC=_TL[mean.dtype], BLOCK=BLOCK)
         return grad_y, grad_w, grad_b
 
     @staticmethod
@@ -542,7 +535,7 @@ class TritonKernels:
                 h_invstd, w2, w2.stride(0), _vec(l_weight), _vec(l_bias),
                 *((l_rm, l_rv) if l_rm is not None else (l_mean, l_invstd)), l_out, l_acc, l_mean, l_invstd, a,
                 H, n, B * n, *_f32_pair(eps), *_f32_pair(momentum), BATCH_STATS=bool(batch_stats),
-                HAS_RUNNING=bool(batch_stats) and l_rm is not None, ACC_FP64=acc == torch.float64,
+                HAS_RUNNING=bool(batch_stats) and l_rm is not None, ACC=_TL[acc],
                 L_ACC=l_acc is not l_out, HC=hc, BN=bn)
         return a, l_out, l_mean, l_invstd
 
@@ -555,7 +548,7 @@ class TritonKernels:
         bn = min(bn, max(16, triton.next_power_of_2(B * n)))
         _launch(_gate_bwd_kernel, "_gate_bwd_kernel", (triton.cdiv(B * n, bn),), grad_out, *grad_out.stride(),
                 target, *target.stride(), a, a.stride(0), a.stride(2), grad_target, *grad_target.stride(), grad_s,
-                C, n, B * n, ACC_FP64=acc_dtype(a.dtype) == torch.float64, CC=cc, BN=bn)
+                C, n, B * n, ACC=_TL[acc_dtype(a.dtype)], CC=cc, BN=bn)
         return grad_target, grad_s
 
     @staticmethod
@@ -572,7 +565,7 @@ class TritonKernels:
         _launch(_head_bwd_kernel, "_head_bwd_kernel", (H,), grad_s, grad_s.stride(0), grad_s.stride(2), l,
                 l.stride(0), l.stride(2), _vec(l_weight), l_mean, l_invstd, h, *h.stride(), _vec(h_weight),
                 _vec(h_bias), h_mean, h_invstd, w2f, w2f.stride(0), grad_h, grad_w2, grad_hw, grad_hb, grad_lw,
-                grad_lb, H, n, B * n, BATCH_STATS=bool(batch_stats), ACC_FP64=h_mean.dtype == torch.float64,
+                grad_lb, H, n, B * n, BATCH_STATS=bool(batch_stats), ACC=_TL[h_mean.dtype],
                 BLOCK=BLOCK)
         return grad_h, grad_w2, grad_hw, grad_hb, grad_lw, grad_lb
 

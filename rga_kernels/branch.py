@@ -84,6 +84,7 @@ class BranchRunning(NamedTuple):
     h_var: Optional[Tensor]
     l_mean: Optional[Tensor]
     l_var: Optional[Tensor]
+    counters: tuple = ()  # num_batches_tracked tensors the branch's kernels increment (cpp/cuda)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,11 +98,11 @@ class _CppKernels:
     @staticmethod
     def bn_act_fwd(y, weight, bias, rm, rv, batch_stats, momentum, eps, groups, mean_group, prefix):
         return torch.ops.rga_kernels.bn_act_fwd(y, weight, bias, rm, rv, batch_stats, momentum, eps, list(groups),
-                                                mean_group, prefix)
+                                                mean_group, prefix, False)
 
     @staticmethod
     def bn_stats(y, rm, rv, batch_stats, momentum, eps):
-        return torch.ops.rga_kernels.bn_stats(y, rm, rv, batch_stats, momentum, eps)
+        return torch.ops.rga_kernels.bn_stats(y, rm, rv, [], batch_stats, momentum, eps)
 
     @staticmethod
     def bn_act_bwd(grad_outs, y, weight, bias, mean, invstd, batch_stats, grad_chmean, mean_group, groups):
@@ -247,6 +248,8 @@ def _forward(spec: BranchSpec, k, inp, target, p: BranchParams, run: BranchRunni
     a, l, l_mean, l_invstd = k.gate_fwd(h, p.h_bn_weight.detach(), p.h_bn_bias.detach(), h_mean, h_invstd,
                                         p.w2.detach().flatten(1), p.l_bn_weight.detach(), p.l_bn_bias.detach(),
                                         run.l_mean, run.l_var, bs, mom, eps)
+    if run.counters:
+        torch._foreach_add_(list(run.counters), 1)
     out = target * a
     saved.update(y=y, w1=w1, h=h, h_mean=h_mean, h_invstd=h_invstd, l=l, l_mean=l_mean, l_invstd=l_invstd, a=a)
     return out, a, saved
@@ -261,28 +264,22 @@ def _cpp_forward(spec: BranchSpec, inp, target, p: BranchParams, run: BranchRunn
     """rga_kernels::branch_fwd: the whole forward in one C++ call (the same sequence as _forward).
     (Inside autograd.Function.forward nothing records a graph: no detach needed.)"""
     none = inp.new_empty(0)
-    running = [none if r is None else r for r in run]
-    out, a, saved = torch.ops.rga_kernels.branch_fwd(
+    running = [none if r is None else r for r in run[:8]]
+    return torch.ops.rga_kernels.branch_fwd.default(
         inp, target, p.emb_weight, p.emb_bn_weight, p.emb_bn_bias, p.rel_weight, p.rel_bn_weight, p.rel_bn_bias,
-        p.w1, p.h_bn_weight, p.h_bn_bias, p.w2, p.l_bn_weight, p.l_bn_bias, running, spec.groups, spec.theta,
+        p.w1, p.h_bn_weight, p.h_bn_bias, p.w2, p.l_bn_weight, p.l_bn_bias, running, run.counters, spec.groups,
+        spec.theta,
         spec.phi, spec.mean_group, spec.relation, spec.batch_stats, spec.momentum, spec.eps)
-    return out, a, saved
 
 
-def _cpp_backward(spec, inp, target, p: BranchParams, saved, grad_out):
+def _cpp_backward(spec, inp, target, p: BranchParams, flat_params, saved, grad_out):
     """rga_kernels::branch_bwd; returns (d_inp, d_target, flat parameter gradients)."""
-    r = torch.ops.rga_kernels.branch_bwd(
-        grad_out, inp, target, p.rel_bn_weight, p.rel_bn_bias, p.h_bn_weight, p.h_bn_bias, p.w2, p.l_bn_weight,
-        saved, spec.groups, spec.theta, spec.phi, spec.mean_group, spec.relation, spec.batch_stats)
-    d_inp = r[0] if r[0].numel() else None
-    d_target = r[1] if target is not None else None
-    emb = ((), (), ())
-    if spec.groups:
-        emb = (tuple(g.to(w.dtype) for g, w in zip(_split_like(r[2], p.emb_weight), p.emb_weight)),
-               tuple(_split_like(r[3], p.emb_bn_weight)), tuple(_split_like(r[4], p.emb_bn_bias)))
-    rel = (r[5].view(p.rel_weight.shape).to(p.rel_weight.dtype), r[6], r[7]) if spec.relation else (None,) * 3
-    return d_inp, d_target, (*emb[0], *emb[1], *emb[2], *rel, r[8].view(p.w1.shape).to(p.w1.dtype), r[9], r[10],
-                             r[11].view(p.w2.shape).to(p.w2.dtype), r[12], r[13])
+    r = torch.ops.rga_kernels.branch_bwd.default(
+        grad_out, inp, target, p.emb_weight, p.rel_weight, p.rel_bn_weight, p.rel_bn_bias, p.w1, p.h_bn_weight,
+        p.h_bn_bias, p.w2, p.l_bn_weight, saved, spec.groups, spec.theta, spec.phi, spec.mean_group, spec.relation,
+        spec.batch_stats)
+    d_params = [g if w is not None else None for g, w in zip(r[2:], flat_params)]
+    return (r[0] if r[0].numel() else None), (r[1] if target is not None else None), d_params
 
 
 class _Branch(torch.autograd.Function):
@@ -320,7 +317,7 @@ class _Branch(torch.autograd.Function):
             names = _CPP_SAVED if cpp else ctx.keys
             grads = _double_backward(ctx, spec, inp, target, p, flat_params, dict(zip(names, saved)), grad_out)
         elif cpp:
-            grads = _cpp_backward(spec, inp, target if ctx.own_target else None, p, saved, grad_out)
+            grads = _cpp_backward(spec, inp, target if ctx.own_target else None, p, flat_params, saved, grad_out)
         else:
             grads = _backward(spec, _kernels(spec.backend), inp, target if ctx.own_target else inp, p,
                               dict(zip(ctx.keys, saved)), grad_out, ctx.own_target)

@@ -25,6 +25,7 @@ accumulation dtype: float32 for float16/bfloat16/float32 inputs, float64 for flo
   groups) -> (grad_y, grad_weight, grad_bias)``: the backward of ``bn_act_fwd``. ``grad_outs`` are
   the gradients of the written groups, in order (a missing trailing group, or the mean group, has
   no direct gradient); ``grad_chmean`` (B, 1, n) is the gradient of ``chmean``.
+  ``grad_y`` has ``y``'s layout (strides), so a transposed ``y`` gets a transposed gradient.
 * ``gate_fwd(h, h_weight, h_bias, h_mean, h_invstd, w2, l_weight, l_bias, l_running_mean,
   l_running_var, batch_stats, momentum, eps) -> (a, l, l_mean, l_invstd)``: the head of the
   attention MLP: ĥ = ReLU(BN_h(h)) (statistics given), the logit l = w2 · ĥ (B, 1, n), its
@@ -113,7 +114,9 @@ def bn_act_bwd(grad_outs, y, weight, bias, mean, invstd, batch_stats, grad_chmea
         grad_y = scale * (g - grad_bias[:, None] / N - xhat * grad_weight[:, None] / N)
     else:
         grad_y = scale * g
-    return grad_y.to(y.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+    out = torch.empty_like(y)
+    out.copy_(grad_y)
+    return out, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
 def gate_fwd(h, h_weight, h_bias, h_mean, h_invstd, w2, l_weight, l_bias, l_running_mean, l_running_var,
