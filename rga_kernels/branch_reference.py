@@ -35,7 +35,8 @@ accumulation dtype: float32 for float16/bfloat16/float32 inputs, float64 for flo
   ``grad_target = grad_out * a``, ``grad_s = sum_c(grad_out * target) * a * (1 - a)`` (B, 1, n).
 * ``head_bwd(grad_s, l, l_weight, l_mean, l_invstd, h, h_weight, h_bias, h_mean, h_invstd, w2,
   batch_stats) -> (grad_h, grad_w2, grad_h_weight, grad_h_bias, grad_l_weight, grad_l_bias)``: the
-  backward of ``gate_fwd`` from the gradient of the gate's pre-sigmoid value.
+  backward of ``gate_fwd`` from the gradient of the gate's pre-sigmoid value; ``grad_h`` has
+  ``h``'s layout, ``grad_w2`` is (h,).
 """
 from __future__ import annotations
 
@@ -164,5 +165,7 @@ def head_bwd(grad_s, l, l_weight, l_mean, l_invstd, h, h_weight, h_bias, h_mean,
         grad_h = hscale * (g - grad_h_bias[:, None] / N - hhat_in * grad_h_weight[:, None] / N)
     else:
         grad_h = hscale * g
-    return (grad_h.to(h.dtype), grad_w2.reshape(w2.shape).to(w2.dtype), grad_h_weight.to(h_weight.dtype),
+    out = torch.empty_like(h)  # h's layout
+    out.copy_(grad_h)
+    return (out, grad_w2.to(w2.dtype), grad_h_weight.to(h_weight.dtype),
             grad_h_bias.to(h_weight.dtype), grad_l_weight.to(l_weight.dtype), grad_l_bias.to(l_weight.dtype))

@@ -1,0 +1,205 @@
+"""The fused branch's kernels (rga_kernels.branch) against their plain-PyTorch oracle.
+
+Every backend with its own kernels (cpp and cuda: csrc/branch*.{h,cpp,cu}; triton:
+rga_kernels/_triton_branch.py) is compared kernel by kernel with rga_kernels/branch_reference.py
+in float64 (outputs, statistics, the in-place running statistics), at odd sizes, batch 1, with
+non-contiguous inputs; each call launches the number of kernels it says it does. The module built
+from them is tested against the reference module in tests/test_rga_module.py.
+"""
+import copy
+
+import pytest
+import torch
+
+import rga_kernels
+from rga_kernels import branch_reference as ref
+from rga_kernels.branch import _kernels
+from rga_kernels.launches import count_launches
+from testkit import assert_close, backend_params
+
+KERNEL_BACKENDS = ("cpp", "cuda", "triton")
+# kernel launches per call (the CUDA kernels; the CPU records the same kernel:: events)
+LAUNCHES = {"bn_act_fwd_mean": 2, "bn_act_fwd": 1, "bn_stats": 1, "bn_act_bwd": 1, "gate_fwd": 1, "gate_bwd": 1,
+            "head_bwd": 1}
+
+
+def _params():
+    return backend_params(KERNEL_BACKENDS)
+
+
+def _rand(*shape, seed, device, dtype=torch.float64, transpose=False):
+    g = torch.Generator().manual_seed(seed)
+    if transpose:  # a (B, K, n) view of a (B, n, K) tensor
+        B, K, n = shape
+        return torch.randn(B, n, K, generator=g, dtype=torch.float64).to(device, dtype).transpose(1, 2)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+
+def _bn_params(K, seed, device, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    w = (1 + 0.3 * torch.randn(K, generator=g, dtype=torch.float64)).to(device, dtype)
+    b = (0.2 * torch.randn(K, generator=g, dtype=torch.float64)).to(device, dtype)
+    rm = (0.3 * torch.randn(K, generator=g, dtype=torch.float64)).to(device, dtype)
+    rv = (0.5 + torch.rand(K, generator=g, dtype=torch.float64)).to(device, dtype)
+    return w, b, rm, rv
+
+
+def _check_launches(fn, name):
+    counts = count_launches(fn, by_op=True)
+    kernels = sum(v for k, v in counts.items() if k.startswith(("kernel::", "triton::")))
+    assert kernels == LAUNCHES[name], f"{name}: {dict(counts)}"
+
+
+CASES = [  # (B, groups, mean_group, prefix channels, transposed y)
+    (3, (3, 4, 2), 2, 0, False),
+    (1, (5, 2), -1, 0, True),
+    (2, (4,), -1, 1, False),
+    (2, (3, 3, 5), 2, 0, True),
+]
+
+
+@pytest.mark.parametrize("device, backend", _params())
+@pytest.mark.parametrize("batch_stats, running", [(True, True), (False, True), (True, False)],
+                         ids=["train", "eval", "no-running"])
+@pytest.mark.parametrize("B, groups, mean_group, P, transposed", CASES)
+def test_bn_act_fwd(device, backend, batch_stats, running, B, groups, mean_group, P, transposed):
+    k = _kernels(backend)
+    K, n = sum(groups), 13
+    y = _rand(B, K, n, seed=1, device=device, transpose=transposed) * 2 + 0.5
+    w, b, rm, rv = _bn_params(K, 2, device)
+    prefix = _rand(B, P, n, seed=3, device=device) if P else None
+    stats = (rm.clone(), rv.clone()) if running else (None, None)
+    stats_ref = (rm.clone(), rv.clone()) if running else (None, None)
+    got = k.bn_act_fwd(y, w, b, *stats, batch_stats, 0.1, 1e-5, groups, mean_group, prefix)
+    want = ref.bn_act_fwd(y, w, b, *stats_ref, batch_stats, 0.1, 1e-5, groups, mean_group, prefix)
+    for i, (o, e) in enumerate(zip(got[0], want[0])):
+        assert o.shape == e.shape, f"output {i}: {tuple(o.shape)} != {tuple(e.shape)}"
+        if o.numel():
+            assert_close(o, e, "float64")
+    for name, o, e in (("mean", got[1], want[1]), ("invstd", got[2], want[2])):
+        assert_close(o, e, "float64", msg=name)
+    if mean_group >= 0:
+        assert_close(got[3], want[3], "float64")
+    if running:
+        assert_close(stats[0], stats_ref[0], "float64")
+        assert_close(stats[1], stats_ref[1], "float64")
+    name = "bn_act_fwd_mean" if mean_group >= 0 else "bn_act_fwd"
+    _check_launches(lambda: k.bn_act_fwd(y, w, b, None, None, True, 0.1, 1e-5, groups, mean_group, prefix), name)
+
+
+@pytest.mark.parametrize("device, backend", _params())
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("B, groups, mean_group, P, transposed", CASES)
+def test_bn_act_bwd(device, backend, batch_stats, B, groups, mean_group, P, transposed):
+    k = _kernels(backend)
+    K, n = sum(groups), 11
+    y = _rand(B, K, n, seed=4, device=device, transpose=transposed)
+    w, b, _, _ = _bn_params(K, 5, device)
+    mean, invstd = ref.bn_stats(y, None, None, True, 0.0, 1e-5)
+    # gradients of the written groups, the last one left out (no gradient), one non-contiguous
+    written = [i for i in range(len(groups)) if i != mean_group]
+    grads = [_rand(B, groups[i], n, seed=10 + i, device=device, transpose=i == 0) for i in written[:max(1, len(written) - 1)]]
+    gcm = _rand(B, 1, n, seed=20, device=device) if mean_group >= 0 else None
+    got = k.bn_act_bwd(grads, y, w, b, mean, invstd, batch_stats, gcm, mean_group, groups)
+    want = ref.bn_act_bwd(grads, y, w, b, mean, invstd, batch_stats, gcm, mean_group, groups)
+    for name, o, e in zip(("grad_y", "grad_weight", "grad_bias"), got, want):
+        assert_close(o, e, "float64", msg=name)
+    assert got[0].stride() == y.stride(), "grad_y must have y's layout"
+    _check_launches(lambda: k.bn_act_bwd(grads, y, w, b, mean, invstd, batch_stats, gcm, mean_group, groups),
+                    "bn_act_bwd")
+
+
+@pytest.mark.parametrize("device, backend", _params())
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("B, Kh, n, transposed", [(2, 3, 13, False), (1, 1, 7, False), (3, 5, 32, True)])
+def test_gate_fwd_and_head_bwd(device, backend, batch_stats, B, Kh, n, transposed):
+    k = _kernels(backend)
+    h = _rand(B, Kh, n, seed=6, device=device, transpose=transposed)
+    hw, hb, hrm, hrv = _bn_params(Kh, 7, device)
+    h_mean, h_invstd = ref.bn_stats(h, None, None, True, 0.0, 1e-5)
+    w2 = _rand(1, Kh, seed=8, device=device)
+    lw, lb, lrm, lrv = _bn_params(1, 9, device)
+    run, run_ref = (lrm.clone(), lrv.clone()), (lrm.clone(), lrv.clone())
+    got = k.gate_fwd(h, hw, hb, h_mean, h_invstd, w2, lw, lb, *run, batch_stats, 0.1, 1e-5)
+    want = ref.gate_fwd(h, hw, hb, h_mean, h_invstd, w2, lw, lb, *run_ref, batch_stats, 0.1, 1e-5)
+    for name, o, e in zip(("a", "l", "l_mean", "l_invstd"), got, want):
+        assert_close(o, e, "float64", msg=name)
+    assert_close(run[0], run_ref[0], "float64")
+    assert_close(run[1], run_ref[1], "float64")
+    _check_launches(lambda: k.gate_fwd(h, hw, hb, h_mean, h_invstd, w2, lw, lb, None, None, True, 0.1, 1e-5),
+                    "gate_fwd")
+
+    a, l, l_mean, l_invstd = want
+    gs = _rand(B, 1, n, seed=12, device=device)
+    got = k.head_bwd(gs, l, lw, l_mean, l_invstd, h, hw, hb, h_mean, h_invstd, w2, batch_stats)
+    want = ref.head_bwd(gs, l, lw, l_mean, l_invstd, h, hw, hb, h_mean, h_invstd, w2, batch_stats)
+    for name, o, e in zip(("grad_h", "grad_w2", "grad_h_weight", "grad_h_bias", "grad_l_weight", "grad_l_bias"),
+                          got, want):
+        assert_close(o, e, "float64", msg=name)
+    _check_launches(lambda: k.head_bwd(gs, l, lw, l_mean, l_invstd, h, hw, hb, h_mean, h_invstd, w2, batch_stats),
+                    "head_bwd")
+
+
+@pytest.mark.parametrize("device, backend", _params())
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_gate_bwd(device, backend, transposed):
+    k = _kernels(backend)
+    B, D, n = 2, 6, 9
+    target = _rand(B, D, n, seed=13, device=device, transpose=transposed)
+    grad_out = _rand(B, D, n, seed=14, device=device, transpose=transposed)
+    a = torch.sigmoid(_rand(B, 1, n, seed=15, device=device))
+    got = k.gate_bwd(grad_out, target, a)
+    want = ref.gate_bwd(grad_out, target, a)
+    assert_close(got[0], want[0], "float64")
+    assert_close(got[1], want[1], "float64")
+    assert got[0].stride() == target.stride(), "grad_target must have target's layout"
+    _check_launches(lambda: k.gate_bwd(grad_out, target, a), "gate_bwd")
+
+
+@pytest.mark.parametrize("device, backend", _params())
+def test_statistics_are_stable_in_float32(device, backend):
+    """A channel far from zero (mean 1e4, standard deviation 1e-2): E[x²] − E[x]² in float32 loses
+    every digit of the variance; the kernels' statistics stay within 1e-3 of float64."""
+    k = _kernels(backend)
+    y64 = 1e4 + 1e-2 * _rand(4, 3, 257, seed=16, device=device)
+    y = y64.float()
+    w, b = torch.ones(3, device=device), torch.zeros(3, device=device)
+    _, mean, invstd, _ = k.bn_act_fwd(y, w, b, None, None, True, 0.1, 1e-12, (3,), -1, None)
+    var64 = y.double().var(dim=(0, 2), unbiased=False)
+    assert_close(invstd.double(), torch.rsqrt(var64 + 1e-12), rtol=1e-3, atol=0)
+    naive = (y * y).mean((0, 2)) - y.mean((0, 2)) ** 2  # the cancellation the kernels must avoid
+    assert ((naive.double() - var64).abs() / var64).max() > 0.1, "the test no longer exercises cancellation"
+
+
+@pytest.mark.parametrize("device, backend", backend_params(("cpp", "cuda")))
+def test_cpp_kernels_reject_bad_input_with_a_message(device, backend):
+    k = _kernels(backend)
+    y = torch.randn(2, 5, 7, device=device)
+    w, b = torch.ones(5, device=device), torch.zeros(5, device=device)
+    with pytest.raises(RuntimeError, match="channel groups sum to 4, expected K = 5"):
+        k.bn_act_fwd(y, w, b, None, None, True, 0.1, 1e-5, (2, 2), -1, None)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous \(5,\) vector"):
+        k.bn_act_fwd(y, w[:4], b, None, None, True, 0.1, 1e-5, (5,), -1, None)
+    with pytest.raises(RuntimeError, match="without running statistics, batch_stats must be true"):
+        k.bn_stats(y, None, None, False, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match=r"a must be \(2, 1, 7\)"):
+        k.gate_bwd(y, y, torch.rand(2, 2, 7, device=device))
+
+
+def test_module_counts_every_batch_once_on_the_kernel_path():
+    """num_batches_tracked: incremented by the branch kernels (cpp) exactly as nn.BatchNorm does."""
+    if "cpp" not in rga_kernels.available_backends("cpu"):
+        pytest.skip(rga_kernels.backend_status("cpu")["cpp"][1])
+    from rga import RGAModule
+
+    torch.manual_seed(0)
+    m = RGAModule(16, (4, 4), cha_ratio=4, spa_ratio=4, down_ratio=2, fused="cpp").train()
+    r = copy.deepcopy(m)
+    r.fused = False
+    for _ in range(3):
+        x = torch.randn(2, 16, 4, 4)
+        m(x)
+        r(x)
+    got = {k_: v for k_, v in m.state_dict().items() if k_.endswith("num_batches_tracked")}
+    want = {k_: v for k_, v in r.state_dict().items() if k_.endswith("num_batches_tracked")}
+    assert got == want and all(int(v) == 3 for v in got.values())
