@@ -20,10 +20,11 @@ from rga_kernels.ops import GPU_DEFAULT_BACKEND
 
 REFERENCE = {False: 116, True: 134}  # the reference path, fp32 / bf16 autocast (not a budget)
 # (backend, bf16 autocast) -> maximum launches of one RGA-SC fwd+bwd in training mode
-BUDGET = {("triton", False): 81, ("triton", True): 91, ("cpp", False): 99, ("cpp", True): 113,
+BUDGET = {("triton", False): 81, ("triton", True): 91, ("cpp", False): 58, ("cpp", True): 79,
           ("torch", False): 109, ("torch", True): 123}
-# The issue's target for the GPU's default backend: at most 0.7x the reference's launches
-TARGET_RATIO = 0.7
+# The targets, fp32 (the kernel issues): the GPU default (triton) at most 0.4x the reference's
+# launches, the C++/CUDA path (cpp runs the code of cuda) at most 0.5x
+TARGET_RATIO = {"triton": 0.4, "cpp": 0.5}
 
 
 def _count(fused, bf16, C=64, size=(8, 4), batch=2):
@@ -60,12 +61,58 @@ def test_fused_module_within_launch_budget(backend, bf16):
     assert n < REFERENCE[bf16], "the fused path must launch fewer ops than the reference"
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
-def test_gpu_default_backend_meets_the_target(bf16):
-    _skip_unavailable(GPU_DEFAULT_BACKEND)
-    n = _count(GPU_DEFAULT_BACKEND, bf16)
-    assert n <= TARGET_RATIO * REFERENCE[bf16], (
-        f"{GPU_DEFAULT_BACKEND}: {n} launches = {n / REFERENCE[bf16]:.3f}x the reference > {TARGET_RATIO}x")
+@pytest.mark.parametrize("backend", list(TARGET_RATIO))
+def test_fused_backend_meets_the_target(backend):
+    _skip_unavailable(backend)
+    n = _count(backend, False, C=256, size=(16, 8), batch=4)  # the issues' shape (counts do not depend on it)
+    assert n <= TARGET_RATIO[backend] * REFERENCE[False], (
+        f"{backend}: {n} launches = {n / REFERENCE[False]:.3f}x the reference > {TARGET_RATIO[backend]}x")
+
+
+# Host time of the cpp path (the cuda backend's orchestration, run on the CPU): a tiny module
+# (C=64, 8x4, batch 2) fwd+bwd at one thread, where the step is all host work, against the
+# reference side by side; the best of interleaved rounds, so other load on the machine does not
+# decide it. Measured 0.53-0.56x on the project's 2-core machine (2026-12-05); the kernel issue's
+# goal is 0.5x: this bound guards against regressions, it does not claim the goal.
+HOST_TIME_RATIO = 0.65
+
+
+def test_cpp_host_time_against_reference():
+    _skip_unavailable("cpp")
+    import time
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        steps = {}
+        for fused in (False, "cpp"):
+            torch.manual_seed(0)
+            m = RGAModule(64, (8, 4), fused=fused).train()
+            x = torch.randn(2, 64, 8, 4, requires_grad=True)
+
+            def step(m=m, x=x):
+                m.zero_grad(set_to_none=True)
+                x.grad = None
+                m(x).sum().backward()
+
+            for _ in range(10):
+                step()
+            steps[fused] = step
+        best = {k: float("inf") for k in steps}
+        for _ in range(25):
+            for k, step in steps.items():
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    step()
+                best[k] = min(best[k], (time.perf_counter() - t0) / 5)
+    finally:
+        torch.set_num_threads(old)
+    ratio = best["cpp"] / best[False]
+    assert ratio <= HOST_TIME_RATIO, f"cpp host time {ratio:.2f}x the reference's > {HOST_TIME_RATIO}x ({best})"
+
+
+def test_gpu_default_is_the_triton_backend():
+    assert GPU_DEFAULT_BACKEND == "triton"
 
 
 def test_counter_sees_backward_and_copies():
