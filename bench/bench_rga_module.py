@@ -53,12 +53,19 @@ def _autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fused"])
+# reference: the public op order; unfused: the composite path (relation op without R, every BN,
+# ReLU, sigmoid a PyTorch op: backend "torch"); fused: the default ("auto": the Triton branch
+# kernels on a GPU, the composite path with the C++ relation op on the CPU); kernels: the C++
+# branch kernels (cuda on a GPU, their CPU build on the CPU).
+IMPLS = {"reference": False, "unfused": "torch", "fused": True, "kernels": "cuda" if DEVICE == "cuda" else "cpp"}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("variant, stage", list(_cases()))
 def test_module_fwd_bwd(bench_record, variant, stage, impl):
     C, H, W = STAGES[stage]
     torch.manual_seed(0)
-    module = RGAModule(C, (H, W), fused=impl == "fused", **VARIANTS[variant]).to(DEVICE).train()
+    module = RGAModule(C, (H, W), fused=IMPLS[impl], **VARIANTS[variant]).to(DEVICE).train()
     x = torch.randn(BATCH, C, H, W, device=DEVICE, requires_grad=True)
     grad = torch.randn(BATCH, C, H, W, device=DEVICE)
 

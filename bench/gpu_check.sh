@@ -11,7 +11,8 @@
 #   info 15      python -m rga_kernels.info
 #   tests 100    GPU: the kernel and module test files in full; no GPU: the CPU tests of the files
 #                the GPU path touches (launch budget, Triton kernels under the interpreter)
-#   memcheck 2x25  compute-sanitizer memcheck of one odd-sized fwd+bwd per GPU backend, with
+#   memcheck 2x25  compute-sanitizer memcheck of one odd-sized relation op and RGA module fwd+bwd
+#                (the fused branch's kernels) per GPU backend, with
 #                PyTorch's caching allocator off (it would hide small out-of-bounds accesses)
 #   bench 90     op and module benchmarks against the reference (speed-up, peak memory)
 #   train_step 100  ResNet-50 / RGA-SC reference / fused eager / fused + CUDA graphs, batch 64, bf16
@@ -65,8 +66,8 @@ step info $PY -m rga_kernels.info
 if [ "$GPU" = 1 ]; then
   # RGA_EXPECT_CUDA_BUILD=1: a CUDA part that failed to build is a failure, not a skip
   step tests env RGA_EXPECT_CUDA_BUILD=1 $PY -m pytest -q -p no:cacheprovider -x --junitxml="$WORK/tests.xml" \
-    tests/test_relation_embed.py tests/test_triton_kernels.py tests/test_launches.py tests/test_registration.py \
-    tests/test_rga_module.py
+    tests/test_relation_embed.py tests/test_triton_kernels.py tests/test_branch_kernels.py tests/test_launches.py \
+    tests/test_registration.py tests/test_rga_module.py
 else
   step tests $PY -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" \
     tests/test_launches.py tests/test_triton_kernels.py

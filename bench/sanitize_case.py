@@ -1,6 +1,10 @@
-"""One small forward+backward of relation_embed on the GPU, for compute-sanitizer memcheck.
+"""One small forward+backward of relation_embed and of an RGA-SC module on the GPU, for
+compute-sanitizer memcheck.
 
-Odd sizes so that every masked edge of the kernels is exercised. Usage: python bench/sanitize_case.py BACKEND
+Odd sizes so that every masked edge of the kernels is exercised; the module runs the fused branch's
+kernels (csrc/branch_cuda.cu for `cuda`, rga_kernels/_triton_branch.py for `triton`) in training
+and eval mode, float32 and bf16 autocast, against the reference module in float64.
+Usage: python bench/sanitize_case.py BACKEND
 """
 import os
 import sys
@@ -38,8 +42,45 @@ def main(backend: str) -> int:
         if worst > limit:
             print(f"FAILED: {backend} {dtype}: relative error {worst:.2e} > {limit:g}")
             failed = True
+    failed |= module_case(backend)
     torch.cuda.synchronize()
     return 1 if failed else 0
+
+
+def module_case(backend: str) -> bool:
+    """RGA-SC (both branches, order "parallel" too) at an odd 7x5 map, batch 3: the fused
+    module against the reference module (float64 copy); returns True on failure."""
+    import copy
+
+    from rga import RGAModule
+
+    failed = False
+    for order in ("sc", "parallel"):
+        for train in (True, False):
+            for bf16 in (False, True):
+                torch.manual_seed(0)
+                ref = RGAModule(24, (7, 5), cha_ratio=4, spa_ratio=4, down_ratio=2, order=order).cuda().double()
+                fused = copy.deepcopy(ref).float()
+                fused.fused = backend
+                ref.train(train)
+                fused.train(train)
+                x = torch.randn(3, 24, 7, 5, device="cuda", requires_grad=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                    out = fused(x)
+                grad = torch.randn_like(out)
+                out.backward(grad)
+                x64 = x.detach().double().requires_grad_()
+                want = ref(x64)
+                want.backward(grad.double())
+                worst = max((out.double() - want).abs().max().item() / want.abs().max().item(),
+                            (x.grad.double() - x64.grad).abs().max().item() / x64.grad.abs().max().item())
+                limit = 5e-2 if bf16 else 1e-3
+                tag = f"{backend} module {order} {'train' if train else 'eval'} {'bf16' if bf16 else 'fp32'}"
+                print(f"{tag}: relative error {worst:.2e}")
+                if worst > limit:
+                    print(f"FAILED: {tag}: {worst:.2e} > {limit:g}")
+                    failed = True
+    return failed
 
 
 if __name__ == "__main__":

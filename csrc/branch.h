@@ -101,6 +101,21 @@ RGA_HD acc_t bn_backward(acc_t g, acc_t xhat, acc_t weight_invstd, acc_t mean_g,
   return batch_stats ? weight_invstd * (g - mean_g - xhat * mean_gx) : weight_invstd * g;
 }
 
+// The same backward as an affine map of the incoming gradient g and the input y:
+//   dy = ga * g + gy * y + gc   (coefficients per channel, from the sums above).
+template <typename acc_t>
+RGA_HD void bn_backward_coeffs(acc_t weight, acc_t mean, acc_t invstd, acc_t mean_g, acc_t mean_gx,
+                               bool batch_stats, acc_t& ga, acc_t& gy, acc_t& gc) {
+  ga = weight * invstd;
+  if (batch_stats) {
+    gy = -ga * invstd * mean_gx;
+    gc = -ga * mean_g - gy * mean;
+  } else {
+    gy = acc_t(0);
+    gc = acc_t(0);
+  }
+}
+
 // The gate's multiply out = target * a through the sigmoid: d(pre-sigmoid) = sum(go * target) * a (1 - a).
 template <typename acc_t>
 RGA_HD acc_t sigmoid_backward(acc_t grad_a, acc_t a) {

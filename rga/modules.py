@@ -406,6 +406,7 @@ class RGAModule(nn.Module):
         plan = self.__dict__.get("_plan_cache")
         if plan is not None and plan[0] == self._plan_key():
             return plan
+        self._tie_buffers()  # a deepcopy or a reassignment may have separated them
         self.__dict__["_plan_bns"] = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         kernels, counted = self._kernel_branches()
         counters = [m.num_batches_tracked for m in self._plan_bns
@@ -622,6 +623,12 @@ class RGAModule(nn.Module):
             from rga_kernels.ops import _resolve_backend
 
             device = next(self.parameters()).device
+            if device.type == "cpu":
+                # On the CPU the composite path is the faster one (its BNs are ATen's vectorised
+                # kernels, folded into the GEMMs in eval; measured side by side with
+                # bench/bench_rga_module.py): "auto" keeps it there, and fused="cpp" runs the
+                # C++ kernels (the cuda backend's code) on the CPU.
+                return {}, ()
             backend = _resolve_backend("auto", device)
         if backend not in FUSED_BRANCH_BACKENDS:
             return {}, ()
