@@ -125,12 +125,12 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cpu(
   const Groups g = check_bn_act_fwd(y_in, weight, bias, running_mean, running_var, batch_stats, groups, mean_group);
   const int64_t B = y_in.size(0), K = y_in.size(1), n = y_in.size(2);
   BnActOutputs o = alloc_bn_act(y_in, g, prefix, channels_last);
-  const Tensor y = rows_major(y_in);
   std::vector<OutBuf> outs;
   for (const auto& t : o.outs) outs.emplace_back(t);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd", [&] {
+  Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_in.scalar_type(), "bn_act_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* yp = nullptr;
     acc_t* mean = o.mean.data_ptr<acc_t>();
     acc_t* invstd = o.invstd.data_ptr<acc_t>();
     const acc_t* wp = weight.data_ptr<acc_t>();
@@ -140,6 +140,8 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor> bn_act_fwd_cpu(
     const int64_t P = o.prefix_channels;
     {
       RECORD_FUNCTION("kernel::bn_act_fwd", std::vector<c10::IValue>());
+      y = rows_major(y_in);  // (inside the kernel's scope: part of this one launch)
+      yp = y.data_ptr<scalar_t>();
       at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           acc_t m, is, scale, shift;

@@ -345,7 +345,7 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _head_bwd_kernel(
         gs, gs_sb, gs_sn, l, l_sb, l_sn, lw, lm, li, h, h_sb, h_sc, h_sn, hw, hb, hm, hi, w2, w2_s,
-        grad_h, grad_w2, grad_hw, grad_hb, grad_lw, grad_lb, H, n, N,
+        grad_h, gh_sb, gh_sc, gh_sn, grad_w2, grad_hw, grad_hb, grad_lw, grad_lb, n, N,
         BATCH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """One program per hidden channel k. The logit BN's backward sums (sum grad_s, sum grad_s*l̂;
@@ -395,8 +395,8 @@ if TRITON_AVAILABLE:
                 gh = (wk * ik) * (gk - gb / N - xhat * gw / N)
             else:
                 gh = (wk * ik) * gk
-            tl.store(grad_h + k.to(tl.int64) * n + _node_offsets(i, n, H * n, 1), gh.to(grad_h.dtype.element_ty),
-                     mask=i < N)
+            tl.store(grad_h + k.to(tl.int64) * gh_sc + _node_offsets(i, n, gh_sb, gh_sn),
+                     gh.to(grad_h.dtype.element_ty), mask=i < N)
         tl.store(grad_w2 + k, tl.sum(s_w2, 0).to(grad_w2.dtype.element_ty))
         tl.store(grad_hb + k, gb.to(grad_hb.dtype.element_ty))
         tl.store(grad_hw + k, gw.to(grad_hw.dtype.element_ty))
@@ -555,8 +555,8 @@ class TritonKernels:
     def head_bwd(grad_s, l, l_weight, l_mean, l_invstd, h, h_weight, h_bias, h_mean, h_invstd, w2, batch_stats):
         B, H, n = h.shape
         dev = h.device
-        grad_h = torch.empty((B, H, n), dtype=h.dtype, device=dev)
-        grad_w2 = torch.empty(w2.shape, dtype=w2.dtype, device=dev)
+        grad_h = torch.empty_like(h)  # h's layout, as branch_reference
+        grad_w2 = torch.empty(H, dtype=w2.dtype, device=dev)
         grad_hw = torch.empty(H, dtype=h_weight.dtype, device=dev)
         grad_hb = torch.empty(H, dtype=h_weight.dtype, device=dev)
         grad_lw = torch.empty(1, dtype=l_weight.dtype, device=dev)
@@ -564,8 +564,8 @@ class TritonKernels:
         w2f = w2.reshape(-1)
         _launch(_head_bwd_kernel, "_head_bwd_kernel", (H,), grad_s, grad_s.stride(0), grad_s.stride(2), l,
                 l.stride(0), l.stride(2), _vec(l_weight), l_mean, l_invstd, h, *h.stride(), _vec(h_weight),
-                _vec(h_bias), h_mean, h_invstd, w2f, w2f.stride(0), grad_h, grad_w2, grad_hw, grad_hb, grad_lw,
-                grad_lb, H, n, B * n, BATCH_STATS=bool(batch_stats), ACC=_TL[h_mean.dtype],
+                _vec(h_bias), h_mean, h_invstd, w2f, w2f.stride(0), grad_h, *grad_h.stride(), grad_w2, grad_hw,
+                grad_hb, grad_lw, grad_lb, n, B * n, BATCH_STATS=bool(batch_stats), ACC=_TL[h_mean.dtype],
                 BLOCK=BLOCK)
         return grad_h, grad_w2, grad_hw, grad_hb, grad_lw, grad_lb
 

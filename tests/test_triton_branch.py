@@ -59,6 +59,8 @@ CASES = [  # (B, groups, mean_group, prefix P, n)
     (3, (4,), -1, 1, 13),
     (2, (4,), -1, 2, 32),
     (2, (7,), 0, 0, 13),
+    (2, (3, 70), 1, 0, 13),  # a mean group of more than one (64-channel) chunk
+    (3, (2, 3, 2), 2, 0, 1000),  # N = 3000: several loop steps per program
 ]
 
 
@@ -92,7 +94,9 @@ def test_bn_act_fwd_and_bwd(B, groups, mean_group, P, n, batch_stats, running, s
         grad_outs = grad_outs[:-1]  # a missing trailing gradient
     grad_chmean = _rand(B, 1, n) if mean_group >= 0 else None
     bargs = (y, w, b, mean, invstd, batch_stats, grad_chmean, mean_group, groups)
-    _close(TK.bn_act_bwd(grad_outs, *bargs), ref.bn_act_bwd(grad_outs, *bargs))
+    got = TK.bn_act_bwd(grad_outs, *bargs)
+    _close(got, ref.bn_act_bwd(grad_outs, *bargs))
+    assert got[0].stride() == y.stride()  # grad_y has y's layout
     _one_launch(lambda: TK.bn_act_bwd(grad_outs, *bargs), "_bn_act_bwd_kernel")
 
 
@@ -109,7 +113,7 @@ def test_bn_stats(B, K, n, batch_stats, running):
     _one_launch(lambda: TK.bn_stats(y, rm2, rv2, batch_stats, 0.3, 1e-3), "_bn_stats_kernel")
 
 
-@pytest.mark.parametrize("B, H, n", [(1, 5, 13), (2, 7, 32), (3, 5, 13)])
+@pytest.mark.parametrize("B, H, n", [(1, 5, 13), (2, 7, 32), (3, 5, 13), (2, 70, 50)])
 @pytest.mark.parametrize("batch_stats, running", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("strided", [False, True])
 def test_gate_fwd_and_head_bwd(B, H, n, batch_stats, running, strided):
@@ -133,7 +137,9 @@ def test_gate_fwd_and_head_bwd(B, H, n, batch_stats, running, strided):
     _, l, l_mean, l_invstd = want
     grad_s = _rand(B, 1, n)
     bargs = (grad_s, l, lw, l_mean, l_invstd, h, hw, hb, h_mean, h_invstd, w2, batch_stats)
-    _close(TK.head_bwd(*bargs), ref.head_bwd(*bargs))
+    got = TK.head_bwd(*bargs)
+    _close(got, ref.head_bwd(*bargs))
+    assert got[0].stride() == h.stride()  # grad_h has h's layout
     _one_launch(lambda: TK.head_bwd(*bargs), "_head_bwd_kernel")
 
 
@@ -150,13 +156,14 @@ def test_gate_bwd(B, C, n, strided):
     _one_launch(lambda: TK.gate_bwd(grad_out, target, a), "_gate_bwd_kernel")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_inputs(dtype):
-    """fp32 statistics for fp32/fp16 inputs; fp32 parameters and running statistics (autocast)."""
+    """fp32 statistics for fp32/fp16/bf16 inputs; fp32 parameters and running statistics (autocast)."""
     torch.manual_seed(4)
     B, groups, n = 2, (3, 4, 2), 32
     K = sum(groups)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+           torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
     y = _rand(B, K, n, dtype=dtype, strided=True)
     w, b = (t.float() for t in _params(K))
     rm, rv = (t.float() for t in _running(K))
