@@ -55,21 +55,22 @@ def _check_launches(fn, name, backend):
     assert kernels == want and sum(counts.values()) == want, f"{name}: {dict(counts)}"
 
 
-CASES = [  # (B, groups, mean_group, prefix channels, transposed y)
-    (3, (3, 4, 2), 2, 0, False),
-    (1, (5, 2), -1, 0, True),
-    (2, (4,), -1, 1, False),
-    (2, (3, 3, 5), 2, 0, True),
+CASES = [  # (B, groups, mean_group, prefix channels, transposed y, n)
+    (3, (3, 4, 2), 2, 0, False, 13),
+    (1, (5, 2), -1, 0, True, 13),
+    (2, (4,), -1, 1, False, 13),
+    (2, (3, 3, 5), 2, 0, True, 13),
+    (3, (3, 70), 1, 0, False, 1000),  # B*n = 3000 and 70 channels: every loop runs several blocks
 ]
 
 
 @pytest.mark.parametrize("device, backend", _params())
 @pytest.mark.parametrize("batch_stats, running", [(True, True), (False, True), (True, False)],
                          ids=["train", "eval", "no-running"])
-@pytest.mark.parametrize("B, groups, mean_group, P, transposed", CASES)
-def test_bn_act_fwd(device, backend, batch_stats, running, B, groups, mean_group, P, transposed):
+@pytest.mark.parametrize("B, groups, mean_group, P, transposed, n", CASES)
+def test_bn_act_fwd(device, backend, batch_stats, running, B, groups, mean_group, P, transposed, n):
     k = _kernels(backend)
-    K, n = sum(groups), 13
+    K = sum(groups)
     y = _rand(B, K, n, seed=1, device=device, transpose=transposed) * 2 + 0.5
     w, b, rm, rv = _bn_params(K, 2, device)
     prefix = _rand(B, P, n, seed=3, device=device) if P else None
@@ -95,10 +96,10 @@ def test_bn_act_fwd(device, backend, batch_stats, running, B, groups, mean_group
 
 @pytest.mark.parametrize("device, backend", _params())
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("B, groups, mean_group, P, transposed", CASES)
-def test_bn_act_bwd(device, backend, batch_stats, B, groups, mean_group, P, transposed):
+@pytest.mark.parametrize("B, groups, mean_group, P, transposed, n", CASES)
+def test_bn_act_bwd(device, backend, batch_stats, B, groups, mean_group, P, transposed, n):
     k = _kernels(backend)
-    K, n = sum(groups), 11
+    K = sum(groups)
     y = _rand(B, K, n, seed=4, device=device, transpose=transposed)
     w, b, _, _ = _bn_params(K, 5, device)
     mean, invstd = ref.bn_stats(y, None, None, True, 0.0, 1e-5)
@@ -117,7 +118,8 @@ def test_bn_act_bwd(device, backend, batch_stats, B, groups, mean_group, P, tran
 
 @pytest.mark.parametrize("device, backend", _params())
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("B, Kh, n, transposed", [(2, 3, 13, False), (1, 1, 7, False), (3, 5, 32, True)])
+@pytest.mark.parametrize("B, Kh, n, transposed", [(2, 3, 13, False), (1, 1, 7, False), (3, 5, 32, True),
+                                                  (2, 70, 1500, False)])
 def test_gate_fwd_and_head_bwd(device, backend, batch_stats, B, Kh, n, transposed):
     k = _kernels(backend)
     h = _rand(B, Kh, n, seed=6, device=device, transpose=transposed)
@@ -160,6 +162,51 @@ def test_gate_bwd(device, backend, transposed):
     assert_close(got[1], want[1], "float64")
     assert got[0].stride() == target.stride(), "grad_target must have target's layout"
     _check_launches(lambda: k.gate_bwd(grad_out, target, a), "gate_bwd", backend)
+
+
+LOW_PRECISION = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+                 torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("device, backend", _params())
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
+def test_low_precision_inputs(device, backend, dtype):
+    """float32/float16/bfloat16 inputs (as under autocast) with float32 parameters, running
+    statistics and accumulation: every kernel against the oracle run on the same inputs."""
+    k = _kernels(backend)
+    tol = LOW_PRECISION[dtype]
+    B, groups, n = 2, (3, 4, 2), 32
+    K = sum(groups)
+    y = _rand(B, K, n, seed=30, device=device, dtype=dtype, transpose=True)
+    w, b, rm, rv = (t.float() for t in _bn_params(K, 31, device))
+    rm2, rv2 = rm.clone(), rv.clone()
+    want = ref.bn_act_fwd(y, w, b, rm, rv, True, 0.1, 1e-5, groups, 2)
+    got = k.bn_act_fwd(y, w, b, rm2, rv2, True, 0.1, 1e-5, groups, 2, None)
+    for o, e in zip(got[0][:2], want[0][:2]):
+        assert_close(o, e, **tol)
+    for o, e in zip((*got[1:], rm2, rv2), (*want[1:], rm, rv)):
+        assert_close(o, e, **tol)
+    grads = [_rand(B, kk, n, seed=32 + i, device=device, dtype=dtype) for i, kk in enumerate(groups[:2])]
+    gcm = _rand(B, 1, n, seed=35, device=device, dtype=dtype)
+    bargs = (y, w, b, want[1], want[2], True, gcm, 2, groups)
+    for o, e in zip(k.bn_act_bwd(grads, *bargs), ref.bn_act_bwd(grads, *bargs)):
+        assert_close(o, e, **tol)
+    h = _rand(B, 5, n, seed=36, device=device, dtype=dtype)
+    hw, hb, _, _ = (t.float() for t in _bn_params(5, 37, device))
+    hm, hi = ref.bn_stats(h, None, None, True, 0.1, 1e-5)
+    w2 = _rand(1, 5, seed=38, device=device, dtype=torch.float32)
+    lw, lb = torch.ones(1, device=device), torch.zeros(1, device=device)
+    args = (h, hw, hb, hm, hi, w2, lw, lb, None, None, True, 0.1, 1e-5)
+    want = ref.gate_fwd(*args)
+    for o, e in zip(k.gate_fwd(*args), want):
+        assert_close(o, e, **tol)
+    bargs = (_rand(B, 1, n, seed=39, device=device, dtype=dtype), want[1], lw, want[2], want[3], h, hw, hb, hm, hi,
+             w2, True)
+    for o, e in zip(k.head_bwd(*bargs), ref.head_bwd(*bargs)):
+        assert_close(o, e, **tol)
+    target, go = _rand(B, 6, n, seed=40, device=device), _rand(B, 6, n, seed=41, device=device)
+    for o, e in zip(k.gate_bwd(go, target, want[0]), ref.gate_bwd(go, target, want[0])):
+        assert_close(o, e, **tol)
 
 
 @pytest.mark.parametrize("device, backend", _params())
