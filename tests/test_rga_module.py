@@ -561,3 +561,22 @@ def test_export_dynamic_batch_fused_model(dim):
         got, want = ep.module()(x), model(x)
         for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
             assert_close(g, w, "float32")
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_fused_backend_runs_its_own_kernels(config, backend):
+    """The module runs the backend's branch kernels for every variant (even after a deepcopy, which
+    separates the tied statistics): not a silent fallback to the composite path."""
+    from rga_kernels.branch import FUSED_BRANCH_BACKENDS
+    from rga_kernels.launches import count_launches
+
+    _, fus = _pair(backend, **CONFIGS[config])
+    x = torch.randn(2, C, H, W, dtype=torch.float64, requires_grad=True)
+    counts = count_launches(lambda: fus(x).sum().backward(), by_op=True)
+    kernels = sum(v for k, v in counts.items() if k.startswith(("kernel::", "triton::_bn", "triton::_gate",
+                                                                 "triton::_head")))
+    if backend in FUSED_BRANCH_BACKENDS:
+        assert kernels > 0, f"{backend} {config}: no branch kernel ran: {dict(counts)}"
+    else:
+        assert kernels == 0
