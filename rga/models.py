@@ -412,6 +412,12 @@ def format_parameter_table(rows, compare: bool = True) -> str:
 
 
 def main(argv=None) -> int:
+    from .errors import run_cli
+
+    return run_cli("rga.models", _models_command, argv)
+
+
+def _models_command(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m rga.models", description="Facts about the models of rga.build_model.")
