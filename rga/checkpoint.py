@@ -25,8 +25,8 @@ import torch
 
 from .config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, from_legacy
 from .errors import CheckpointError
-from .fileio import (CKPT_PATTERN, checkpoint_name, find_latest, list_checkpoints, load_torch,  # noqa: F401
-                     resolve_checkpoint, save_torch)
+from .fileio import (CKPT_PATTERN, checkpoint_name, extract_model_state, find_latest, list_checkpoints,  # noqa: F401
+                     load_torch, resolve_checkpoint, save_torch)
 from .models import build_from_config, stage_sizes
 
 #: of the checkpoint layout: 2 = RunConfig.to_dict() as "config"; 1 = the flat argparse config of
@@ -67,22 +67,6 @@ def prune_checkpoints(folder, keep: int) -> None:
 def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint dict, read safely (rga.fileio.load_torch: weights_only=True, clear errors)."""
     return load_torch(path, map_location, what="checkpoint", error=CheckpointError)
-
-
-def extract_model_state(state: dict) -> dict:
-    """The model's state_dict from one of our checkpoints (``model``), a public training script's
-    (``state_dict``) or a bare state_dict."""
-    sd = state.get("model", state.get("state_dict", state))
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError("checkpoint holds no model state_dict")
-    # strip wrappers: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.")
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 def _numpy_state_to_plain(state) -> dict:

@@ -402,3 +402,15 @@ def test_evaluate_public_checkpoint(data_root, tmp_path, capsys):
     assert "public training script, epoch 600" in printed and "rga_sc / resnet50 256x128" in printed
     m = json.loads((tmp_path / "p.json").read_text())
     assert m["checkpoint_kind"] == "public training script" and 0 <= m["mAP"] <= 1
+
+
+def test_trainer_never_changes_the_callers_config(tmp_path):
+    cfg = rtrain.parse_config(["--preset", "quick", "--output-dir", str(tmp_path / "{model}-seed{seed}")])
+    before = cfg.to_dict()
+    trainer = rtrain.Trainer(cfg)
+    assert trainer.cfg.run.output_dir == str(tmp_path / "rga_sc-seed0")  # the trainer's copy is filled in
+    assert cfg.to_dict() == before and cfg.run.output_dir == str(tmp_path / "{model}-seed{seed}")
+    unnamed = rtrain.parse_config(["--preset", "quick", "--output-dir", "none"])
+    assert unnamed.run.output_dir is None  # no folder given: the trainer picks one, the caller's stays empty
+    assert rtrain.Trainer(unnamed).cfg.run.output_dir == "runs/synthetic-rga_sc-resnet18"
+    assert unnamed.run.output_dir is None
