@@ -13,12 +13,12 @@ from .attention import attention_figure, attention_maps, cmd_attention, foregrou
 from .drawing import FLAT, STRETCHES, figure_texts, map_range, overlay
 from .gradcam import LogitsModel, cmd_gradcam, gradcam_figure, gradcam_maps, top_classes
 from .inputs import dataset_images, load_images, open_model, open_models, run_label, stage_modules
-from .ranks import BLUE, GREEN, GREY, RED, cmd_ranks, plot_cmc, rank_sheet
+from .ranks import BLUE, GREEN, GREY, RED, SheetStyle, cmd_ranks, plot_cmc, rank_sheet
 from .relation import cmd_relation, default_targets, position_invariance, relation_figure, relation_maps
 
 __all__ = ["open_model", "open_models", "run_label", "load_images", "dataset_images", "stage_modules",
            "attention_maps", "spatial_maps", "foreground_ratio", "attention_figure", "cmd_attention",
            "relation_maps", "position_invariance", "default_targets", "relation_figure", "cmd_relation",
            "LogitsModel", "top_classes", "gradcam_maps", "gradcam_figure", "cmd_gradcam",
-           "rank_sheet", "plot_cmc", "cmd_ranks", "overlay", "map_range", "figure_texts",
+           "rank_sheet", "SheetStyle", "plot_cmc", "cmd_ranks", "overlay", "map_range", "figure_texts",
            "FLAT", "STRETCHES", "GREEN", "RED", "GREY", "BLUE"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,17 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: int = 12, title: str | None = None,
-               metric: str = "cosine distance", lower_is_closer: bool = True, font_size: int = 10) -> dict:
+@dataclass(frozen=True)
+class SheetStyle:
+    """The geometry of a ranked sheet: image cell (height, width), border and gap in pixels, font size."""
+    cell: tuple = (128, 64)
+    border: int = 4
+    gap: int = 12
+    font_size: int = 10
+
+
+def rank_sheet(queries, ranked, path, *, title: str | None = None, metric: str = "cosine distance",
+               lower_is_closer: bool = True, style: SheetStyle = SheetStyle()) -> dict:
     """One sheet: a header (title, colour legend), then a row per query: the query, then its ranked gallery images.
 
     queries: [(image path, pid)] or [(image path, pid, camid)]; ranked: per query [(image path, pid)]
@@ -36,16 +46,16 @@ def rank_sheet(queries, ranked, path, *, cell=(128, 64), border: int = 4, gap: i
     (unknown). Each gallery image gets a green border if its pid equals the query's, red if not,
     blue when either identity is unknown; the query a grey one; an unreadable image is a grey
     box marked so. Above each image: the query's identity (and camera), or the rank, the identity
-    and the score. Returns the layout: {"path", "size", "cells": [[(x0, y0, x1, y1, colour), ...]
+    and the score. ``style``: the sheet's geometry. Returns the layout: {"path", "size", "cells": [[(x0, y0, x1, y1, colour), ...]
     per row]} (outer border boxes) and "texts" (every text drawn), for checking.
     """
     from PIL import Image, ImageDraw
 
     from ..data import read_image
 
-    ch, cw = cell
-    font = _font(font_size)
-    lh = font_size + 3  # line height
+    (ch, cw), border, gap = style.cell, style.border, style.gap
+    font = _font(style.font_size)
+    lh = style.font_size + 3  # line height
     top = max((len(r) for r in ranked), default=0)
     with_score = any(len(item) > 2 for row in ranked for item in row)
     unknown = any(q[1] is None for q in queries) or any(item[1] is None for row in ranked for item in row)
