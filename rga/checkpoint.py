@@ -40,14 +40,27 @@ def atomic_save(obj, path) -> Path:
     return save_torch(obj, path, what="checkpoint", error=CheckpointError)
 
 
-def save_training_checkpoint(folder, epoch: int, *, config: dict, num_classes: int, model, optimizer, scheduler,
-                             sampler, scaler, rng, metrics: dict, world_size: int, keep: int = 0) -> Path:
+@dataclass
+class TrainingParts:
+    """The objects whose state a training checkpoint holds, so that a resume continues exactly."""
+    model: object
+    optimizer: object
+    scheduler: object
+    sampler: object
+    scaler: object | None  # a GradScaler under fp16 autocast, else None
+    num_classes: int
+    world_size: int = 1
+
+
+def save_training_checkpoint(folder, epoch: int, parts: TrainingParts, *, config: dict, rng, metrics: dict,
+                             keep: int = 0) -> Path:
     """Write ``checkpoint_epNNNN.pth`` (format FORMAT_VERSION: the run's config, the weights, and the
     training state a resume needs) atomically into `folder`, then keep the newest `keep` (0: all)."""
-    state = {"format_version": FORMAT_VERSION, "config": config, "num_classes": num_classes, "epoch": epoch,
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "sampler": sampler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-             "rng": rng, "metrics": metrics, "world_size": world_size, "torch_version": str(torch.__version__)}
+    state = {"format_version": FORMAT_VERSION, "config": config, "num_classes": parts.num_classes, "epoch": epoch,
+             "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+             "scheduler": parts.scheduler.state_dict(), "sampler": parts.sampler.state_dict(),
+             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+             "rng": rng, "metrics": metrics, "world_size": parts.world_size, "torch_version": str(torch.__version__)}
     path = atomic_save(state, Path(folder) / checkpoint_name(epoch))
     prune_checkpoints(folder, keep)
     return path

@@ -110,7 +110,7 @@ def evaluate(ns: argparse.Namespace) -> dict:
         write_json(metrics, ns.output)
         print(f"wrote {ns.output}")
         try:  # the CMC curve beside the JSON, when matplotlib (the [vis] extra) is installed
-            from .visualize import plot_cmc
+            from .vis.ranks import plot_cmc
             cmc_png = plot_cmc(metrics["cmc"], Path(ns.output).with_name("cmc.png"), label=m.label())
             print(f"wrote {cmc_png}")
         except ImportError:

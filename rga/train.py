@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from . import config as C
-from .checkpoint import (load_checkpoint, load_model, find_latest, capture_rng_state, restore_rng_state,
-                         save_training_checkpoint)
+from .checkpoint import (TrainingParts, capture_rng_state, find_latest, load_checkpoint, load_model,
+                         restore_rng_state, save_training_checkpoint)
 from .cli import (add_field_arguments, add_layer_arguments, check_fused_backend, layers_from_args,
                   load_dataset, section_fields)
 from .data.check import check_dataset, unmatched_note
@@ -388,11 +388,10 @@ class Trainer:
         """checkpoint_epNNNN.pth after `done` epochs (rga.checkpoint.save_training_checkpoint); never
         one with NaN / Inf weights (rank 0 alone saves: its own model is checked)."""
         check_finite_state(self.model, done, kept=find_latest(self.out_dir), all_ranks=False)
-        return save_training_checkpoint(
-            self.out_dir, done, config=self.config_dict, num_classes=self.num_classes, model=self.model,
-            optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler, scaler=self.scaler,
-            rng=rng_states, metrics=self.last_metrics, world_size=self.rt.world_size,
-            keep=self.cfg.run.keep_checkpoints)
+        parts = TrainingParts(self.model, self.optimizer, self.scheduler, self.sampler, self.scaler,
+                              num_classes=self.num_classes, world_size=self.rt.world_size)
+        return save_training_checkpoint(self.out_dir, done, parts, config=self.config_dict, rng=rng_states,
+                                        metrics=self.last_metrics, keep=self.cfg.run.keep_checkpoints)
 
     def scalars(self, group: str, values: dict, step: int, **extra) -> None:
         if self.writer is not None:
