@@ -25,13 +25,13 @@ def first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:
 
 
 def onnx_module():
+    """The onnx package, or an ExportError that says how to install it."""
     try:
         import onnx
     except ImportError as e:
-        raise ExportError("ONNX export needs the onnx package: pip install 'rga-kernels[deploy]' "
+        raise ExportError("ONNX files need the onnx package: pip install 'rga-kernels[deploy]' "
                           "(onnx, onnxruntime, onnxscript)") from e
     return onnx
-
 
 
 def read_metadata(path) -> dict:

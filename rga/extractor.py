@@ -47,7 +47,7 @@ class FeatureExtractor:
         batch_size: images per forward pass.
         normalize: L2-normalize the features (default True).
         trust_pickles: load an exported ``.pt2`` even if it holds pickled entries (they can run
-            code; see rga.export.check_pt2_safe). Off: such a file is refused.
+            code; see rga.exported.check_pt2_safe). Off: such a file is refused.
     """
 
     def __init__(self, model, *, device=None, feat: str = "bn", fused=None, height: int | None = None,
@@ -58,7 +58,7 @@ class FeatureExtractor:
         self.source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
         self.kind, self.run, self.meta = "pytorch", None, None
         if isinstance(model, (str, Path)) and Path(model).suffix in EXPORTED_SUFFIXES:
-            from .export import load_exported
+            from .exported import load_exported
 
             self.run, meta = load_exported(model, trust_pickles=trust_pickles)
             self.meta = meta

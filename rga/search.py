@@ -24,7 +24,7 @@ The index file is an ``.npz`` written atomically, without pickled objects, and r
 ``camids`` (int64, -1 where unknown) and ``meta`` (a JSON object: format version, the model's
 path and fingerprint, input size, counts, skipped files). Loading checks it: finite features of
 unit length, consistent arrays. A ``.pt2`` model holding pickled entries is refused unless
-``--trust-pickles`` (see rga.export.check_pt2_safe).
+``--trust-pickles`` (see rga.exported.check_pt2_safe).
 """
 from __future__ import annotations
 

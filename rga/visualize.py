@@ -1,12 +1,6 @@
-"""``python -m rga.visualize``: the paper's figures for your own runs (the code is in ``rga.vis``).
-
-    python -m rga.visualize attention RUN [IMAGES...] [--dataset synthetic --limit 200] --out DIR
-    python -m rga.visualize relation RUN IMAGE [--compare RUN2] --out DIR
-    python -m rga.visualize gradcam RUN IMAGES... [--compare RUN2] --out DIR
-    python -m rga.visualize ranks RUN [--top 10] --out DIR
-
-Everything ``rga.vis`` exports is importable from here too (``from rga import visualize as V``).
-"""
+"""``python -m rga.visualize attention|relation|gradcam|ranks ...``: the paper's figures for your own
+runs (``--help`` shows each command). The code is in ``rga.vis``, one module per figure; everything
+it exports is importable from here too (``from rga import visualize as V``)."""
 import sys
 
 from .vis import *  # noqa: F401,F403 - the public names, under their old home
