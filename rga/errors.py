@@ -196,3 +196,24 @@ def closed_pipe() -> int:
     except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
         pass
     return EXIT_CLOSED_PIPE
+
+
+def install_closed_pipe_hook() -> None:
+    """For the ``python -m rga.X`` commands (``rga/__init__.py`` calls this when runpy imports the
+    package for one): a BrokenPipeError from a closed stdout that no ``run_cli`` caught, e.g. in a
+    listing of ``python -m rga.experiments showcase --list | head -n 2``, ends the process quietly
+    with EXIT_CLOSED_PIPE instead of a traceback. Every other exception goes to the previous hook.
+    The stack has unwound (every ``finally`` ran) when the hook runs; the exit skips atexit handlers,
+    as the SIGPIPE that a C tool dies of would."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, BrokenPipeError) and stdout_closed():
+            closed_pipe()
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(EXIT_CLOSED_PIPE)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook

@@ -35,3 +35,33 @@ def test_a_broken_pipe_elsewhere_is_still_an_error(capsys):
 
     assert run_cli("prog", fails) == EXIT_USAGE
     assert "prog: error: Broken pipe" in capsys.readouterr().err
+
+
+def _pipe_to_head(command: str, lines: int = 2):
+    """Run `command | head -n LINES` in bash; (stdout, stderr, the command's exit code)."""
+    r = subprocess.run(f"{command} | head -n {lines}; echo \"rc=${{PIPESTATUS[0]}}\"", shell=True,
+                       executable="/bin/bash", cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = r.stdout.splitlines()
+    return out[:-1], r.stderr, int(out[-1].removeprefix("rc="))
+
+
+def test_python_m_commands_end_quietly_without_run_cli():
+    """`python -m rga.X` installs a hook (rga/__init__.py): a listing that prints past a closed pipe
+    outside run_cli ends quietly too. argv[0] is "-m" while runpy imports the package; simulated here."""
+    code = ("import sys; sys.argv[0] = '-m'; import rga; sys.argv[0] = 'x'\n"
+            "for i in range(200000):\n    print(f'row {i}')")
+    out, err, rc = _pipe_to_head(f'{sys.executable} -c "{code}"')
+    assert out == ["row 0", "row 1"] and rc == EXIT_CLOSED_PIPE, (out, rc, err)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    # any other failure keeps its traceback
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = '-m'; import rga; sys.argv[0] = 'x'; 1 / 0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "ZeroDivisionError" in r.stderr and "Traceback" in r.stderr
+
+
+def test_experiments_listing_into_head_is_quiet(tmp_path):
+    """The issue's case: `python -m rga.experiments showcase --list | head -n 2` (ends 0 or 141, never a traceback)."""
+    out, err, rc = _pipe_to_head(f"{sys.executable} -m rga.experiments showcase --list --out {tmp_path} "
+                                 f"--runs {tmp_path / 'runs'}")
+    assert len(out) == 2 and out[0].startswith("baseline-seed0"), out
+    assert rc in (0, EXIT_CLOSED_PIPE) and "Traceback" not in err and "BrokenPipe" not in err, (rc, err)
