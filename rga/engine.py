@@ -37,11 +37,23 @@ def build_test_loader(items, *, height, width, batch_size, workers, device):
 
 # --------------------------------------------------------------------------- training
 
-def train_one_epoch(model, loader, criterion, optimizer, rt: Runtime, *, scaler=None, show_progress=True,
-                    desc="train", loss_watch=None) -> dict:
-    """One pass over `loader`. Returns the epoch's mean loss terms and accuracies (this rank's).
-    `loss_watch`: an rga.divergence.LossWatch (default: a fresh one) whose rule every batch's loss
-    must pass (FloatingPointError otherwise)."""
+@dataclass
+class TrainStep:
+    """What one optimisation step uses: the model as trained (DDP or compiled, maybe), the loss, the
+    optimizer, the GradScaler of fp16 autocast (None otherwise) and an rga.divergence.LossWatch
+    whose rule every batch's loss must pass (None: a fresh one)."""
+    model: object
+    criterion: object
+    optimizer: object
+    scaler: object | None = None
+    loss_watch: object | None = None
+
+
+def train_one_epoch(step: TrainStep, loader, rt: Runtime, *, show_progress=True, desc="train") -> dict:
+    """One pass over `loader`. Returns the epoch's mean loss terms and accuracies (this rank's);
+    FloatingPointError when a batch's loss breaks the loss watch's rule."""
+    model, criterion, optimizer, scaler, loss_watch = (step.model, step.criterion, step.optimizer, step.scaler,
+                                                       step.loss_watch)
     if loss_watch is None:
         from .divergence import LossWatch
         loss_watch = LossWatch()

@@ -28,7 +28,7 @@ from .cli import (add_field_arguments, add_layer_arguments, check_fused_backend,
                   load_dataset, section_fields)
 from .data.check import check_dataset, unmatched_note
 from .divergence import LossWatch, check_finite_state
-from .engine import EvalSettings, build_train_loader, evaluate_model, format_metrics, train_one_epoch
+from .engine import EvalSettings, TrainStep, build_train_loader, evaluate_model, format_metrics, train_one_epoch
 from .errors import CheckpointError, TrainingDivergedError, UsageError, run_cli
 from .fileio import append_line, write_json
 from .losses import ReidLoss
@@ -350,9 +350,9 @@ class Trainer:
         self.scheduler.step(epoch)
         self.sampler.set_epoch(epoch)
         try:
-            stats = train_one_epoch(self.train_model, self.loader, self.criterion, self.optimizer, rt,
-                                    scaler=self.scaler, show_progress=rt.is_main and cfg.run.progress,
-                                    desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", loss_watch=self.loss_watch)
+            step = TrainStep(self.train_model, self.criterion, self.optimizer, self.scaler, self.loss_watch)
+            stats = train_one_epoch(step, self.loader, rt, show_progress=rt.is_main and cfg.run.progress,
+                                    desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
         except FloatingPointError as e:  # a diverged loss: one error line saying what is kept
             kept = find_latest(self.out_dir)
             raise TrainingDivergedError(f"epoch {epoch + 1}: {e}; "

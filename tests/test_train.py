@@ -109,11 +109,11 @@ def test_flags_reach_the_run(data_root, tmp_path, monkeypatch):
     seen = {}
     real = rtrain.train_one_epoch
 
-    def spy(model, loader, *a, **kw):
+    def spy(step, loader, *a, **kw):
         imgs, pids, _, _ = next(iter(loader))
         seen["shape"] = tuple(imgs.shape)
         seen["ids_per_batch"] = len(set(pids.tolist()))
-        return real(model, loader, *a, **kw)
+        return real(step, loader, *a, **kw)
 
     monkeypatch.setattr(rtrain, "train_one_epoch", spy)
     assert train(data_root, tmp_path / "a", "--epochs", "1", "--model", "baseline", "--height", "48", "--width", "24",

@@ -46,8 +46,9 @@ def rank_sheet(queries, ranked, path, *, title: str | None = None, metric: str =
     (unknown). Each gallery image gets a green border if its pid equals the query's, red if not,
     blue when either identity is unknown; the query a grey one; an unreadable image is a grey
     box marked so. Above each image: the query's identity (and camera), or the rank, the identity
-    and the score. ``style``: the sheet's geometry. Returns the layout: {"path", "size", "cells": [[(x0, y0, x1, y1, colour), ...]
-    per row]} (outer border boxes) and "texts" (every text drawn), for checking.
+    and the score. ``style``: the sheet's geometry. Returns the layout: {"path", "size",
+    "cells": [[(x0, y0, x1, y1, colour), ...] per row]} (outer border boxes) and "texts" (every
+    text drawn), for checking.
     """
     from PIL import Image, ImageDraw
 
