@@ -25,8 +25,8 @@ import torch
 
 from .config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, from_legacy
 from .errors import CheckpointError
-from .fileio import (CKPT_PATTERN, checkpoint_name, find_latest, list_checkpoints, load_torch,  # noqa: F401
-                     resolve_checkpoint, save_torch)
+from .fileio import (CKPT_PATTERN, checkpoint_name, extract_model_state, find_latest, list_checkpoints,  # noqa: F401
+                     load_torch, resolve_checkpoint, save_torch)
 from .models import build_from_config, stage_sizes
 
 #: of the checkpoint layout: 2 = RunConfig.to_dict() as "config"; 1 = the flat argparse config of
@@ -40,14 +40,27 @@ def atomic_save(obj, path) -> Path:
     return save_torch(obj, path, what="checkpoint", error=CheckpointError)
 
 
-def save_training_checkpoint(folder, epoch: int, *, config: dict, num_classes: int, model, optimizer, scheduler,
-                             sampler, scaler, rng, metrics: dict, world_size: int, keep: int = 0) -> Path:
+@dataclass
+class TrainingParts:
+    """The objects whose state a training checkpoint holds, so that a resume continues exactly."""
+    model: object
+    optimizer: object
+    scheduler: object
+    sampler: object
+    scaler: object | None  # a GradScaler under fp16 autocast, else None
+    num_classes: int
+    world_size: int = 1
+
+
+def save_training_checkpoint(folder, epoch: int, parts: TrainingParts, *, config: dict, rng, metrics: dict,
+                             keep: int = 0) -> Path:
     """Write ``checkpoint_epNNNN.pth`` (format FORMAT_VERSION: the run's config, the weights, and the
     training state a resume needs) atomically into `folder`, then keep the newest `keep` (0: all)."""
-    state = {"format_version": FORMAT_VERSION, "config": config, "num_classes": num_classes, "epoch": epoch,
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "sampler": sampler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-             "rng": rng, "metrics": metrics, "world_size": world_size, "torch_version": str(torch.__version__)}
+    state = {"format_version": FORMAT_VERSION, "config": config, "num_classes": parts.num_classes, "epoch": epoch,
+             "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+             "scheduler": parts.scheduler.state_dict(), "sampler": parts.sampler.state_dict(),
+             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+             "rng": rng, "metrics": metrics, "world_size": parts.world_size, "torch_version": str(torch.__version__)}
     path = atomic_save(state, Path(folder) / checkpoint_name(epoch))
     prune_checkpoints(folder, keep)
     return path
@@ -67,22 +80,6 @@ def prune_checkpoints(folder, keep: int) -> None:
 def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint dict, read safely (rga.fileio.load_torch: weights_only=True, clear errors)."""
     return load_torch(path, map_location, what="checkpoint", error=CheckpointError)
-
-
-def extract_model_state(state: dict) -> dict:
-    """The model's state_dict from one of our checkpoints (``model``), a public training script's
-    (``state_dict``) or a bare state_dict."""
-    sd = state.get("model", state.get("state_dict", state))
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError("checkpoint holds no model state_dict")
-    # strip wrappers: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.")
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 def _numpy_state_to_plain(state) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 from . import config as C
+from . import value_parsers as P
 from .registry import model_rows
 from .errors import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
 
@@ -37,14 +37,14 @@ def add_field_arguments(parser: argparse.ArgumentParser, names, *, title: str | 
         parse = f.metadata["parse"]
         kw = dict(dest=name, default=argparse.SUPPRESS, metavar=f.metadata["metavar"],
                   help=f"{f.metadata['help']} (default: {_default_text(name)}){help_suffix}")
-        if parse is C.boolean:
+        if parse is P.boolean:
             kw.pop("metavar")
             kw["action"] = argparse.BooleanOptionalAction
-        elif parse is C.kv_dict:
+        elif parse is P.kv_dict:
             kw["action"] = "append"
-        elif parse is C.int_list:
+        elif parse is P.int_list:
             kw["nargs"] = "*"
-        elif parse is C.fused_arg:
+        elif parse is P.fused_arg:
             kw.update(nargs="?", const=True)
         elif getattr(parse, "choices", None):
             kw.update(choices=parse.choices, metavar=None)
@@ -140,14 +140,4 @@ def load_dataset(data: C.DataConfig):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise UsageError(f"could not load dataset '{data.dataset}' from '{data.data_root}': {msg}") from e
 
-
-def find_pretrained(backbone: str) -> Path | None:
-    """'auto' ImageNet weights: a torchvision {backbone}-*.pth in ./pretrained or the torch hub cache."""
-    import torch
-
-    for folder in (Path("pretrained"), Path(torch.hub.get_dir()) / "checkpoints"):
-        found = sorted(folder.glob(f"{backbone}-*.pth")) if folder.is_dir() else []
-        if found:
-            return found[0]
-    return None
 

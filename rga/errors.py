@@ -10,7 +10,8 @@ rga.data) call :func:`run_cli`. A failure the
 user can fix (a bad flag, a missing or unreadable file, a full disk, a folder in use, a diverged
 loss) prints one line on stderr that keeps the root cause, and the command exits with code 2.
 Anything else is a bug: it keeps its traceback (exit 1). ``RGA_TRACEBACK=1`` in the environment
-shows the traceback of the handled failures too.
+shows the traceback of the handled failures too. A reader that stops early (``... --list | head``)
+ends the command quietly (:func:`closed_pipe`), not with a BrokenPipeError traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import sys
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, what a C tool's `... | head` ends with
 
 
 class ReidError(Exception):
@@ -149,17 +151,69 @@ def user_message(exc: BaseException, user_errors: tuple = ()):
 
 def run_cli(prog: str, fn, *args, interrupted_hint: str = "", user_errors: tuple = (), **kwargs) -> int:
     """Call fn(*args, **kwargs); return its int result (0 if it returns none), or print `PROG: error:
-    ...` and return 2 for a failure the user can fix (130 on Ctrl-C). Bugs propagate with their
-    traceback. ``user_errors``: more exception types this command reports as the user's."""
+    ...` and return 2 for a failure the user can fix (130 on Ctrl-C, 141 when stdout's reader has
+    gone: :func:`closed_pipe`). Bugs propagate with their traceback. ``user_errors``: more exception
+    types this command reports as the user's."""
     try:
         code = fn(*args, **kwargs)
+        sys.stdout.flush()  # a closed pipe shows here at the latest, while it can still be handled
     except KeyboardInterrupt:
         print(f"{prog}: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        if isinstance(e, BrokenPipeError) and stdout_closed():
+            return closed_pipe()
         msg = user_message(e, user_errors)
         if msg is None or os.environ.get("RGA_TRACEBACK"):
             raise
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     return code if isinstance(code, int) and not isinstance(code, bool) else 0
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (a BrokenPipeError from elsewhere, e.g. a
+    socket, stays an error). Asked of the descriptor: poll reports POLLERR on such a pipe."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _fd, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no descriptor (a captured stdout), no poll (Windows)
+        return False
+
+
+def closed_pipe() -> int:
+    """The reader of stdout went away (``python -m rga.X --list | head -n 2``): stop quietly.
+
+    stdout is pointed at /dev/null, so the interpreter's own flush at exit has nowhere to fail
+    (it would print "Exception ignored ... BrokenPipeError"). Returns EXIT_CLOSED_PIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
+        pass
+    return EXIT_CLOSED_PIPE
+
+
+def install_closed_pipe_hook() -> None:
+    """For the ``python -m rga.X`` commands (``rga/__init__.py`` calls this when runpy imports the
+    package for one): a BrokenPipeError from a closed stdout that no ``run_cli`` caught, e.g. in a
+    listing of ``python -m rga.experiments showcase --list | head -n 2``, ends the process quietly
+    with EXIT_CLOSED_PIPE instead of a traceback. Every other exception goes to the previous hook.
+    The stack has unwound (every ``finally`` ran) when the hook runs; the exit skips atexit handlers,
+    as the SIGPIPE that a C tool dies of would."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, BrokenPipeError) and stdout_closed():
+            closed_pipe()
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(EXIT_CLOSED_PIPE)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook

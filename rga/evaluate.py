@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 
 from . import config as C
+from . import value_parsers as P
 from .checkpoint import load_model
 from .cli import add_field_arguments, check_fused_backend, given_flags, load_dataset
 from .data.check import check_dataset, unmatched_note
-from .engine import EvalSettings, evaluate_model, format_metrics, place_model, setup_runtime
+from .engine import EvalSettings, evaluate_model, format_metrics
 from .errors import UsageError, run_cli
 from .fileio import write_json
 from .runfolder import check_output_file
+from .runtime import place_model, setup_runtime
 
 DATA_FIELDS = ("dataset", "data_root", "dataset_opt")
 EVAL_FIELDS = ("eval_feat", "metric", "rerank", "flip_test", "test_batch_size")
@@ -58,7 +60,7 @@ def plan(ns: argparse.Namespace):
     hint_names = set(C.ARCH_FIELDS)
     hints = C.parse_values(given_flags(ns, hint_names), "command line")
     hints = {k: v for k, v in hints.items() if k in hint_names}
-    fused = C.fused_arg(ns.fused) if hasattr(ns, "fused") else None
+    fused = P.fused_arg(ns.fused) if hasattr(ns, "fused") else None
     model, info = load_model(ns.checkpoint, fused=fused, hints=hints, with_info=True)
     base = info.config if info.config is not None else C.RunConfig()
     saved = base.flat()
@@ -82,7 +84,7 @@ def evaluate(ns: argparse.Namespace) -> dict:
     if ns.output:
         check_output_file(ns.output)  # before the work, not after printing the metrics
     if getattr(ns, "threads", 0):
-        torch.set_num_threads(C.nonneg_int(ns.threads))
+        torch.set_num_threads(P.nonneg_int(ns.threads))
     info, model, cfg, notes = plan(ns)
     r, e = cfg.run, cfg.eval
     rt = setup_runtime(r.device, "auto", amp=r.amp, channels_last=r.channels_last)
@@ -108,7 +110,7 @@ def evaluate(ns: argparse.Namespace) -> dict:
         write_json(metrics, ns.output)
         print(f"wrote {ns.output}")
         try:  # the CMC curve beside the JSON, when matplotlib (the [vis] extra) is installed
-            from .visualize import plot_cmc
+            from .vis.ranks import plot_cmc
             cmc_png = plot_cmc(metrics["cmc"], Path(ns.output).with_name("cmc.png"), label=m.label())
             print(f"wrote {cmc_png}")
         except ImportError:

@@ -16,7 +16,8 @@ the same way: both paths compute the same function of the same parameters.
 Next to the file, ``FILE.json`` (also embedded: ONNX ``metadata_props["rga_export"]``,
 ExportedProgram extra file ``rga_export.json``) records the input size, mean/std, feature size,
 batch mode, the exporter used and the source checkpoint, so a runtime can preprocess without
-this package.
+this package. Reading such a file back (metadata, the pickle scan, running it) is ``rga.exported``;
+its names are importable from here too.
 
 ONNX exporters: ``--exporter auto`` (the default) uses the torch.export-based ("dynamo") exporter,
 the default and maintained one since torch 2.9 (the TorchScript exporter is deprecated), and
@@ -37,22 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ExportError, UntrustedFileError, find_os_error, run_cli
+from .errors import ExportError, find_os_error, run_cli
+from .exported import (METADATA_KEY, check_pt2_safe, find_pickles_in_pt2, first_line, load_exported,  # noqa: F401
+                       onnx_module, read_metadata)
 from .fileio import atomic_write, write_text
 
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 EXPORTERS = ("auto", "dynamo", "torchscript")
-METADATA_KEY = "rga_export"
 METADATA_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export wants a finite range to reason with)
-
-
-def _first_line(e: BaseException, lines: int = 2, limit: int = 400) -> str:
-    """The exception's type and first lines (torch.export puts the violated guard on the second)."""
-    text = " ".join(line.strip() for line in str(e).strip().splitlines()[:lines] if line.strip())
-    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +141,7 @@ def export_program(model: nn.Module, *, dynamic_batch: bool = True, batch_size: 
         return torch.export.export(fm, (example,), dynamic_shapes=_dynamic_batch_shapes() if dynamic_batch else None)
     except Exception as e:  # noqa: BLE001 - reported with the step that failed
         raise ExportError(f"torch.export of the {'dynamic-batch ' if dynamic_batch else ''}feature model failed: "
-                          f"{_first_line(e)}") from e
+                          f"{first_line(e)}") from e
 
 
 def metadata(fm: FeatureModel, *, fmt: str, dynamic_batch: bool, batch_size: int, exporter: str,
@@ -165,15 +161,6 @@ def metadata(fm: FeatureModel, *, fmt: str, dynamic_batch: bool, batch_size: int
     }
 
 
-def _onnx_module():
-    try:
-        import onnx
-    except ImportError as e:
-        raise ExportError("ONNX export needs the onnx package: pip install 'rga-kernels[deploy]' "
-                          "(onnx, onnxruntime, onnxscript)") from e
-    return onnx
-
-
 def _export_onnx_dynamo(fm, program, path, dynamic_batch, batch_size, opset):
     try:
         import onnxscript  # noqa: F401  - the dynamo exporter's translator
@@ -187,7 +174,7 @@ def _export_onnx_dynamo(fm, program, path, dynamic_batch, batch_size, opset):
         torch.onnx.export(program, (example,), str(path), dynamo=True, external_data=False, optimize=True,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False, **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"the dynamo ONNX exporter failed: {_first_line(e)}") from e
+        raise ExportError(f"the dynamo ONNX exporter failed: {first_line(e)}") from e
 
 
 def _export_onnx_torchscript(fm, path, dynamic_batch, batch_size, opset):
@@ -200,14 +187,14 @@ def _export_onnx_torchscript(fm, path, dynamic_batch, batch_size, opset):
                               output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset or 17,
                               do_constant_folding=True)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"the TorchScript ONNX exporter failed: {_first_line(e)}") from e
+        raise ExportError(f"the TorchScript ONNX exporter failed: {first_line(e)}") from e
 
 
 def _finish_onnx(path: Path, meta: dict, name=None) -> dict:
     """Name the batch dimension, embed the metadata, run onnx.checker and save the model again at
     `path`; returns the metadata. `name`: the file's name in messages (`path` may be a temporary
     file)."""
-    onnx = _onnx_module()
+    onnx = onnx_module()
     proto = onnx.load(str(path))
     tmp, path = path, name or path
     meta["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -226,7 +213,7 @@ def _finish_onnx(path: Path, meta: dict, name=None) -> dict:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"onnx.checker rejected {path}: {_first_line(e)}") from e
+        raise ExportError(f"onnx.checker rejected {path}: {first_line(e)}") from e
     onnx.save(proto, str(tmp))
     return meta
 
@@ -242,7 +229,7 @@ def export_onnx(model: nn.Module, path, *, dynamic_batch: bool = True, batch_siz
     _check_batch(batch_size)
     if opset is not None and not 7 <= opset <= 30:
         raise ValueError(f"opset must be an ONNX opset number (7..30), got {opset}")
-    _onnx_module()
+    onnx_module()
     fm = prepare_for_export(model, normalize=normalize)
     path = Path(path)
     out = {}
@@ -304,124 +291,6 @@ def _check_batch(batch_size) -> None:
 
 def _write_sidecar(path: Path, meta: dict) -> None:
     write_text(json.dumps(meta, indent=2) + "\n", Path(str(path) + ".json"), what="export metadata", error=ExportError)
-
-
-# ----------------------------------------------------------------------------------------------
-# Running an exported file (ONNX Runtime or torch.export.load); neither needs this package
-# ----------------------------------------------------------------------------------------------
-
-def read_metadata(path) -> dict:
-    """The export metadata of an exported file: its ``FILE.json``, else the embedded copy."""
-    path = Path(path)
-    side = Path(str(path) + ".json")
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ExportError(f"{side} is not export metadata (not JSON: {e})") from e
-        if not isinstance(meta, dict):
-            raise ExportError(f"{side} is not export metadata (a JSON {type(meta).__name__}, not an object)")
-        return meta
-    if path.suffix == ".onnx":
-        try:
-            proto = _onnx_module().load(str(path), load_external_data=False)
-        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
-            raise ExportError(f"{path} is not a complete ONNX model (truncated or damaged?): {_first_line(e)}") from e
-        for entry in proto.metadata_props:
-            if entry.key == METADATA_KEY:
-                return json.loads(entry.value)
-    else:
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(path) as z:
-                for name in z.namelist():
-                    if name.endswith(f"extra/{METADATA_KEY}.json"):
-                        return json.loads(z.read(name))
-        except zipfile.BadZipFile as e:
-            raise ExportError(f"{path} is not a complete .pt2 archive (truncated or damaged?): {e}") from e
-    raise ExportError(f"{path} carries no rga export metadata (no {side.name}); was it written by rga.export?")
-
-
-def find_pickles_in_pt2(path) -> list:
-    """The entries of a .pt2 archive that ``torch.export.load`` would unpickle with
-    ``weights_only=False`` (running any code they reference): weights or constants marked
-    ``use_pickle`` in the archive's payload configs, and every embedded torch.save file (sample
-    inputs, legacy weights) that ``torch.load(weights_only=True)`` refuses. rga.export never
-    writes either kind. Raises ExportError for a file that is not a readable archive."""
-    import io
-    import pickle
-    import zipfile
-
-    found = []
-    try:
-        with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                if name.endswith("_config.json") and "/data/" in f"/{name}":
-                    try:
-                        config = json.loads(z.read(name)).get("config", {})
-                    except (ValueError, AttributeError) as e:
-                        raise ExportError(f"{path}: {name} is not a payload config ({e})") from e
-                    found += [f"{name}: {key}" for key, entry in config.items()
-                              if isinstance(entry, dict) and entry.get("use_pickle")]
-                elif name.endswith(".pt") or name.endswith(".pkl"):
-                    try:
-                        torch.load(io.BytesIO(z.read(name)), weights_only=True)
-                    except pickle.UnpicklingError:
-                        found.append(name)
-                    except Exception:  # noqa: BLE001 - unreadable for another reason: still refused
-                        found.append(name)
-    except zipfile.BadZipFile as e:
-        raise ExportError(f"{path} is not a complete .pt2 archive (truncated or damaged?): {e}") from e
-    return found
-
-
-def check_pt2_safe(path, trust_pickles: bool = False) -> None:
-    """Refuse (UntrustedFileError) a .pt2 whose loading would unpickle objects, unless the caller
-    trusts the file (``--trust-pickles``)."""
-    if trust_pickles:
-        return
-    found = find_pickles_in_pt2(path)
-    if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise UntrustedFileError(f"{path} holds pickled entries ({shown}); torch.export.load would unpickle them "
-                                 "without weights_only, which runs any code they reference. rga.export never "
-                                 "writes these; load the file only if you trust where it came from "
-                                 "(--trust-pickles)")
-
-
-def load_exported(path, *, trust_pickles: bool = False):
-    """A callable ``fn(batch: Tensor (N, 3, H, W)) -> Tensor (N, D)`` for an exported file, and its
-    metadata. ``.onnx``: ONNX Runtime on the CPU execution provider; otherwise ``torch.export.load``,
-    after :func:`check_pt2_safe` (a .pt2 with pickled entries is refused unless ``trust_pickles``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"exported model not found: {path}")
-    meta = read_metadata(path)
-    if meta.get("format") == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ExportError("running an ONNX model needs onnxruntime: pip install 'rga-kernels[deploy]'") from e
-        try:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - a truncated or damaged file
-            raise ExportError(f"{path} cannot be loaded by ONNX Runtime (truncated or damaged?): "
-                              f"{_first_line(e)}") from e
-
-        def run(batch: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {meta["input"]: batch.float().numpy()})[0])
-    else:
-        check_pt2_safe(path, trust_pickles)
-        try:
-            module = torch.export.load(str(path)).module()
-        except Exception as e:  # noqa: BLE001 - a damaged archive
-            raise ExportError(f"{path} cannot be loaded by torch.export.load: {_first_line(e)}") from e
-
-        def run(batch: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return module(batch.float())
-    return run, meta
 
 
 def check_exported(path, model: nn.Module, batch_sizes=(1, 7, 32), normalize: bool = True) -> float:

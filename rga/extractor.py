@@ -16,7 +16,6 @@ feature loop for images: ``rga.search`` indexes and queries through it (``extrac
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -27,17 +26,10 @@ from torch import nn
 
 from .checkpoint import load_model
 from .data import read_image
+from .runtime import autocast, prepare_batch, progress
 from .transforms import build_test_transform
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files of rga.export
-
-
-def progress(iterable, *, total=None, desc="", enabled=True):
-    """tqdm only on an interactive terminal and only where enabled (rank 0)."""
-    if not enabled or not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 class FeatureExtractor:
@@ -55,7 +47,7 @@ class FeatureExtractor:
         batch_size: images per forward pass.
         normalize: L2-normalize the features (default True).
         trust_pickles: load an exported ``.pt2`` even if it holds pickled entries (they can run
-            code; see rga.export.check_pt2_safe). Off: such a file is refused.
+            code; see rga.exported.check_pt2_safe). Off: such a file is refused.
     """
 
     def __init__(self, model, *, device=None, feat: str = "bn", fused=None, height: int | None = None,
@@ -66,7 +58,7 @@ class FeatureExtractor:
         self.source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
         self.kind, self.run, self.meta = "pytorch", None, None
         if isinstance(model, (str, Path)) and Path(model).suffix in EXPORTED_SUFFIXES:
-            from .export import load_exported
+            from .exported import load_exported
 
             self.run, meta = load_exported(model, trust_pickles=trust_pickles)
             self.meta = meta
@@ -101,11 +93,8 @@ class FeatureExtractor:
         """float32 features of one preprocessed batch, where the extractor runs (not normalized)."""
         if self.run is not None:
             return self.run(x).float()
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with (torch.autocast(device_type=self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-              else contextlib.nullcontext()):
+        x = prepare_batch(x, self.device, self.channels_last)
+        with autocast(self.device, self.amp_dtype):
             return self.model(x).float()
 
     def _finish(self, feats: torch.Tensor) -> torch.Tensor:

@@ -226,3 +226,23 @@ def load_torch(path, map_location="cpu", *, what: str = "checkpoint", error: typ
     if not isinstance(state, dict):
         raise error(f"{path} does not hold a {what} dict (got {type(state).__name__})")
     return state
+
+
+def extract_model_state(state: dict) -> dict:
+    """The model's state_dict from one of our checkpoints (``model``), a public training script's
+    (``state_dict``) or a bare state_dict (a torchvision file), with the wrapper prefixes of
+    DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``) stripped: the one
+    reader of model weights in a checkpoint (rga.checkpoint and rga.models.load_imagenet_weights)."""
+    import torch
+
+    sd = state.get("model", state.get("state_dict", state))
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("checkpoint holds no model state_dict")
+    # strip wrappers: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.")
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .attention import DESIGNS
-from .fileio import load_torch, resolve_checkpoint
+from .errors import CheckpointError
+from .fileio import extract_model_state, load_torch, resolve_checkpoint
 from .registry import DESIGN_LABELS, INIT_OPTIONS, PAPER_LABELS, RGA_OPTIONS, VARIANT_ALIASES, VARIANTS
 from .registry import BACKBONES as BACKBONE_NAMES
 from .modules import RGAModule
@@ -284,15 +285,15 @@ ResNet50RGA = ResNetRGA  # the paper's model is ResNetRGA(num_classes, "rga_sc",
 # ImageNet weights from a local torchvision checkpoint
 # ----------------------------------------------------------------------------------------------
 
-def _find_hub_checkpoint(arch: str) -> str:
-    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-    found = sorted(glob.glob(os.path.join(hub, f"{arch}-*.pth")))
-    if not found:
-        raise FileNotFoundError(
-            f"pretrained=True: no {arch}-*.pth in {hub}; pass pretrained='path/to/{arch}-....pth' "
-            "(a torchvision ImageNet state dict) or pretrained=False for random init"
-        )
-    return found[0]
+def find_imagenet_weights(arch: str) -> str | None:
+    """The one weight finder: a torchvision ``{arch}-*.pth`` in ``./pretrained``, else in the torch hub
+    cache (``torch.hub.get_dir()/checkpoints``); None when neither holds one. ``--pretrained auto``
+    and ``pretrained=True`` both look here."""
+    for folder in ("pretrained", os.path.join(torch.hub.get_dir(), "checkpoints")):
+        found = sorted(glob.glob(os.path.join(folder, f"{arch}-*.pth")))
+        if found:
+            return found[0]
+    return None
 
 
 def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50") -> str:
@@ -305,7 +306,12 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
     Returns a description of the source.
     """
     if source is True:
-        source = _find_hub_checkpoint(arch)
+        source = find_imagenet_weights(arch)
+        if source is None:
+            raise FileNotFoundError(
+                f"pretrained=True: no {arch}-*.pth in ./pretrained or {os.path.join(torch.hub.get_dir(), 'checkpoints')}; "
+                f"pass pretrained='path/to/{arch}-....pth' (a torchvision ImageNet state dict) or pretrained=False "
+                "for random init")
     if isinstance(source, (str, os.PathLike)):
         desc = os.fspath(source)
         if os.path.isdir(desc):  # a run folder of rga.train: its newest checkpoint
@@ -317,10 +323,10 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
         desc, state = "<state dict>", source
     else:
         raise TypeError(f"pretrained must be a path, a state dict, True, False or None; got {type(source).__name__}")
-    for key in ("state_dict", "model"):
-        if key in state and isinstance(state[key], Mapping):
-            state = state[key]
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        state = extract_model_state(dict(state))  # ours, a public script's or torchvision's; wrappers stripped
+    except CheckpointError as e:
+        raise ValueError(f"{desc} is not a torchvision {arch} state dict: {e}") from None
     if any(k.startswith("backbone.") for k in state):
         # a model of this package (rga.train checkpoint or run folder): its trunk only; the neck,
         # the classifier and any attention modules are left out, so new attention starts fresh
@@ -412,6 +418,12 @@ def format_parameter_table(rows, compare: bool = True) -> str:
 
 
 def main(argv=None) -> int:
+    from .errors import run_cli
+
+    return run_cli("rga.models", _models_command, argv)
+
+
+def _models_command(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m rga.models", description="Facts about the models of rga.build_model.")

@@ -24,7 +24,7 @@ The index file is an ``.npz`` written atomically, without pickled objects, and r
 ``camids`` (int64, -1 where unknown) and ``meta`` (a JSON object: format version, the model's
 path and fingerprint, input size, counts, skipped files). Loading checks it: finite features of
 unit length, consistent arrays. A ``.pt2`` model holding pickled entries is refused unless
-``--trust-pickles`` (see rga.export.check_pt2_safe).
+``--trust-pickles`` (see rga.exported.check_pt2_safe).
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from .cli import flag_type
-from .config import positive_int
+from .value_parsers import positive_int
 from .errors import SearchError, run_cli
 from .extractor import FeatureExtractor
-from .fileio import atomic_write, save_figure
+from .fileio import atomic_write
 from .metrics import same_camera_matches
 
 INDEX_VERSION = 2  # 2: the model's fingerprint in meta; features checked on load
@@ -324,41 +324,16 @@ def top1_share(results: list[dict]) -> tuple[int, int]:
     return hits, len(known)
 
 
-def plot_results(results: list[dict], out, *, top: int = 10):
-    """One row per query: the query, then its top matches (similarity above; a green frame for
-    the same identity, red for another, when the names carry identities)."""
-    try:
-        import matplotlib
+def plot_results(results: list[dict], out, *, top: int = 10) -> Path:
+    """One row per query: the query, then its top matches with their cosine similarity, drawn by
+    rga.visualize's ranked-sheet drawer (a green frame for the same identity, red for another, blue
+    where the file names carry no identity). Needs Pillow only."""
+    from .vis.ranks import rank_sheet
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise SearchError("--plot needs matplotlib: pip install matplotlib (or 'rga-kernels[vis]')") from e
-    from .data import read_image
-
-    cols = 1 + min(top, max((len(r["results"]) for r in results), default=0))
-    fig, axes = plt.subplots(len(results), cols, figsize=(1.3 * cols, 2.6 * len(results)), squeeze=False)
-    for row, r in zip(axes, results):
-        for ax in row:
-            ax.axis("off")
-        row[0].imshow(read_image(r["query"]))
-        row[0].set_title("query" + (f"\nid {r['pid']}" if r["pid"] is not None else ""), fontsize=8)
-        for ax, hit in zip(row[1:], r["results"][:top]):
-            try:
-                ax.imshow(read_image(hit["path"]))
-            except OSError:
-                ax.text(0.5, 0.5, "unreadable", ha="center", fontsize=7)
-            ax.set_title(f"{hit['rank']}: {hit['similarity']:.3f}", fontsize=8)
-            if r["pid"] is not None and hit["pid"] is not None:
-                color = "green" if hit["pid"] == r["pid"] else "red"
-                ax.axis("on")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_edgecolor(color)
-                    spine.set_linewidth(3)
-    fig.tight_layout()
-    return save_figure(fig, out, dpi=100)
+    queries = [(r["query"], r["pid"], None if r.get("camid") is None else r["camid"] + 1) for r in results]
+    ranked = [[(hit["path"], hit["pid"], hit["similarity"]) for hit in r["results"][:top]] for r in results]
+    return Path(rank_sheet(queries, ranked, out, title=f"top {top} per query", metric="cosine similarity",
+                           lower_is_closer=False)["path"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,12 +5,14 @@ on the synthetic dataset unless --dataset names another. Under torchrun every pr
 its own PK batches (disjoint identities per step) with DistributedDataParallel.
 
 `train(cfg)` runs a :class:`Trainer`, whose methods read as the recipe: open (the run folder and
-the checkpoint to resume, the data, the model, the training parts), resume, then per epoch: one
+the checkpoint to resume, the data, the model, the training parts), resume, prepare (DDP,
+torch.compile, config.json), then per epoch: one
 epoch of training, a checkpoint every `ckpt_every` epochs, an evaluation every `eval_every` epochs.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -20,19 +22,20 @@ from pathlib import Path
 import torch
 
 from . import config as C
-from .checkpoint import (load_checkpoint, load_model, find_latest, capture_rng_state, restore_rng_state,
-                         save_training_checkpoint)
-from .cli import (add_field_arguments, add_layer_arguments, check_fused_backend, find_pretrained, layers_from_args,
+from .checkpoint import (TrainingParts, capture_rng_state, find_latest, load_checkpoint, load_model,
+                         restore_rng_state, save_training_checkpoint)
+from .cli import (add_field_arguments, add_layer_arguments, check_fused_backend, layers_from_args,
                   load_dataset, section_fields)
 from .data.check import check_dataset, unmatched_note
 from .divergence import LossWatch, check_finite_state
-from .engine import (EvalSettings, barrier, build_train_loader, cleanup_runtime, close_logger, evaluate_model,
-                     format_metrics, make_logger, place_model, seed_everything, setup_runtime, train_one_epoch)
+from .engine import EvalSettings, TrainStep, build_train_loader, evaluate_model, format_metrics, train_one_epoch
 from .errors import CheckpointError, TrainingDivergedError, UsageError, run_cli
 from .fileio import append_line, write_json
 from .losses import ReidLoss
-from .models import build_from_config
+from .models import build_from_config, find_imagenet_weights
 from .runfolder import acquire_run_folder, resume_checkpoint
+from .runtime import (barrier, cleanup_runtime, close_logger, make_logger, place_model, seed_everything,
+                      setup_runtime)
 from .samplers import RandomIdentityBatchSampler
 from .schedulers import WarmupMultiStepLR
 from .transforms import build_train_transform
@@ -127,11 +130,13 @@ class Trainer:
     (``rt``: device, precision, channels-last, process group), the run folder and its logger, the
     data and the training parts (model, optimizer, schedule, scaler, loss, sampler, loader), and its
     methods are the steps of a run: :meth:`open` (folder, data, model, parts), :meth:`resume`,
-    :meth:`epoch`, :meth:`evaluate`, :meth:`save`, :meth:`close`; :meth:`fit` runs them in order.
+    :meth:`prepare`, :meth:`epoch`, :meth:`evaluate`, :meth:`save`, :meth:`close`; :meth:`fit` runs
+    the epochs. It works on its own copy of the configuration: the caller's is never changed.
     """
 
     def __init__(self, cfg: C.RunConfig):
-        self.cfg = cfg.validate()
+        cfg = copy.deepcopy(cfg).validate()  # the run's own copy: the caller's config is never changed
+        self.cfg = cfg
         self.label = cfg.model.label()  # the row name, for the folder name and the log
         if cfg.run.output_dir is None:
             cfg.run.output_dir = str(default_output_dir(cfg, self.label))
@@ -211,7 +216,7 @@ class Trainer:
         """What build_model gets as `pretrained`: a file, or False (random init, said in the log)."""
         p, backbone = self.cfg.model.pretrained, self.cfg.model.backbone
         if p == "auto":
-            found = find_pretrained(backbone)
+            found = find_imagenet_weights(backbone)
             if found is None:
                 self.log(f"warning: no ImageNet weights: no torchvision {backbone}-*.pth in ./pretrained or the "
                          f"torch hub cache; the {backbone} starts from random weights (the paper starts from "
@@ -280,8 +285,7 @@ class Trainer:
                  f"epoch; crop {d.crop}")
 
     def resume(self) -> None:
-        """Optimizer, schedule, sampler, scaler and random states from the checkpoint, if any; then
-        the model wrapped for training (DDP, torch.compile), TensorBoard and config.json."""
+        """Optimizer, schedule, sampler, scaler and random states from the checkpoint, if any."""
         cfg, rt, ckpt = self.cfg, self.rt, self.checkpoint
         seed_everything(cfg.run.seed + 1 + rt.rank)  # per-rank augmentation streams
         if ckpt is not None:
@@ -306,6 +310,10 @@ class Trainer:
         if self.start_epoch >= cfg.optim.epochs:
             self.log(f"nothing to do: the checkpoint is at epoch {self.start_epoch} and --epochs is "
                      f"{cfg.optim.epochs}")
+
+    def prepare(self) -> None:
+        """The model wrapped for training (DDP, torch.compile), TensorBoard, and config.json written."""
+        cfg, rt = self.cfg, self.rt
         model = self.model
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -342,9 +350,9 @@ class Trainer:
         self.scheduler.step(epoch)
         self.sampler.set_epoch(epoch)
         try:
-            stats = train_one_epoch(self.train_model, self.loader, self.criterion, self.optimizer, rt,
-                                    scaler=self.scaler, show_progress=rt.is_main and cfg.run.progress,
-                                    desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", loss_watch=self.loss_watch)
+            step = TrainStep(self.train_model, self.criterion, self.optimizer, self.scaler, self.loss_watch)
+            stats = train_one_epoch(step, self.loader, rt, show_progress=rt.is_main and cfg.run.progress,
+                                    desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
         except FloatingPointError as e:  # a diverged loss: one error line saying what is kept
             kept = find_latest(self.out_dir)
             raise TrainingDivergedError(f"epoch {epoch + 1}: {e}; "
@@ -380,11 +388,10 @@ class Trainer:
         """checkpoint_epNNNN.pth after `done` epochs (rga.checkpoint.save_training_checkpoint); never
         one with NaN / Inf weights (rank 0 alone saves: its own model is checked)."""
         check_finite_state(self.model, done, kept=find_latest(self.out_dir), all_ranks=False)
-        return save_training_checkpoint(
-            self.out_dir, done, config=self.config_dict, num_classes=self.num_classes, model=self.model,
-            optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler, scaler=self.scaler,
-            rng=rng_states, metrics=self.last_metrics, world_size=self.rt.world_size,
-            keep=self.cfg.run.keep_checkpoints)
+        parts = TrainingParts(self.model, self.optimizer, self.scheduler, self.sampler, self.scaler,
+                              num_classes=self.num_classes, world_size=self.rt.world_size)
+        return save_training_checkpoint(self.out_dir, done, parts, config=self.config_dict, rng=rng_states,
+                                        metrics=self.last_metrics, keep=self.cfg.run.keep_checkpoints)
 
     def scalars(self, group: str, values: dict, step: int, **extra) -> None:
         if self.writer is not None:
@@ -452,6 +459,7 @@ def train(cfg: C.RunConfig) -> dict:
     try:
         trainer.open()
         trainer.resume()
+        trainer.prepare()
         return trainer.fit()
     finally:
         trainer.close()

@@ -58,3 +58,29 @@ def test_no_documented_command_is_imported_before_runpy_runs_it():
         r = _run(["-c", code])
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip().splitlines()[-1] == "[]", f"imported by {parent}: {r.stdout}"
+
+
+def readme_command_lines():
+    """(module, subcommand or None) of every `python -m rga…` in the README: the subcommand is the
+    bare word after the module (`build`, `ranks`, `showcase`, `table1|table2` gives each)."""
+    found = set()
+    for mod, rest in re.findall(r"python -m ((?:rga|rga_kernels)(?:\.\w+)+)([^\n`]*)", (ROOT / "README.md").read_text()):
+        first = rest.split()[0] if rest.split() else ""
+        words = [w for w in first.split("|") if re.fullmatch(r"[a-z][a-z0-9_]*", w)]
+        if words:
+            found.update((mod, w) for w in words)
+        else:
+            found.add((mod, None))
+    return sorted(found, key=lambda t: (t[0], t[1] or ""))
+
+
+def test_every_readme_command_answers_help():
+    """Each `python -m rga…` line of the README exists as written: `--help` prints its usage, exit 0."""
+    commands = readme_command_lines()
+    assert ("rga.train", None) in commands and ("rga.search", "query") in commands, commands
+    for mod, sub in commands:
+        r = _run(["-m", mod] + ([sub] if sub else []) + ["--help"], timeout=300)
+        where = f"python -m {mod} {sub or ''} --help"
+        assert r.returncode == 0, f"{where}: {r.stderr[-2000:]}"
+        if mod.startswith("rga."):
+            assert "usage:" in r.stdout, f"{where} printed no usage: {r.stdout[:500]}"

@@ -1,4 +1,4 @@
-"""python -m rga.experiments figures: the README's figures from one seed's showcase runs, at a tiny size."""
+"""python -m rga.experiments figures: the figures of docs/figures.md from one seed's showcase runs, at a tiny size."""
 import json
 import shlex
 
@@ -83,12 +83,12 @@ def test_figures_train_what_is_missing_draw_everything_and_name_each_command(tmp
     assert "--compare init:nl" in rel["command"] and "init:nl" in rel["note"]
 
 
-def test_the_readme_writes_out_the_commands_figures_runs():
-    """The README's visualize commands are those `figures` runs on seed 0's showcase runs (default paths)."""
+def test_the_docs_write_out_the_commands_figures_runs():
+    """docs/figures.md's visualize commands are those `figures` runs on seed 0's showcase runs (default paths)."""
     import re
     from pathlib import Path
 
-    text = re.sub(r"\\\n\s*", "", (Path(__file__).resolve().parents[1] / "README.md").read_text())
+    text = re.sub(r"\\\n\s*", "", (Path(__file__).resolve().parents[1] / "docs" / "figures.md").read_text())
     infos = {slug: {"folder": f"runs/showcase/{slug}-seed0", "epoch": 12, "epochs": 12, "backbone": "resnet18",
                     "input": "128x64", "dataset": "synthetic_scenes", "data_root": "data", "dataset_opt": {}}
              for slug in ("rga_sc", "rga_s", "baseline", "nl")}

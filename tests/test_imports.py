@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: modules that import nothing from rga but each other, in this order (errors imports nothing)
-LEAVES = ("rga.errors", "rga.registry", "rga.fileio")
+LEAVES = ("rga.errors", "rga.value_parsers", "rga.registry", "rga.fileio")
 
 
 def module_name(path: Path) -> str:

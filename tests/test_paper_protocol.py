@@ -80,7 +80,11 @@ def test_gate_init_is_recorded_in_the_run(data_root, tmp_path, train_args):
     assert json.loads((out / "config.json").read_text())["model"]["gate_init"] == "zero"
     # the checkpoint alone rebuilds the run's model (gate_init only sets initial values)
     model = load_model(out)
-    assert isinstance(model, torch.nn.Module)
+    assert model.variant == "rga_sc"
+    state = model.state_dict()
+    assert set(state) == set(ckpt["model"])
+    for k, v in ckpt["model"].items():
+        assert torch.equal(state[k], v), k
 
 
 def test_pretrained_run_loads_the_trunk_only(data_root, tmp_path, train_args, capsys):

@@ -109,11 +109,11 @@ def test_flags_reach_the_run(data_root, tmp_path, monkeypatch):
     seen = {}
     real = rtrain.train_one_epoch
 
-    def spy(model, loader, *a, **kw):
+    def spy(step, loader, *a, **kw):
         imgs, pids, _, _ = next(iter(loader))
         seen["shape"] = tuple(imgs.shape)
         seen["ids_per_batch"] = len(set(pids.tolist()))
-        return real(model, loader, *a, **kw)
+        return real(step, loader, *a, **kw)
 
     monkeypatch.setattr(rtrain, "train_one_epoch", spy)
     assert train(data_root, tmp_path / "a", "--epochs", "1", "--model", "baseline", "--height", "48", "--width", "24",
@@ -402,3 +402,15 @@ def test_evaluate_public_checkpoint(data_root, tmp_path, capsys):
     assert "public training script, epoch 600" in printed and "rga_sc / resnet50 256x128" in printed
     m = json.loads((tmp_path / "p.json").read_text())
     assert m["checkpoint_kind"] == "public training script" and 0 <= m["mAP"] <= 1
+
+
+def test_trainer_never_changes_the_callers_config(tmp_path):
+    cfg = rtrain.parse_config(["--preset", "quick", "--output-dir", str(tmp_path / "{model}-seed{seed}")])
+    before = cfg.to_dict()
+    trainer = rtrain.Trainer(cfg)
+    assert trainer.cfg.run.output_dir == str(tmp_path / "rga_sc-seed0")  # the trainer's copy is filled in
+    assert cfg.to_dict() == before and cfg.run.output_dir == str(tmp_path / "{model}-seed{seed}")
+    unnamed = rtrain.parse_config(["--preset", "quick", "--output-dir", "none"])
+    assert unnamed.run.output_dir is None  # no folder given: the trainer picks one, the caller's stays empty
+    assert rtrain.Trainer(unnamed).cfg.run.output_dir == "runs/synthetic-rga_sc-resnet18"
+    assert unnamed.run.output_dir is None

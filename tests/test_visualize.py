@@ -242,7 +242,7 @@ def test_rank_sheet_borders_match_identities(tmp_path):
         files.append(str(p))
     queries = [(files[0], 1), (files[1], 2)]
     ranked = [[(files[2], 1), (files[3], 3), (files[4], 1)], [(files[2], 1), (files[3], 2), (files[4], 2)]]
-    layout = V.rank_sheet(queries, ranked, tmp_path / "ranks.png", cell=(40, 20), border=3)
+    layout = V.rank_sheet(queries, ranked, tmp_path / "ranks.png", style=V.SheetStyle(cell=(40, 20), border=3))
     assert "#1 id 1" in layout["texts"] and "id 2" in layout["texts"]  # ranks and identities, no distances given
     assert not any(t.startswith("d ") for t in layout["texts"])
     sheet = _png(layout["path"])
@@ -261,6 +261,13 @@ def test_rank_sheet_borders_match_identities(tmp_path):
     assert layout["texts"][0] == "model X" and "id 1 cam 3" in layout["texts"]
     assert "d 0.100" in layout["texts"] and "d 0.300" in layout["texts"]
     assert any("cosine distance" in t for t in layout["texts"])
+    # rga.search's use: similarities, identities it cannot know, a file gone since indexing
+    layout = V.rank_sheet([(files[0], 1, None)], [[(files[2], None, 0.9), (str(tmp_path / "gone.png"), 1, 0.5)]],
+                          tmp_path / "ranks3.png", metric="cosine similarity", lower_is_closer=False)
+    assert [c[4] for c in layout["cells"][0]] == [V.GREY, V.BLUE, V.GREEN]
+    assert "identity unknown" in layout["texts"] and "unreadable" in layout["texts"]
+    assert "#1 id ?" in layout["texts"] and "s 0.900" in layout["texts"]
+    assert any("cosine similarity to the query (s; higher: closer)" in t for t in layout["texts"])
 
 
 def test_ranked_gallery_drops_same_camera_matches():

@@ -44,12 +44,13 @@ def run_traced(data_root, out_dir, depth: int = 2):
     for k, v in TINY.items():
         argv += ["--dataset-opt", f"{k}={v}"]
     cfg = T.parse_config(argv)
-    carriers = {id(cfg)} | {id(getattr(cfg, s)) for s in ("model", "data", "optim", "eval", "run")}
+    # by type, not identity: the Trainer works on its own copy of the configuration
+    carriers = (type(cfg),) + tuple(type(getattr(cfg, s)) for s in ("model", "data", "optim", "eval", "run"))
     pkg = str(ROOT / "rga") + os.sep
     path, calls = [], []
 
     def holds_cfg(v):
-        return id(v) in carriers or id(getattr(v, "__dict__", {}).get("cfg", None)) in carriers
+        return isinstance(v, carriers) or isinstance(getattr(v, "__dict__", {}).get("cfg", None), carriers)
 
     def profile(frame, event, arg):
         if event != "call" or not frame.f_code.co_filename.startswith(pkg):

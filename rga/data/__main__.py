@@ -11,7 +11,7 @@ import argparse
 import sys
 import warnings
 
-from ..config import parse_kv
+from ..value_parsers import parse_kv
 from ..errors import DatasetCheckError, ReidError, run_cli
 from . import DATASETS, build_dataset
 from .check import SPLITS, check_dataset, unmatched_note
