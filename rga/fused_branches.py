@@ -1,0 +1,99 @@
+"""Which branches of an RGAModule run rga_kernels' fused branch kernels, and with what.
+
+:func:`kernel_branches` is RGAModule's fused path planner: for each branch whose BatchNorms allow
+it (plain nn.BatchNorm2d, one setting for all, affine, a fixed momentum, tied running statistics)
+it returns a function running ``rga_kernels.branch.fused_branch`` on that branch's parameters and
+buffers, which the module caches until its structure or mode changes (RGAModule._plan).
+"""
+from __future__ import annotations
+
+import torch
+
+from .bn_groups import _bn_uses_batch_stats, _flat_base, _momentum_factor, _plain_bn, _same_config
+
+
+def kernel_branches(module) -> tuple:
+    """(branch -> fn(inp, target) -> (gated target, attention) through rga_kernels' fused branch
+    (its own kernels), for the branches where it applies (the others take _branch_fused); the
+    num_batches_tracked counters those branches' kernels increment themselves)."""
+    backend = module.backend
+    if backend is None or torch.compiler.is_compiling():
+        return {}, ()
+    from rga_kernels.branch import FUSED_BRANCH_BACKENDS
+
+    if backend == "auto":
+        from rga_kernels.ops import _resolve_backend
+
+        device = next(module.parameters()).device
+        if device.type == "cpu":
+            # On the CPU the composite path is the faster one (its BNs are ATen's vectorised
+            # kernels, folded into the GEMMs in eval; measured side by side with
+            # bench/bench_rga_module.py): "auto" keeps it there, and fused="cpp" runs the
+            # C++ kernels (the cuda backend's code) on the CPU.
+            return {}, ()
+        backend = _resolve_backend("auto", device)
+    if backend not in FUSED_BRANCH_BACKENDS:
+        return {}, ()
+    fns, counted = {}, ()
+    for branch in ("spatial", "channel"):
+        if getattr(module, f"use_{branch}"):
+            args = branch_args(module, branch, backend)
+            if args is not None:
+                fns[branch] = _make_kernel_branch(*args)
+                counted += args[2].counters
+    return fns, counted
+
+def _make_kernel_branch(spec, params, running):
+    from rga_kernels.branch import fused_branch
+
+    def run(inp, target):
+        return fused_branch(spec, inp, params, running, target)
+
+    return run
+
+def branch_args(module, branch: str, backend: str):
+    """(BranchSpec, BranchParams, BranchRunning) of a branch, or None where the kernels do not
+    apply (BN subclasses such as SyncBatchNorm, differing BN settings, affine=False,
+    momentum=None, untied running statistics): those run the composite path."""
+    from rga_kernels.branch import BranchParams, BranchRunning, BranchSpec
+
+    names = module._embedding_names()
+    emb = [getattr(module, f"{name}_{branch}") for name in names]
+    mods = emb + ([getattr(module, f"gg_{branch}")] if module.use_relation else [])
+    mlp = getattr(module, f"W_{branch}")
+    bns = [m[1] for m in mods] + [mlp[1], mlp[4]]
+    if not (all(_plain_bn(b) and b.affine for b in bns) and _same_config(bns)) or bns[0].momentum is None:
+        return None
+    b0 = bns[0]
+    track = b0.track_running_stats and b0.running_mean is not None
+    emb_mean = emb_var = None
+    if track and emb:
+        emb_mean = _flat_base([m[1].running_mean for m in emb]) if len(emb) > 1 else emb[0][1].running_mean
+        emb_var = _flat_base([m[1].running_var for m in emb]) if len(emb) > 1 else emb[0][1].running_var
+        if emb_mean is None or emb_var is None:
+            return None
+
+    def idx(name):
+        return names.index(name) if name in names else -1
+
+    theta = idx("theta")
+    phi = idx("phi") if module.embedding == "asymmetric" else theta
+    spec = BranchSpec(
+        groups=tuple(m[0].out_channels for m in emb), theta=theta, phi=phi, mean_group=idx("gx"),
+        relation=module.use_relation, batch_stats=_bn_uses_batch_stats(b0), momentum=_momentum_factor(b0),
+        eps=b0.eps, backend=backend)
+    rel = getattr(module, f"gg_{branch}") if module.use_relation else None
+    params = BranchParams(
+        tuple(m[0].weight for m in emb), tuple(m[1].weight for m in emb), tuple(m[1].bias for m in emb),
+        rel[0].weight if rel else None, rel[1].weight if rel else None, rel[1].bias if rel else None,
+        mlp[0].weight, mlp[1].weight, mlp[1].bias, mlp[3].weight, mlp[4].weight, mlp[4].bias)
+
+    def stats(bn):
+        return (bn.running_mean, bn.running_var) if track else (None, None)
+
+    counters = ()
+    if backend in ("cpp", "cuda") and b0.training and track:  # incremented by the branch's kernels
+        counters = tuple(b.num_batches_tracked for b in bns)
+    running = BranchRunning(emb_mean, emb_var, *(stats(rel[1]) if rel else (None, None)), *stats(mlp[1]),
+                            *stats(mlp[4]), counters)
+    return spec, params, running
