@@ -62,7 +62,7 @@ class BranchParams(NamedTuple):
     emb_weight: tuple  # conv weights (k_i, D, 1, 1)
     emb_bn_weight: tuple
     emb_bn_bias: tuple
-    rel_weight: Optional[Tensor]  # (M, 1 + ... ) conv weight of the relation embedding (M, 2n, 1, 1)
+    rel_weight: Optional[Tensor]  # conv weight of the relation embedding (M, 2n, 1, 1)
     rel_bn_weight: Optional[Tensor]
     rel_bn_bias: Optional[Tensor]
     w1: Tensor  # (h, width, 1, 1)
