@@ -6,7 +6,7 @@
 #
 # Steps, each under its own limit (sum 420 s; a step past its limit gets SIGINT first, so pytest
 # still writes its reports, then SIGKILL 15 s later):
-#   build 65     the extension in place (no build isolation; on a machine without a GPU: the CPU
+#   build 85     the extension in place (no build isolation; on a machine without a GPU: the CPU
 #                part into a scratch folder, leaving the tree's build alone)
 #   info 15      python -m rga_kernels.info
 #   tests 100    GPU: the kernel and module test files in full; no GPU: the CPU tests of the files
@@ -14,8 +14,8 @@
 #   memcheck 2x25  compute-sanitizer memcheck of one odd-sized relation op and RGA module fwd+bwd
 #                (the fused branch's kernels) per GPU backend, with
 #                PyTorch's caching allocator off (it would hide small out-of-bounds accesses)
-#   bench 90     op and module benchmarks against the reference (speed-up, peak memory)
-#   train_step 100  ResNet-50 / RGA-SC reference / fused eager / fused + CUDA graphs, batch 64, bf16
+#   bench 80     op and module benchmarks against the reference (speed-up, peak memory)
+#   train_step 90  ResNet-50 / RGA-SC reference / fused eager / fused + CUDA graphs, batch 64, bf16
 # Triton autotuning is off in every step (one fixed config): a tuning pass over every shape would
 # not fit the time limits. Every step imports the in-place build (PYTHONPATH = the repository).
 # OUT_DIR receives at most 3 files: summary.json (bench/gpu_summary.py), bench.json and
@@ -34,7 +34,7 @@ GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null |
 STEPS="$WORK/steps.txt"; : > "$STEPS"
 T_START=$(date +%s)
 # the time limit of each step, in seconds (their sum is checked by CI: at most 420)
-declare -A LIMIT=([build]=65 [info]=15 [tests]=100 [memcheck_cuda]=25 [memcheck_triton]=25 [bench]=90 [train_step]=100)
+declare -A LIMIT=([build]=85 [info]=15 [tests]=100 [memcheck_cuda]=25 [memcheck_triton]=25 [bench]=80 [train_step]=90)
 LIMITS_TOTAL=0; for v in "${LIMIT[@]}"; do LIMITS_TOTAL=$((LIMITS_TOTAL + v)); done
 echo "limits total=$LIMITS_TOTAL" >> "$STEPS"
 
@@ -88,7 +88,7 @@ if [ "$GPU" = 1 ]; then
   step bench env RGA_BENCH_ROUNDS=2 $PY -m pytest bench/bench_relation_embed.py bench/bench_rga_module.py \
     --benchmark-only -q -p no:cacheprovider -k "not launches and not train_step" \
     --benchmark-json="$WORK/bench.json"
-  step train_step $PY bench/train_step.py "$WORK/train_step.json" --budget-s 90
+  step train_step $PY bench/train_step.py "$WORK/train_step.json" --budget-s 80
 else
   skip bench "needs a CUDA GPU (the CPU benchmarks are pytest bench/ --benchmark-only)"
   skip train_step "needs a CUDA GPU"
