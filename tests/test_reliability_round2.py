@@ -342,7 +342,7 @@ def test_case5_a_pt2_with_pickles_runs_no_code(tmp_path, gallery, capsys):
     evil = _evil_pt2(tmp_path, marker)
     assert search_main(["build", str(evil), str(gallery), "--index", str(tmp_path / "i.npz"), "--no-progress"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "holds pickled entries" in line and "--trust-pickles" in line, line
+    assert "not a .pt2 this package accepts" in line and "--trust-pickles" in line, line
     assert not marker.exists() and not (tmp_path / "i.npz").exists()
 
 
