@@ -352,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--trust-pickles", action="store_true",
                    help="load a .pt2 model even if it holds pickled entries (they can run code: trusted files only)")
+    b.add_argument("--force", action="store_true",
+                   help="replace an existing --index that is not an index (a checkpoint, a model, another file)")
     q = sub.add_parser("query", help="rank the gallery for query images")
     q.add_argument("index", metavar="FILE", help="index file written by build")
     q.add_argument("images", metavar="IMAGE", nargs="+", help="query images")
@@ -374,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_build(args) -> int:
     from .runfolder import check_output_file
 
-    check_output_file(args.index)  # before extracting any feature
+    check_output_file(args.index, "index", force=args.force)  # before extracting any feature
     index = build_index(args.model, args.gallery, batch_size=args.batch_size, device=args.device,
                         progress=not args.no_progress and sys.stderr.isatty(), trust_pickles=args.trust_pickles)
     path = index.save(args.index)
