@@ -1,0 +1,266 @@
+"""Issue 24, one test (or more) per numbered case, on tiny files and runs (CPU): .pt2 files are
+accepted by an allow-list and never unpickled, a generated set in use is not replaced and a run
+notices its data changed, outputs never overwrite inputs, the showcase validates its JSON, a
+fixed-batch export works in search, the last tracebacks are one line, and the partial fixes."""
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+H, W = 64, 32
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert ": error: " in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("gallery")
+    for pid in (1, 2, 3):
+        for cam in (1, 2):
+            Image.fromarray(rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(
+                root / f"{pid:04d}_c{cam}s1_000001_00.png")
+    return root
+
+
+# ------------------------------------------------------------------------------ 1: .pt2 files run no code
+
+class _Payload:
+    """Unpickling this creates a file: the proof that loading ran code from the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class _Images(torch.nn.Module):
+    """(N, 3, H, W) -> (N, 4): a stand-in for an exported feature model, with one constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.fc(x.mean(dim=(2, 3))) + torch.tensor([1.0, 0, 0, 0]), dim=1)
+
+
+def _sidecar(path: Path) -> Path:
+    meta = {"format": "exported-program", "height": H, "width": W, "input": "images", "dynamic_batch": True,
+            "input_shape": ["batch", 3, H, W], "variant": "baseline", "backbone": "resnet18"}
+    Path(str(path) + ".json").write_text(json.dumps(meta))
+    return path
+
+
+def _good_pt2(folder: Path) -> Path:
+    program = torch.export.export(_Images().eval(), (torch.randn(2, 3, H, W),),
+                                  dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    path = folder / "good.pt2"
+    torch.export.save(program, str(path))
+    return _sidecar(path)
+
+
+def _rewrite(src: Path, dst: Path, change) -> Path:
+    """A copy of the archive `src` with `change(name, data) -> data or None (dropped)` applied,
+    plus `change.extra` entries."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = change(item.filename, zin.read(item.filename))
+            if data is not None:
+                zout.writestr(item.filename, data)
+        for name, data in getattr(change, "extra", {}).items():
+            zout.writestr(name, data)
+    return _sidecar(dst)
+
+
+def _opaque_constant_pt2(tmp_path, marker) -> Path:
+    """Case 1a: the constant switched to an ``opaque_obj_`` entry, which torch.export.load gives to
+    pickle.loads with no use_pickle flag set."""
+    good = _good_pt2(tmp_path)
+
+    def change(name, data):
+        if name.endswith("data/constants/model_constants_config.json"):
+            config = json.loads(data)
+            for entry in config["config"].values():
+                entry["path_name"] = "opaque_obj_0"
+            return json.dumps(config).encode()
+        return data
+
+    top = zipfile.ZipFile(good).namelist()[0].split("/")[0]
+    change.extra = {f"{top}/data/constants/opaque_obj_0": __import__("pickle").dumps(_Payload(marker))}
+    return _rewrite(good, tmp_path / "opaque.pt2", change)
+
+
+def _legacy_pt2(tmp_path, marker) -> Path:
+    """Case 1b: the pre-2.8 layout torch.export.load falls back to, whose state dict and constants
+    (``serialized_*.json``: no pickle suffix) it reads with torch.load without weights_only."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    good = _good_pt2(tmp_path)
+    payload = io.BytesIO()
+    torch.save(_Payload(marker), payload)
+    graph = next(zipfile.ZipFile(good).read(n) for n in zipfile.ZipFile(good).namelist()
+                 if n.endswith("models/model.json"))
+    path = tmp_path / "legacy.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        z.writestr("serialized_exported_program.json", graph)
+        z.writestr("serialized_state_dict.json", payload.getvalue())
+        z.writestr("serialized_constants.json", payload.getvalue())
+        plain = io.BytesIO()
+        torch.save(((torch.zeros(1, 3, H, W),), {}), plain)
+        z.writestr("serialized_example_inputs.pt", plain.getvalue())
+    return _sidecar(path)
+
+
+@pytest.mark.parametrize("kind", ["opaque_constant", "legacy_layout"])
+def test_case1_a_pt2_outside_the_accepted_layout_runs_no_code(tmp_path, gallery, kind, capsys):
+    from rga.extractor import FeatureExtractor
+    from rga.search import main as search_main
+
+    marker = tmp_path / "PWNED"
+    evil = {"opaque_constant": _opaque_constant_pt2, "legacy_layout": _legacy_pt2}[kind](tmp_path, marker)
+    assert search_main(["build", str(evil), str(gallery), "--index", str(tmp_path / "i.npz"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "not a .pt2 this package accepts" in line and "--trust-pickles" in line, line
+    with pytest.raises(Exception, match="not a .pt2 this package accepts"):
+        FeatureExtractor(evil)
+    assert not marker.exists() and not (tmp_path / "i.npz").exists()
+
+
+def test_case1_the_accepted_layout_loads_without_unpickling(tmp_path, monkeypatch):
+    """A file torch.export.save wrote loads and runs, and nothing in the load calls an unpickler."""
+    import pickle
+
+    from rga.exported import load_exported
+
+    good = _good_pt2(tmp_path)
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    run, meta = load_exported(good)
+    feats = run(torch.randn(3, 3, H, W))
+    assert feats.shape == (3, 4) and torch.allclose(feats.norm(dim=1), torch.ones(3))
+
+
+@pytest.mark.parametrize("damage", ["pickled_weight", "unknown_entry", "foreign_target", "sympy_code"])
+def test_case1_every_entry_must_be_a_storage_or_json_of_the_schema(tmp_path, damage):
+    from rga.errors import UntrustedFileError
+    from rga.exported import read_pt2_entries
+
+    good = _good_pt2(tmp_path)
+
+    def change(name, data):
+        if damage == "pickled_weight" and name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        if name.endswith("models/model.json") and damage in ("foreign_target", "sympy_code"):
+            text = data.decode()
+            if damage == "foreign_target":
+                return text.replace("torch.ops.aten.mean.dim", "torch.serialization.pickle.loads", 1).encode()
+            return text.replace("Symbol(", "__import__('os').system('true') or Symbol(", 1).encode()
+        return data
+
+    top = zipfile.ZipFile(good).namelist()[0].split("/")[0]
+    change.extra = {f"{top}/data/notes.pkl": b"x"} if damage == "unknown_entry" else {}
+    bad = _rewrite(good, tmp_path / "bad.pt2", change)
+    with pytest.raises(UntrustedFileError, match="not a .pt2 this package accepts"):
+        read_pt2_entries(bad)
+
+
+# ------------------------------------------------------------------------------ 6: tracebacks
+
+@pytest.mark.parametrize("argv, flag", [(["relation", "init:rga_sc", "IMG", "--stage", "9"], "--stage"),
+                                        (["attention", "init:rga_sc", "IMG", "--show", "0"], "--show")])
+def test_case6_visualize_out_of_range_flags_are_one_error_line(tmp_path, gallery, argv, flag):
+    image = str(next(gallery.iterdir()))
+    argv = [image if a == "IMG" else a for a in argv] + ["--out", str(tmp_path / "figs")]
+    r = subprocess.run([sys.executable, "-m", "rga.visualize", *argv], env=ENV, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"argument {flag}" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+# ------------------------------------------------------------------------------ 3: outputs over inputs
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder holding one checkpoint of a ResNet-18 baseline at 64x32."""
+    from rga import build_model
+
+    torch.manual_seed(0)
+    model = build_model("baseline", 5, height=H, width=W, backbone="resnet18", pretrained=False).eval()
+    folder = tmp_path_factory.mktemp("run")
+    config = {"arch": "baseline", "backbone": "resnet18", "height": H, "width": W}
+    torch.save({"epoch": 1, "model": model.state_dict(), "config": config, "num_classes": 5},
+               folder / "checkpoint_ep0001.pth")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["export", "search", "evaluate"])
+def test_case3_an_output_over_a_checkpoint_is_refused(tiny_run, gallery, command, capsys):
+    from rga.evaluate import main as evaluate_main
+    from rga.export import main as export_main
+    from rga.search import main as search_main
+
+    ckpt = tiny_run / "checkpoint_ep0001.pth"
+    before = ckpt.read_bytes()
+    if command == "export":
+        code = export_main([str(tiny_run), "--format", "exported-program", "--out", str(ckpt), "--no-check"])
+    elif command == "search":
+        code = search_main(["build", str(tiny_run), str(gallery), "--index", str(ckpt), "--no-progress"])
+    else:
+        code = evaluate_main(["--checkpoint", str(tiny_run), "--output", str(ckpt)])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"refusing to overwrite {ckpt}: it is a checkpoint" in line and "--force" in line, line
+    assert ckpt.read_bytes() == before
+
+
+def test_case3_an_output_of_its_own_kind_is_replaced_and_force_replaces_any(tiny_run, gallery, tmp_path, capsys):
+    from rga.search import main as search_main
+
+    index = tmp_path / "i.npz"
+    for _ in range(2):  # an index over an index: no --force needed
+        assert search_main(["build", str(tiny_run), str(gallery), "--index", str(index), "--no-progress"]) == 0
+    notes = tmp_path / "notes.npz"
+    notes.write_text("mine")
+    assert search_main(["build", str(tiny_run), str(gallery), "--index", str(notes), "--no-progress"]) == 2
+    assert "it is a file rga did not write" in capsys.readouterr().err and notes.read_text() == "mine"
+    assert search_main(["build", str(tiny_run), str(gallery), "--index", str(notes), "--no-progress",
+                        "--force"]) == 0
+    assert zipfile.is_zipfile(notes)
+
+
+def test_case3_train_keeps_a_users_config_json(data_root, tmp_path, capsys):
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}\n')
+    assert rtrain.main(tiny_run_args(data_root, out, "--epochs", "1")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"refusing to overwrite {out / 'config.json'}" in line, line
+    assert (out / "config.json").read_text() == '{"my": "settings"}\n'
