@@ -221,10 +221,44 @@ def check_pt2_safe(path, trust_pickles: bool = False) -> None:
         read_pt2_entries(path)
 
 
+def _one_size(dim):
+    """A dimension of a model input as an int, or None where it is symbolic (a dynamic batch)."""
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
+
+
+def _fit_to_file(run, shape, path, meta):
+    """``run`` for the input shape the file itself takes (N, 3, H, W): an H x W that differs from the
+    metadata's is an error naming both; a fixed batch N (an export without --dynamic-batch) is fed
+    N images at a time, the last chunk padded by repeating its last image and the padding dropped."""
+    shape = list(shape)
+    if len(shape) != 4:
+        raise ExportError(f"{path} takes inputs of shape {shape}, not (batch, 3, height, width)")
+    batch, (height, width) = _one_size(shape[0]), (_one_size(shape[2]), _one_size(shape[3]))
+    said = (meta.get("height"), meta.get("width"))
+    if (height, width) != said:
+        raise ExportError(f"{path} takes {height}x{width} images but its metadata says {said[0]}x{said[1]}: "
+                          f"the {path.name}.json beside it does not belong to this model")
+    if batch is None:
+        return run
+
+    def run_fixed(images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            pad = batch - len(chunk)
+            if pad:
+                chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
+            out.append(run(chunk)[:batch - pad])
+        return torch.cat(out) if out else run(images)
+
+    return run_fixed
+
+
 def load_exported(path, *, trust_pickles: bool = False):
     """A callable ``fn(batch: Tensor (N, 3, H, W)) -> Tensor (N, D)`` for an exported file, and its
-    metadata. ``.onnx``: ONNX Runtime on the CPU execution provider; otherwise ``torch.export.load``,
-    after :func:`check_pt2_safe` (a .pt2 with pickled entries is refused unless ``trust_pickles``)."""
+    metadata. ``.onnx``: ONNX Runtime on the CPU execution provider; otherwise the allow-listed load
+    of :func:`load_pt2_program` (``torch.export.load`` itself only with ``trust_pickles``). Any N
+    works: a file exported with a fixed batch is run that many images at a time."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
@@ -239,9 +273,11 @@ def load_exported(path, *, trust_pickles: bool = False):
         except Exception as e:  # noqa: BLE001 - a truncated or damaged file
             raise ExportError(f"{path} cannot be loaded by ONNX Runtime (truncated or damaged?): "
                               f"{first_line(e)}") from e
+        (entry,) = session.get_inputs()[:1]
 
         def run(batch: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {meta["input"]: batch.float().numpy()})[0])
+            return torch.from_numpy(session.run(None, {entry.name: batch.float().numpy()})[0])
+        shape = entry.shape
     else:
         try:
             program = torch.export.load(str(path)) if trust_pickles else load_pt2_program(path)
@@ -250,8 +286,11 @@ def load_exported(path, *, trust_pickles: bool = False):
             raise
         except Exception as e:  # noqa: BLE001 - a damaged archive
             raise ExportError(f"{path} cannot be loaded by torch.export.load: {first_line(e)}") from e
+        user_input = program.graph_signature.user_inputs[0]
+        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_input)
+        shape = node.meta["val"].shape
 
         def run(batch: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return module(batch.float())
-    return run, meta
+    return _fit_to_file(run, shape, path, meta), meta

@@ -264,3 +264,31 @@ def test_case3_train_keeps_a_users_config_json(data_root, tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert f"refusing to overwrite {out / 'config.json'}" in line, line
     assert (out / "config.json").read_text() == '{"my": "settings"}\n'
+
+
+# ------------------------------------------------------------------------------ 5: fixed-batch exports in search
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("exported-program", ".pt2")])
+def test_case5_a_fixed_batch_export_indexes_a_gallery(tiny_run, gallery, tmp_path, fmt, suffix, capsys):
+    from rga.export import main as export_main
+    from rga.search import GalleryIndex, main as search_main
+
+    model = tmp_path / f"x{suffix}"
+    assert export_main([str(tiny_run), "--format", fmt, "--out", str(model), "--no-check"]) == 0  # batch 1
+    index = tmp_path / "i.npz"
+    assert search_main(["build", str(model), str(gallery), "--index", str(index), "--no-progress",
+                        "--batch-size", "4"]) == 0, capsys.readouterr().err[-2000:]
+    built = GalleryIndex.load(index)
+    assert len(built) == 6
+    # the same features as the PyTorch model gives them, image by image
+    from rga.extractor import FeatureExtractor
+
+    reference = FeatureExtractor(tiny_run, device="cpu")(sorted(str(p) for p in gallery.iterdir()))
+    order = np.argsort([str(p) for p in built.paths])
+    assert torch.allclose(torch.as_tensor(built.features[order]), reference, atol=1e-4)
+
+    meta = json.loads(Path(f"{model}.json").read_text())
+    Path(f"{model}.json").write_text(json.dumps({**meta, "height": 128, "width": 64}))
+    assert search_main(["build", str(model), str(gallery), "--index", str(tmp_path / "j.npz"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"takes {H}x{W} images but its metadata says 128x64" in line, line
