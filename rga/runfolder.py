@@ -316,7 +316,8 @@ OWN_OUTPUTS = {
     "export-metadata": ("export metadata of rga.export", lambda p: _is_json_object_with(p, ("format", "input_shape"))),
     "index": ("an index of rga.search build", lambda p: _is_zip_with(p, ("features.npy", "meta.npy"))),
     "metrics": ("metrics of rga.evaluate", lambda p: _is_json_object_with(p, ("checkpoint", "mAP", "cmc"))),
-    "config": ("a config.json of rga.train", lambda p: _is_json_object_with(p, ("arch", "backbone", "height"))),
+    "config": ("a config.json of rga.train", lambda p: _is_json_object_with(p, ("model", "data", "optim"))
+               or _is_json_object_with(p, ("arch", "backbone", "height"))),  # its sections, or an older flat one
 }
 
 

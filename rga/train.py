@@ -339,6 +339,11 @@ class Trainer:
         ignore = {"resume", "epochs", "workers", "progress", "tensorboard", "output_dir", "pretrained", "threads"}
         new_flat, old_flat = self.cfg.flat(), old.flat()
         changed = {k: (old_flat[k], v) for k, v in new_flat.items() if k not in ignore and old_flat[k] != v}
+        for k in [k for k in C.INIT_ONLY if k in changed]:  # they made the checkpoint's weights: keep them
+            setattr(getattr(self.cfg, C.FIELDS[k][0]), k, old_flat[k])
+            self.log(f"note: {k} stays {old_flat[k]!r} as recorded (it set the initial weights, which the "
+                     f"checkpoint's replace); --{k.replace('_', '-')} {changed.pop(k)[1]!r} is ignored")
+            self.config_dict = self.cfg.to_dict()
         if changed:
             self.log(f"warning: options differ from the checkpoint's run: {changed}")
 

@@ -340,3 +340,56 @@ def test_case4_a_row_whose_run_dir_is_gone_is_one_line(tmp_path, capsys):
     assert E.main(["showcase", "--out", str(out), "--runs", str(tmp_path / "runs"), "--seeds", "1", "--no-train"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"{row}: its run_dir {tmp_path / 'gone'} is not a folder" in line, line
+
+
+# ------------------------------------------------------------------------------ 7: the partial fixes
+
+def test_case7_pretrained_from_another_backbone_is_one_line_naming_both(data_root, tiny_run, tmp_path, capsys):
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+
+    argv = tiny_run_args(data_root, tmp_path / "run", "--epochs", "1", pretrained=str(tiny_run))
+    assert rtrain.main(argv + ["--backbone", "resnet50"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "not a torchvision resnet50 state dict: it holds a resnet18 trunk" in line, line
+
+
+def test_case7_resume_keeps_the_recorded_gate_init(data_root, tmp_path, capsys):
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+    from rga.fileio import load_torch
+
+    out = tmp_path / "run"
+    assert rtrain.main(tiny_run_args(data_root, out, "--model", "rga_s", "--gate-init", "zero", "--epochs", "1")) == 0
+    assert rtrain.main(tiny_run_args(data_root, out, "--model", "rga_s", "--gate-init", "public", "--epochs", "2",
+                                     "--resume", "auto")) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["gate_init"] == "zero"
+    assert load_torch(out / "checkpoint_ep0002.pth")["config"]["model"]["gate_init"] == "zero"
+    assert "gate_init stays 'zero' as recorded" in (out / "train.log").read_text()
+
+
+def test_case7_a_negative_running_variance_is_divergence(tmp_path):
+    from rga.divergence import check_finite_state
+    from rga.errors import TrainingDivergedError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    check_finite_state(model, 1, all_ranks=False)
+    model[1].running_var[2] = -0.5
+    with pytest.raises(TrainingDivergedError, match=r"negative variance \(1.running_var\)"):
+        check_finite_state(model, 1, all_ranks=False)
+
+
+@pytest.mark.parametrize("flags, why", [(["--batch-instances", "1"], "batch_instances must be >= 2"),
+                                        (["--id-weight", "0", "--triplet-weight", "0"], "not both 0")],
+                         ids=["one_instance", "no_loss"])
+def test_case7_a_run_whose_triplet_loss_is_always_zero_is_refused(data_root, tmp_path, flags, why, capsys):
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+
+    assert rtrain.main(tiny_run_args(data_root, tmp_path / "run", "--epochs", "1", *flags)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert why in line, line
+    assert not (tmp_path / "run").exists()
