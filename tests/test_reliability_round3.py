@@ -15,40 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
+from testkit import CodeRunningPayload, one_error_line, write_gallery, write_tiny_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
 H, W = 64, 32
 
 
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert ": error: " in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("gallery")
-    for pid in (1, 2, 3):
-        for cam in (1, 2):
-            Image.fromarray(rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(
-                root / f"{pid:04d}_c{cam}s1_000001_00.png")
-    return root
+    return write_gallery(tmp_path_factory.mktemp("gallery"))
 
 
 # ------------------------------------------------------------------------------ 1: .pt2 files run no code
-
-class _Payload:
-    """Unpickling this creates a file: the proof that loading ran code from the file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
 
 class _Images(torch.nn.Module):
     """(N, 3, H, W) -> (N, 4): a stand-in for an exported feature model, with one constant."""
@@ -103,7 +82,7 @@ def _opaque_constant_pt2(tmp_path, marker) -> Path:
         return data
 
     top = zipfile.ZipFile(good).namelist()[0].split("/")[0]
-    change.extra = {f"{top}/data/constants/opaque_obj_0": __import__("pickle").dumps(_Payload(marker))}
+    change.extra = {f"{top}/data/constants/opaque_obj_0": __import__("pickle").dumps(CodeRunningPayload(marker))}
     return _rewrite(good, tmp_path / "opaque.pt2", change)
 
 
@@ -114,7 +93,7 @@ def _legacy_pt2(tmp_path, marker) -> Path:
 
     good = _good_pt2(tmp_path)
     payload = io.BytesIO()
-    torch.save(_Payload(marker), payload)
+    torch.save(CodeRunningPayload(marker), payload)
     graph = next(zipfile.ZipFile(good).read(n) for n in zipfile.ZipFile(good).namelist()
                  if n.endswith("models/model.json"))
     path = tmp_path / "legacy.pt2"
@@ -206,15 +185,7 @@ def test_case6_visualize_out_of_range_flags_are_one_error_line(tmp_path, gallery
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run folder holding one checkpoint of a ResNet-18 baseline at 64x32."""
-    from rga import build_model
-
-    torch.manual_seed(0)
-    model = build_model("baseline", 5, height=H, width=W, backbone="resnet18", pretrained=False).eval()
-    folder = tmp_path_factory.mktemp("run")
-    config = {"arch": "baseline", "backbone": "resnet18", "height": H, "width": W}
-    torch.save({"epoch": 1, "model": model.state_dict(), "config": config, "num_classes": 5},
-               folder / "checkpoint_ep0001.pth")
-    return folder
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("run"), H, W)
 
 
 @pytest.mark.parametrize("command", ["export", "search", "evaluate"])
@@ -393,3 +364,71 @@ def test_case7_a_run_whose_triplet_loss_is_always_zero_is_refused(data_root, tmp
     line = one_error_line(capsys.readouterr().err)
     assert why in line, line
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ 2: a dataset swapped under a run
+
+def test_case2_a_generated_set_in_use_is_not_replaced(tmp_path):
+    import gc
+
+    from testkit import TINY_DATA, build_tiny_dataset
+
+    ds = build_tiny_dataset(tmp_path)  # a live dataset object: what a training run holds
+    image = Path(ds.train[0][0])
+    before = image.read_bytes()
+    regenerate = [sys.executable, "-m", "rga.data", "synthetic", str(tmp_path), *TINY_DATA, "seed=1", "--no-images"]
+    r = subprocess.run(regenerate, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = one_error_line(r.stderr)
+    assert f"refusing to replace {tmp_path / 'synthetic'}: a training run" in line, line
+    marker = tmp_path / "synthetic" / "synthetic_config.json"
+    assert image.read_bytes() == before and '"seed": 0' in marker.read_text()
+    del ds
+    gc.collect()
+    r = subprocess.run(regenerate, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]  # nobody uses it any more: replaced
+    assert '"seed": 1' in marker.read_text()
+
+
+def test_case2_a_run_notices_its_generated_set_changed_during_the_run(tmp_path, monkeypatch, capsys):
+    """A swap the lock cannot see (another machine on a shared folder): the epoch's check stops the run."""
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+
+    data = tmp_path / "data"
+    trained = rtrain.Trainer.epoch
+
+    def epoch_then_swap(self, epoch):
+        stats = trained(self, epoch)
+        marker = data / "synthetic" / "synthetic_config.json"
+        marker.write_text(marker.read_text().replace('"seed": 0', '"seed": 1'))
+        return stats
+
+    monkeypatch.setattr(rtrain.Trainer, "epoch", epoch_then_swap)
+    out = tmp_path / "run"
+    assert rtrain.main(tiny_run_args(data, out, "--epochs", "2", dataset="synthetic")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "epoch 1: the training data in" in line and "seed 0 -> 1" in line, line
+    assert not list(out.glob("checkpoint_*.pth"))
+
+
+def test_case2_a_resume_refuses_data_changed_since_its_checkpoint(data_root, tmp_path, capsys):
+    import shutil
+
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+    from rga.fileio import load_torch
+
+    market = tmp_path / "market"
+    shutil.copytree(data_root / "synthetic", market)
+    out = tmp_path / "run"
+    assert rtrain.main(tiny_run_args(market, out, "--epochs", "1", dataset="market1501")) == 0
+    assert load_torch(out / "checkpoint_ep0001.pth")["data_fingerprint"]["images"] > 0
+    swapped = sorted((market / "bounding_box_train").iterdir())[0]
+    Image.new("RGB", (32, 64), (200, 10, 10)).save(swapped)  # same name, other picture
+    capsys.readouterr()
+    assert rtrain.main(tiny_run_args(market, out, "--epochs", "2", "--resume", "auto", dataset="market1501")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot resume from" in line and "its image files differ" in line, line
