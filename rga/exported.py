@@ -123,7 +123,9 @@ def _check_graph(path, entry, graph) -> None:
         raise _pt2_refusal(path, entry, "holds guard code")
     for key in graph["range_constraints"] or {}:
         _check_expr(path, entry, key)
-    nodes = (graph["graph_module"] or {}).get("graph", {}).get("nodes") if isinstance(graph["graph_module"], dict) else None
+    module = graph["graph_module"]
+    inner = module.get("graph") if isinstance(module, dict) else None
+    nodes = inner.get("nodes") if isinstance(inner, dict) else None
     if not isinstance(nodes, list):
         raise _pt2_refusal(path, entry, "has no graph nodes")
     for node in nodes:
