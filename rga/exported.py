@@ -86,8 +86,10 @@ PT2_CONFIGS = {"data/weights/model_weights_config.json": "weight_",
                "data/constants/model_constants_config.json": "tensor_"}
 PT2_SAMPLE_INPUTS = "data/sample_inputs/model.pt"
 PT2_EXTRA = f"extra/{METADATA_KEY}.json"
-#: graph node targets accepted: ATen / prims operators and Python's operator and math functions
-PT2_TARGET = re.compile(r"^(torch\.ops\.(aten|prims)\.\w+(\.\w+)?|_operator\.\w+|math\.\w+)$")
+#: graph node targets accepted: ATen / prims operators, Python's arithmetic, comparison and item
+#: operators (symbolic shapes), math functions; never operator.call / attrgetter / methodcaller
+PT2_TARGET = re.compile(r"^(torch\.ops\.(aten|prims)\.\w+(\.\w+)?|math\.[a-z]\w*|_operator\.(add|sub|mul|truediv|"
+                        r"floordiv|mod|pow|neg|pos|abs|getitem|eq|ne|lt|le|gt|ge|and_|or_|not_|invert))$")
 #: the names a shape expression (read with sympy.sympify, which evaluates it) may use
 PT2_EXPR_NAMES = frozenset(
     "Symbol Integer Rational Float Add Mul Pow Max Min Abs FloorDiv CeilDiv CleanDiv Mod PythonMod "
@@ -160,10 +162,10 @@ def _check_payload_config(path, entry, config, prefix: str) -> set:
     return names
 
 
-def read_pt2_entries(path) -> dict:
+def read_pt2_entries(path) -> tuple[dict, str]:
     """The entries of a .pt2 archive, checked against the allow-list (module docstring): ({name
-    without the top folder: bytes}, the top folder). Raises UntrustedFileError naming the first entry outside it,
-    ExportError for a file that is not a readable archive."""
+    without the top folder: bytes}, the top folder). Raises UntrustedFileError naming the first
+    entry outside it, ExportError for a file that is not a readable archive."""
     import zipfile
 
     try:
@@ -197,7 +199,7 @@ def read_pt2_entries(path) -> dict:
     for name in entries:
         if name not in known:
             raise _pt2_refusal(path, name, "is not part of the accepted layout")
-    return {name: entries[name] for name in entries}, top
+    return entries, top
 
 
 def load_pt2_program(path):
