@@ -53,14 +53,17 @@ class TrainingParts:
 
 
 def save_training_checkpoint(folder, epoch: int, parts: TrainingParts, *, config: dict, rng, metrics: dict,
-                             keep: int = 0) -> Path:
+                             keep: int = 0, data: dict | None = None) -> Path:
     """Write ``checkpoint_epNNNN.pth`` (format FORMAT_VERSION: the run's config, the weights, and the
-    training state a resume needs) atomically into `folder`, then keep the newest `keep` (0: all)."""
+    training state a resume needs) atomically into `folder`, then keep the newest `keep` (0: all).
+    `data`: the fingerprint of the training data (rga.data.check.data_fingerprint)."""
     state = {"format_version": FORMAT_VERSION, "config": config, "num_classes": parts.num_classes, "epoch": epoch,
              "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
              "scheduler": parts.scheduler.state_dict(), "sampler": parts.sampler.state_dict(),
              "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
              "rng": rng, "metrics": metrics, "world_size": parts.world_size, "torch_version": str(torch.__version__)}
+    if data is not None:
+        state["data_fingerprint"] = data
     path = atomic_save(state, Path(folder) / checkpoint_name(epoch))
     prune_checkpoints(folder, keep)
     return path

@@ -203,6 +203,8 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eva
             "run": RuntimeConfig}
 #: field name -> (section, dataclasses.Field)
 FIELDS = {f.name: (sec, f) for sec, cls in SECTIONS.items() for f in fields(cls)}
+#: options that only set the initial weights: a resumed run keeps the values its checkpoint records
+INIT_ONLY = ("gate_init",)
 ARCH_FIELDS = tuple(n for n, (_, f) in FIELDS.items() if f.metadata["arch"])
 #: old names still read in config files and legacy checkpoints
 ALIASES = {"arch": "model", "fused_rga": "fused"}
@@ -254,6 +256,12 @@ class RunConfig:
                                   " would have no effect; choose an RGA model (--model)")
         if not (m.use_relation or m.use_original):
             raise ConfigError("an RGA module needs use_relation or use_original (both are off)")
+        if o.id_weight < 0 or o.triplet_weight < 0 or o.id_weight + o.triplet_weight == 0:
+            raise ConfigError(f"id_weight and triplet_weight must be >= 0 and not both 0, got {o.id_weight} and "
+                              f"{o.triplet_weight}")
+        if o.triplet_weight > 0 and self.data.batch_instances < 2:
+            raise ConfigError(f"batch_instances must be >= 2 for the triplet loss (a positive pair per identity), "
+                              f"got {self.data.batch_instances}; or set --triplet-weight 0")
         return self
 
 

@@ -27,9 +27,11 @@ SHOWN = 4  # names of non-finite tensors in the message
 
 
 def non_finite_tensors(model: torch.nn.Module) -> list:
-    """Names of the floating-point parameters and buffers of `model` that hold NaN or Inf."""
+    """Names of the floating-point parameters and buffers of `model` that hold NaN or Inf, and of
+    the batch-norm running variances that hold a negative value (no variance is below 0)."""
     return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if t is not None and t.is_floating_point() and (not bool(torch.isfinite(t).all()) or (
+                name.rsplit(".", 1)[-1] == "running_var" and bool((t < 0).any())))]
 
 
 def _any_rank(flag: bool) -> bool:
@@ -58,7 +60,8 @@ def check_finite_state(model: torch.nn.Module, epoch: int, *, kept=None, all_ran
                                     "hold NaN or Inf there)")
     names = ", ".join(bad[:SHOWN]) + (f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else "")
     raise TrainingDivergedError(
-        f"epoch {epoch}: training diverged: {len(bad)} weight/statistic tensor(s) hold NaN or Inf ({names}); "
+        f"epoch {epoch}: training diverged: {len(bad)} weight/statistic tensor(s) hold NaN or Inf, or a negative "
+        f"variance ({names}); "
         "lower --lr (or try --amp off); "
         + (f"{kept} is kept" if kept else "no checkpoint was written"))
 

@@ -73,6 +73,14 @@ class DatasetCheckError(ReidError, ValueError):
     """The dataset cannot be trained or evaluated on: an empty split, unreadable images."""
 
 
+class DatasetInUseError(ReidError, RuntimeError):
+    """A generated dataset would be replaced while a run (or another process) is using it."""
+
+
+class DatasetChangedError(ReidError, RuntimeError):
+    """The data a run trains on changed under it, or since its checkpoint was written."""
+
+
 class TrainingDivergedError(ReidError, FloatingPointError):
     """Training diverged: the loss became NaN, infinite or exploded, or a weight or batch-norm
     statistic is no longer finite."""

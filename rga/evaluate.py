@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="test_batch_size", default=argparse.SUPPRESS, help="same as --test-batch-size")
     add_field_arguments(p, RUNTIME_FIELDS, title="device")
     p.add_argument("--output", metavar="JSON", help="also write the metrics to this JSON file")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --output that is not rga.evaluate's metrics (a checkpoint, another file)")
     return p
 
 
@@ -82,7 +84,7 @@ def plan(ns: argparse.Namespace):
 
 def evaluate(ns: argparse.Namespace) -> dict:
     if ns.output:
-        check_output_file(ns.output)  # before the work, not after printing the metrics
+        check_output_file(ns.output, "metrics", force=ns.force)  # before the work, not after printing the metrics
     if getattr(ns, "threads", 0):
         torch.set_num_threads(P.nonneg_int(ns.threads))
     info, model, cfg, notes = plan(ns)

@@ -127,6 +127,49 @@ def run_slug(row: Row | str, seed: int | None) -> str:
     return slug if seed is None else f"{slug}-seed{seed}"
 
 
+ROW_METRICS = ("R1", "R5", "mAP", "mINP")  # fractions in [0, 1]
+ROW_TEXT = ("slug", "run_dir", "dataset", "backbone", "input")
+
+
+def read_row(path: Path) -> dict:
+    """A row's result ``DIR/rows/<slug>.json`` as run_row wrote it, checked: a JSON object, its
+    slug the file's own name (so nothing derived from it leaves --out), R1/R5/mAP/mINP finite in
+    [0, 1], params and train_seconds finite and >= 0, the texts texts. Anything else is one UsageError
+    naming the file and what is wrong."""
+    import math
+
+    from .errors import UsageError
+
+    def bad(why):
+        return UsageError(f"{path} is not a row result of rga.experiments: {why}; delete it to run the row again")
+
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"not JSON ({e})") from e
+    if not isinstance(res, dict):
+        raise bad(f"a JSON {type(res).__name__}, not an object")
+    missing = [k for k in ROW_METRICS + ROW_TEXT + ("params", "train_seconds") if k not in res]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    for key in ROW_TEXT:
+        if not isinstance(res[key], str) or not res[key]:
+            raise bad(f"{key} is {res[key]!r}, not a text")
+    if res["slug"] != path.stem or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", res["slug"]):
+        raise bad(f"slug {res['slug'][:60]!r} is not the file's name {path.stem!r}")
+    for key in ROW_METRICS + ("params", "train_seconds"):
+        v = res[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                or (key in ROW_METRICS and v > 1):
+            raise bad(f"{key} is {v!r}, not a finite number in " + ("[0, 1]" if key in ROW_METRICS else "[0, inf)"))
+    return res
+
+
+def row_result(path: Path) -> dict | None:
+    """The checked result (:func:`read_row`) of a row, or None if it has not finished."""
+    return read_row(path) if path.is_file() else None
+
+
 def train_argv(row: Row, run_dir: Path, preset: str | None, dataset: str | None, data_root: str | None,
                extra: list[str], seed: int | None = None) -> list[str]:
     """rga.train's command line for one row: preset, dataset, the extra flags, then the row's --model
@@ -195,11 +238,9 @@ def collect(table: str, out: Path, seeds=None) -> list[tuple[Row, dict | None]]:
     found = []
     for row in rows:
         if seeds is None:
-            p = out / "rows" / f"{row.slug}.json"
-            found.append((row, json.loads(p.read_text()) if p.is_file() else None))
+            found.append((row, row_result(out / "rows" / f"{row.slug}.json")))
             continue
-        per_seed = [json.loads(p.read_text()) for p in (out / "rows" / f"{run_slug(row, s)}.json" for s in seeds)
-                    if p.is_file()]
+        per_seed = [read_row(p) for p in (out / "rows" / f"{run_slug(row, s)}.json" for s in seeds) if p.is_file()]
         found.append((row, aggregate(per_seed) if per_seed else None))
     return found
 
@@ -296,6 +337,17 @@ def ensure_pretrain(runs: Path, extra: list[str], *, data_root=None, log=print) 
 SPATIAL_ROWS = ("rga_s", "rga_sc")  # showcase rows with a spatial attention map (the foreground ratio)
 
 
+def _draw(V, source, argv) -> None:
+    """rga.visualize ``argv`` for the rows in `source`; its failure (said on stderr) is a UsageError."""
+    from .errors import UsageError
+
+    if not Path(argv[1]).is_dir():
+        raise UsageError(f"{source}: its run_dir {argv[1]} is not a folder (moved or deleted?)")
+    if V.main(list(argv)) != 0:
+        raise UsageError(f"rga.visualize {argv[0]} failed for {source} (the error above): check its run_dir "
+                         f"{argv[1]}")
+
+
 def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=None, limit: int = 200) -> dict:
     """The foreground-attention ratio per stage of each finished spatial row and seed (rga.visualize
     attention over the first `limit` query images, which have person masks), its mean ± std over
@@ -308,7 +360,7 @@ def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=
         for seed in seeds or [None]:
             res_path = out / "rows" / f"{run_slug(slug, seed)}.json"
             if res_path.is_file():
-                found.setdefault(slug, []).append((seed, json.loads(res_path.read_text())))
+                found.setdefault(slug, []).append((seed, read_row(res_path)))
     if not found:
         return {}
     summary = {"limit": limit, "rows": {}}
@@ -318,7 +370,7 @@ def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=
             dest = out / "attention" / res["slug"]
             json_path = dest / "foreground_ratio.json"
             if not json_path.is_file():
-                V.main(["attention", res["run_dir"], "--dataset", dataset or res["dataset"], "--data-root",
+                _draw(V, res_path.parent / f"{res['slug']}.json", ["attention", res["run_dir"], "--dataset", dataset or res["dataset"], "--data-root",
                         data_root or res.get("data_root") or "data", *_run_dataset_opts(res, dataset),
                         "--limit", str(limit), "--out", str(dest)])
             stages = json.loads(json_path.read_text())["runs"][0]["stages"]
@@ -343,7 +395,7 @@ def showcase_attention(out: Path, runs: Path, seeds, *, dataset=None, data_root=
                  "--dataset", dataset or some["dataset"], "--data-root", data_root or some.get("data_root") or "data",
                  *_run_dataset_opts(some, dataset),
                  "--limit", str(limit), "--out", str(out / "attention" / "figure")]
-        V.main(argv)
+        _draw(V, out / "rows", argv)
         fig = out / "attention" / "figure" / "attention.png"
         if fig.is_file():
             (out / "attention.png").write_bytes(fig.read_bytes())
@@ -595,7 +647,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _list_state(result: Path, run_dir: Path) -> str:
+    from .errors import UsageError
+
+    try:
+        if row_result(result) is not None:
+            return "done"
+    except UsageError:
+        return f"invalid ({result} is not a row result)"
+    return "started" if run_dir.is_dir() else "pending"
+
+
 def main(argv=None) -> int:
+    from .errors import run_cli
+
+    return run_cli("rga.experiments", _main, argv)
+
+
+def _main(argv=None) -> int:
     from .errors import user_message
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -631,8 +700,7 @@ def main(argv=None) -> int:
     if args.list:
         for row, seed in jobs:
             slug = run_slug(row, seed)
-            state = "done" if (out / "rows" / f"{slug}.json").is_file() else (
-                "started" if (runs / slug).is_dir() else "pending")
+            state = _list_state(out / "rows" / f"{slug}.json", runs / slug)
             print(f"{slug:<20} {row.label:<22} {state}")
         return 0
     if args.no_train:
@@ -648,7 +716,7 @@ def main(argv=None) -> int:
             return 2
     for row, seed in jobs:
         slug = run_slug(row, seed)
-        if (out / "rows" / f"{slug}.json").is_file():
+        if row_result(out / "rows" / f"{slug}.json") is not None:
             print(f"== {row.label} ({slug}): done, skipped")
             continue
         try:

@@ -16,7 +16,7 @@ the same way: both paths compute the same function of the same parameters.
 Next to the file, ``FILE.json`` (also embedded: ONNX ``metadata_props["rga_export"]``,
 ExportedProgram extra file ``rga_export.json``) records the input size, mean/std, feature size,
 batch mode, the exporter used and the source checkpoint, so a runtime can preprocess without
-this package. Reading such a file back (metadata, the pickle scan, running it) is ``rga.exported``;
+this package. Reading such a file back (metadata, the .pt2 allow-list, running it) is ``rga.exported``;
 its names are importable from here too.
 
 ONNX exporters: ``--exporter auto`` (the default) uses the torch.export-based ("dynamo") exporter,
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ExportError, find_os_error, run_cli
-from .exported import (METADATA_KEY, check_pt2_safe, find_pickles_in_pt2, first_line, load_exported,  # noqa: F401
-                       onnx_module, read_metadata)
+from .exported import (METADATA_KEY, check_pt2_safe, first_line, load_exported, load_pt2_program,  # noqa: F401
+                       onnx_module, read_metadata, read_pt2_entries)
 from .fileio import atomic_write, write_text
 
 FORMATS = ("onnx", "exported-program")
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feat", choices=("bn", "pool"), default="bn", help="feature after the BN neck (bn) or before it")
     p.add_argument("--no-normalize", action="store_true", help="raw features (default: L2-normalized)")
     p.add_argument("--no-check", action="store_true", help="skip running the file against the PyTorch model")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out that is not an export (a checkpoint, a model, another file)")
     return p
 
 
@@ -349,7 +351,8 @@ def export_command(args) -> None:
 
     model = load_model(args.run, neck_feat=args.feat)  # in eval mode
     out = Path(args.out) if args.out else default_output(args.run, args.format)
-    check_output_file(out)  # a folder, a read-only place, a file in the way: said now, not after exporting
+    check_output_file(out, "export", force=args.force)  # a folder, a read-only place, a file in the way or
+    check_output_file(f"{out}.json", "export-metadata", force=args.force)  # one not ours: said now
     source = str(Path(args.run))
     t0 = time.perf_counter()
     common = dict(dynamic_batch=args.dynamic_batch, batch_size=args.batch_size, normalize=not args.no_normalize,

@@ -46,8 +46,9 @@ class FeatureExtractor:
             e.g. ``{"height": 384, "width": 128}``; see ``rga.checkpoint.infer_model_config``.
         batch_size: images per forward pass.
         normalize: L2-normalize the features (default True).
-        trust_pickles: load an exported ``.pt2`` even if it holds pickled entries (they can run
-            code; see rga.exported.check_pt2_safe). Off: such a file is refused.
+        trust_pickles: load an exported ``.pt2`` outside the accepted layout with
+            ``torch.export.load`` (pickled entries can run code; see rga.exported.read_pt2_entries).
+            Off: such a file is refused, and an accepted one is loaded without unpickling.
     """
 
     def __init__(self, model, *, device=None, feat: str = "bn", fused=None, height: int | None = None,

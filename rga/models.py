@@ -296,6 +296,18 @@ def find_imagenet_weights(arch: str) -> str | None:
     return None
 
 
+#: torchvision ResNets by their trunk: blocks per stage and whether the blocks are bottlenecks
+RESNET_TRUNKS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+                 ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
+                 ((3, 8, 36, 3), True): "resnet152"}
+
+
+def resnet_trunk(state: dict) -> str | None:
+    """The torchvision ResNet whose trunk a state dict holds (``resnet18`` ... ``resnet152``), or None."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
+    return RESNET_TRUNKS.get((blocks, any(k.endswith(".conv3.weight") for k in state)))
+
+
 def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50") -> str:
     """Load a torchvision ResNet state dict (path, mapping, or True for the torch hub cache) into ``backbone``.
 
@@ -332,6 +344,10 @@ def load_imagenet_weights(backbone: RGABackbone, source, arch: str = "resnet50")
         # the classifier and any attention modules are left out, so new attention starts fresh
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "rga_att"))}
+    found = resnet_trunk(state)
+    if found is not None and found != arch:
+        raise ValueError(f"{desc} is not a torchvision {arch} state dict: it holds a {found} trunk; give "
+                         f"--backbone {found}, or weights of a {arch}")
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch, e.g. a resnet18 file for a resnet50 model

@@ -236,6 +236,11 @@ def acquire_run_folder(path, rt=None):
     if is_main:
         try:
             folder = RunFolder(path).acquire()
+            try:  # a config.json there that is not a run's (a user's own file) is not replaced
+                check_overwrite(Path(path) / "config.json", "config", flag="")
+            except RunFolderError:
+                folder.release()
+                raise
         except RunFolderError as e:
             err = str(e)
     if rt is not None and rt.distributed:
@@ -284,12 +289,65 @@ def resume_checkpoint(out_dir, resume):
                          f"{path.name} into a new folder: --output-dir NEW_FOLDER --resume {path}")
 
 
-def check_output_file(path) -> Path:
+def _is_json_object_with(path: Path, keys) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
+
+
+def _is_zip_with(path: Path, names) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            present = set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return all(n in present for n in names)
+
+
+#: the outputs that may replace an existing file, each recognized as one this package wrote:
+#: an export (its FILE.json says its format), an index (its npz entries), metrics (rga.evaluate's keys),
+#: a run's config.json (rga.train's keys)
+OWN_OUTPUTS = {
+    "export": ("an export of rga.export", lambda p: _is_json_object_with(Path(f"{p}.json"), ("format", "input_shape"))),
+    "export-metadata": ("export metadata of rga.export", lambda p: _is_json_object_with(p, ("format", "input_shape"))),
+    "index": ("an index of rga.search build", lambda p: _is_zip_with(p, ("features.npy", "meta.npy"))),
+    "metrics": ("metrics of rga.evaluate", lambda p: _is_json_object_with(p, ("checkpoint", "mAP", "cmc"))),
+    "config": ("a config.json of rga.train", lambda p: _is_json_object_with(p, ("model", "data", "optim"))
+               or _is_json_object_with(p, ("arch", "backbone", "height"))),  # its sections, or an older flat one
+}
+
+
+def check_overwrite(path, kind: str, *, force: bool = False, flag: str = "--force") -> None:
+    """Refuse (RunFolderError) to replace an existing `path` that is not a `kind` output this package
+    wrote (:data:`OWN_OUTPUTS`): a checkpoint, a model file, a user's own file. ``force`` allows it."""
+    path = Path(path)
+    what, ours = OWN_OUTPUTS[kind]
+    if force or not path.is_file() or ours(path):
+        return
+    if CKPT_PATTERN.match(path.name) or path.suffix in (".pth", ".pt", ".tar", ".ckpt"):
+        found = "a checkpoint"
+    elif path.suffix in (".onnx", ".pt2", ".safetensors"):
+        found = "a model file"
+    else:
+        found = "a file rga did not write"
+    hint = f"give another path, or {flag} to replace it" if flag else "move it away or give another folder"
+    raise RunFolderError(f"refusing to overwrite {path}: it is {found}, not {what}; {hint}")
+
+
+def check_output_file(path, kind: str | None = None, *, force: bool = False) -> Path:
     """Make sure a result file can be written at `path` before the work that produces it: creates
-    its folder if needed and writes (then removes) a temporary file there. RunFolderError if not."""
+    its folder if needed and writes (then removes) a temporary file there. RunFolderError if not.
+    With ``kind``, an existing file there must be such an output of this package
+    (:func:`check_overwrite`) unless ``force``."""
     path = Path(path)
     if path.is_dir():
         raise RunFolderError(f"cannot write {path}: it is a folder")
+    if kind is not None:
+        check_overwrite(path, kind, force=force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = temp_path_for(path)

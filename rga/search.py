@@ -23,8 +23,9 @@ The index file is an ``.npz`` written atomically, without pickled objects, and r
 ``allow_pickle=False``: arrays ``features`` (N, D) float32, ``paths`` (unicode), ``pids``,
 ``camids`` (int64, -1 where unknown) and ``meta`` (a JSON object: format version, the model's
 path and fingerprint, input size, counts, skipped files). Loading checks it: finite features of
-unit length, consistent arrays. A ``.pt2`` model holding pickled entries is refused unless
-``--trust-pickles`` (see rga.exported.check_pt2_safe).
+unit length, consistent arrays. A ``.pt2`` model outside the accepted layout is refused unless
+``--trust-pickles`` (see rga.exported.read_pt2_entries). An existing ``--index`` that is not an
+index is replaced only with ``--force``.
 """
 from __future__ import annotations
 
@@ -351,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu or cuda (PyTorch models; default: cuda when available)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--trust-pickles", action="store_true",
-                   help="load a .pt2 model even if it holds pickled entries (they can run code: trusted files only)")
+                   help="load a .pt2 model outside the accepted layout (pickled entries can run code: trusted files only)")
+    b.add_argument("--force", action="store_true",
+                   help="replace an existing --index that is not an index (a checkpoint, a model, another file)")
     q = sub.add_parser("query", help="rank the gallery for query images")
     q.add_argument("index", metavar="FILE", help="index file written by build")
     q.add_argument("images", metavar="IMAGE", nargs="+", help="query images")
@@ -361,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model that built the index (run folder, checkpoint, .onnx or .pt2); checked against "
                         "the fingerprint the index stores")
     q.add_argument("--trust-pickles", action="store_true",
-                   help="load a .pt2 model even if it holds pickled entries (they can run code: trusted files only)")
+                   help="load a .pt2 model outside the accepted layout (pickled entries can run code: trusted files only)")
     q.add_argument("--backend", choices=SEARCH_BACKENDS, default="auto",
                    help=f"exact search by torch or faiss.IndexFlatIP (auto: faiss from {FAISS_AUTO_MIN:,} images when installed)")
     q.add_argument("--cross-camera", action="store_true",
@@ -374,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_build(args) -> int:
     from .runfolder import check_output_file
 
-    check_output_file(args.index)  # before extracting any feature
+    check_output_file(args.index, "index", force=args.force)  # before extracting any feature
     index = build_index(args.model, args.gallery, batch_size=args.batch_size, device=args.device,
                         progress=not args.no_progress and sys.stderr.isatty(), trust_pickles=args.trust_pickles)
     path = index.save(args.index)

@@ -26,10 +26,10 @@ from .checkpoint import (TrainingParts, capture_rng_state, find_latest, load_che
                          restore_rng_state, save_training_checkpoint)
 from .cli import (add_field_arguments, add_layer_arguments, check_fused_backend, layers_from_args,
                   load_dataset, section_fields)
-from .data.check import check_dataset, unmatched_note
+from .data.check import check_dataset, data_fingerprint, describe_data_change, unmatched_note
 from .divergence import LossWatch, check_finite_state
 from .engine import EvalSettings, TrainStep, build_train_loader, evaluate_model, format_metrics, train_one_epoch
-from .errors import CheckpointError, TrainingDivergedError, UsageError, run_cli
+from .errors import CheckpointError, DatasetChangedError, TrainingDivergedError, UsageError, run_cli
 from .fileio import append_line, write_json
 from .losses import ReidLoss
 from .models import build_from_config, find_imagenet_weights
@@ -208,6 +208,7 @@ class Trainer:
         if not rt.is_main:
             self.dataset = load_dataset(d)
         ds = self.dataset
+        self.data_fingerprint = data_fingerprint(ds)  # in every checkpoint; checked every epoch and on resume
         self.num_classes = ds.num_train_pids
         self.log(f"dataset {d.dataset}: {len(ds.train)} train images of {self.num_classes} ids, "
                  f"{len(ds.query)} query, {len(ds.gallery)} gallery")
@@ -304,6 +305,8 @@ class Trainer:
                 self.log(f"warning: checkpoint was written by {len(rng)} process(es), this run has "
                          f"{rt.world_size}; random streams restart from the seed, so the run will not replay exactly")
             self.start_epoch, self.last_metrics = int(ckpt["epoch"]), ckpt.get("metrics") or {}
+            self.check_data(f"cannot resume from {self.resume_path}", ckpt.get("data_fingerprint"),
+                            "since it was written", "resume on the data it was trained on, or start a new run")
             self.warn_changed_options()
             self.log(f"resumed from {self.resume_path} at epoch {self.start_epoch}")
             self.checkpoint = None
@@ -339,6 +342,11 @@ class Trainer:
         ignore = {"resume", "epochs", "workers", "progress", "tensorboard", "output_dir", "pretrained", "threads"}
         new_flat, old_flat = self.cfg.flat(), old.flat()
         changed = {k: (old_flat[k], v) for k, v in new_flat.items() if k not in ignore and old_flat[k] != v}
+        for k in [k for k in C.INIT_ONLY if k in changed]:  # they made the checkpoint's weights: keep them
+            setattr(getattr(self.cfg, C.FIELDS[k][0]), k, old_flat[k])
+            self.log(f"note: {k} stays {old_flat[k]!r} as recorded (it set the initial weights, which the "
+                     f"checkpoint's replace); --{k.replace('_', '-')} {changed.pop(k)[1]!r} is ignored")
+            self.config_dict = self.cfg.to_dict()
         if changed:
             self.log(f"warning: options differ from the checkpoint's run: {changed}")
 
@@ -384,6 +392,14 @@ class Trainer:
         self.scalars("eval", {k: metrics[k] for k in ("R1", "R5", "R10", "R20", "mAP", "mINP")}, done)
         return result
 
+    def check_data(self, what: str, recorded, when: str, advice: str) -> None:
+        """DatasetChangedError ("WHAT: the training data in ROOT changed WHEN: how; ADVICE") if the
+        data's fingerprint differs from `recorded` (None: nothing recorded, nothing to check)."""
+        change = None if recorded is None else describe_data_change(recorded, data_fingerprint(self.dataset))
+        if change:
+            raise DatasetChangedError(f"{what}: the training data in {self.cfg.data.data_root} changed {when}: "
+                                      f"{change}; {advice}")
+
     def save(self, done: int, rng_states) -> Path:
         """checkpoint_epNNNN.pth after `done` epochs (rga.checkpoint.save_training_checkpoint); never
         one with NaN / Inf weights (rank 0 alone saves: its own model is checked)."""
@@ -391,7 +407,8 @@ class Trainer:
         parts = TrainingParts(self.model, self.optimizer, self.scheduler, self.sampler, self.scaler,
                               num_classes=self.num_classes, world_size=self.rt.world_size)
         return save_training_checkpoint(self.out_dir, done, parts, config=self.config_dict, rng=rng_states,
-                                        metrics=self.last_metrics, keep=self.cfg.run.keep_checkpoints)
+                                        metrics=self.last_metrics, keep=self.cfg.run.keep_checkpoints,
+                                        data=self.data_fingerprint)
 
     def scalars(self, group: str, values: dict, step: int, **extra) -> None:
         if self.writer is not None:
@@ -419,6 +436,9 @@ class Trainer:
             done = epoch + 1
             # weights and batch-norm statistics finite (on every rank), before any evaluation or save
             check_finite_state(self.model, done, kept=find_latest(self.out_dir))
+            kept = find_latest(self.out_dir)
+            self.check_data(f"epoch {done}", self.data_fingerprint, "during the run",
+                            f"{kept} is kept" if kept else "no checkpoint was written")
             do_eval = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs
             do_save = done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs
             if do_save:

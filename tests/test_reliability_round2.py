@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import rga.train as rtrain
-from testkit import read_only_folder
+from testkit import CodeRunningPayload, one_error_line, read_only_folder, write_gallery, write_tiny_checkpoint
 from rga import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +27,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON
 TINY_DATA = ["num_train_ids=8", "num_test_ids=4", "num_cameras=2", "min_cams_per_id=2", "max_cams_per_id=2",
              "min_imgs_per_cam=2", "max_imgs_per_cam=2", "num_distractors=2"]
 H, W = 64, 32
-
-
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert ": error: " in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +46,12 @@ def train_args(root, out, *extra):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A run folder holding one checkpoint of a ResNet-18 baseline at 64x32 (format 1)."""
-    torch.manual_seed(0)
-    model = build_model("baseline", 5, height=H, width=W, backbone="resnet18", pretrained=False).eval()
-    folder = tmp_path_factory.mktemp("run")
-    config = {"arch": "baseline", "backbone": "resnet18", "height": H, "width": W}
-    torch.save({"epoch": 1, "model": model.state_dict(), "config": config, "num_classes": 5},
-               folder / "checkpoint_ep0001.pth")
-    return folder
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("run"), H, W)
 
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("gallery")
-    for pid in (1, 2, 3):
-        for cam in (1, 2):
-            Image.fromarray(rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(
-                root / f"{pid:04d}_c{cam}s1_000001_00.png")
-    return root
+    return write_gallery(tmp_path_factory.mktemp("gallery"))
 
 
 # ------------------------------------------------------------------------------ 1: diverged runs
@@ -224,7 +205,7 @@ def test_case3_onnx_export_on_a_full_disk_keeps_the_old_file(tmp_path, tiny_chec
     monkeypatch.setattr(export, "export_program", lambda *a, **k: _tiny_program())
     out = tmp_path / "x.onnx"
     out.write_bytes(b"the good old file")
-    assert export.main([str(tiny_checkpoint), "--format", "onnx", "--out", str(out), "--no-check"]) == 2
+    assert export.main([str(tiny_checkpoint), "--format", "onnx", "--out", str(out), "--no-check", "--force"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"could not write ONNX model {out}: No space left on device (ENOSPC)" in line, line
     assert "TorchScript" not in line and calls == [True]  # the dynamo exporter only
@@ -298,16 +279,6 @@ def test_case4_start_up_clean_up_leaves_a_users_temporary_files(market_root, tmp
 
 # ------------------------------------------------------------------------------ 5: untrusted files
 
-class _Payload:
-    """Unpickling this creates a file: the proof that loading ran code from the file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def _evil_pt2(tmp_path, marker) -> Path:
     """A .pt2 whose first weight is switched to use_pickle, holding a code-running pickle, with
     the sidecar rga.export writes."""
@@ -316,7 +287,7 @@ def _evil_pt2(tmp_path, marker) -> Path:
     good = tmp_path / "good.pt2"
     torch.export.save(_tiny_program(), str(good))
     payload = io.BytesIO()
-    torch.save(_Payload(marker), payload)
+    torch.save(CodeRunningPayload(marker), payload)
     evil = tmp_path / "evil.pt2"
     with zipfile.ZipFile(good) as zin, zipfile.ZipFile(evil, "w") as zout:
         config_name = next(n for n in zin.namelist() if n.endswith("data/weights/model_weights_config.json"))
@@ -342,7 +313,7 @@ def test_case5_a_pt2_with_pickles_runs_no_code(tmp_path, gallery, capsys):
     evil = _evil_pt2(tmp_path, marker)
     assert search_main(["build", str(evil), str(gallery), "--index", str(tmp_path / "i.npz"), "--no-progress"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "holds pickled entries" in line and "--trust-pickles" in line, line
+    assert "not a .pt2 this package accepts" in line and "--trust-pickles" in line, line
     assert not marker.exists() and not (tmp_path / "i.npz").exists()
 
 

@@ -147,3 +147,50 @@ TOLERANCES = {
 def assert_close(got, expected, tol: str | None = None, **kw):
     """torch.testing.assert_close with the named tolerance `tol` (see TOLERANCES)."""
     torch.testing.assert_close(got, expected, **(TOLERANCES[tol] if tol is not None else {}), **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# The reliability tests' helpers (tests/test_reliability_round*.py): the one-line error rule, a tiny
+# gallery and run folder, and a pickle whose loading leaves a trace.
+# ------------------------------------------------------------------------------------------------
+def one_error_line(err: str) -> str:
+    """The one `PROG: error: ...` line that stderr must be (no traceback)."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert ": error: " in lines[0], lines[0]
+    return lines[0]
+
+
+def write_gallery(root):
+    """Six random 96x48 crops named like Market-1501's (3 identities x 2 cameras) in `root`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for pid in (1, 2, 3):
+        for cam in (1, 2):
+            Image.fromarray(rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(
+                root / f"{pid:04d}_c{cam}s1_000001_00.png")
+    return root
+
+
+def write_tiny_checkpoint(folder, height=64, width=32):
+    """`folder`/checkpoint_ep0001.pth: a ResNet-18 baseline at height x width (format 1)."""
+    from rga import build_model
+
+    torch.manual_seed(0)
+    model = build_model("baseline", 5, height=height, width=width, backbone="resnet18", pretrained=False).eval()
+    config = {"arch": "baseline", "backbone": "resnet18", "height": height, "width": width}
+    torch.save({"epoch": 1, "model": model.state_dict(), "config": config, "num_classes": 5},
+               folder / "checkpoint_ep0001.pth")
+    return folder
+
+
+class CodeRunningPayload:
+    """Unpickling this creates the file `marker`: the proof that loading ran code from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -99,3 +99,50 @@ def unmatched_note(report: Dict, dataset) -> str:
         return ""
     return (f"note: {k} of {len(dataset.query)} query images have no gallery image of their identity from another "
             "camera; the evaluation leaves them out")
+
+
+# ------------------------------------------------------------------------------------------------
+# the data a run trains on: a fingerprint recorded in its checkpoints, checked every epoch and on resume
+# ------------------------------------------------------------------------------------------------
+
+def data_fingerprint(ds) -> dict:
+    """What identifies the data of `ds`, cheaply: a generated set's marker (its generator version
+    and parameters, e.g. the seed); otherwise every image's path and size, hashed. Plain values
+    only (it is stored in checkpoints)."""
+    import hashlib
+    import json
+
+    marker = getattr(ds, "marker", None)
+    if marker:
+        try:
+            return {"marker": marker, "params": json.loads(open(marker, encoding="utf-8").read())}
+        except (OSError, ValueError):
+            return {"marker": marker, "params": None}
+    h = hashlib.sha256()
+    count = 0
+    for split in SPLITS:
+        for item in getattr(ds, split):
+            try:
+                size = os.stat(item[0]).st_size
+            except OSError:
+                size = -1
+            h.update(f"{split}\0{item[0]}\0{size}\n".encode())
+            count += 1
+    return {"images": count, "sha256": h.hexdigest()}
+
+
+def describe_data_change(before: dict, now: dict) -> str | None:
+    """None if the fingerprints agree, else what changed, in a few words."""
+    if before == now:
+        return None
+    if "params" in before and "params" in now:
+        if now["params"] is None:
+            return f"{now['marker']} is gone or unreadable (the set was removed or is being regenerated)"
+        old, new = before["params"] or {}, now["params"]
+        diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
+        return f"the generated set was replaced ({', '.join(diff) or 'regenerated'})"
+    if "sha256" in before and "sha256" in now:
+        return (f"its image files differ ({before['images']} images then, {now['images']} now; a file replaced, "
+                "added or removed)")
+    return "it is another kind of dataset"

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from ..errors import run_cli
+from ..value_parsers import positive_int
 from .attention import cmd_attention
 from .drawing import STRETCHES
 from .gradcam import cmd_gradcam
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-root", default="data")
     _dataset_opt_arg(a)
     a.add_argument("--split", default="query", choices=("query", "gallery", "train"))
-    a.add_argument("--limit", type=int, default=200, help="images taken from --dataset (default 200)")
-    a.add_argument("--show", type=int, default=6, help="images drawn in attention.png (default 6)")
+    a.add_argument("--limit", type=positive_int, default=200, help="images taken from --dataset (default 200)")
+    a.add_argument("--show", type=positive_int, default=6, help="images drawn in attention.png (default 6)")
     a.add_argument("--stages", type=int, nargs="*", help="stages to draw (default: all with a spatial attention)")
     a.add_argument("--stretch", choices=STRETCHES, default="shared",
                    help="colours: one scale for all maps, with a colour bar (shared, default), or each map "
@@ -67,24 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run")
     r.add_argument("image")
     r.add_argument("--targets", nargs="+", metavar="ROW,COL", help="target cells on the stage's feature grid")
-    r.add_argument("--stage", type=int, default=1, help="stage (default 1, the finest grid)")
+    r.add_argument("--stage", type=int, default=1, choices=(1, 2, 3, 4), help="stage (default 1, the finest grid)")
     r.add_argument("--dataset", help="also average the position invariance over this dataset's query images")
     r.add_argument("--data-root", default="data")
     _dataset_opt_arg(r)
-    r.add_argument("--limit", type=int, default=50, help="images for the --dataset average (default 50)")
+    r.add_argument("--limit", type=positive_int, default=50, help="images for the --dataset average (default 50)")
     _model_args(r)
     g = sub.add_parser("gradcam", help="Grad-CAM of the final stage for two models side by side (Fig. 5)")
     g.add_argument("run")
     g.add_argument("images", nargs="+")
-    g.add_argument("--show", type=int, default=6, help="images drawn in gradcam.png (default 6; the ratio uses all)")
+    g.add_argument("--show", type=positive_int, default=6, help="images drawn in gradcam.png (default 6; the ratio uses all)")
     _model_args(g)
     k = sub.add_parser("ranks", help="query + top-k gallery sheet (green: same identity, red: not) and cmc.png")
     k.add_argument("run")
     k.add_argument("--dataset", default=None, help="dataset (default: the run's)")
     k.add_argument("--data-root", default=None, help="dataset folder (default: the run's)")
     _dataset_opt_arg(k, " (default: the run's, when the dataset is the run's)")
-    k.add_argument("--top", type=int, default=10)
-    k.add_argument("--num-queries", type=int, default=8, help="queries drawn (default 8, evenly spaced)")
+    k.add_argument("--top", type=positive_int, default=10)
+    k.add_argument("--num-queries", type=positive_int, default=8, help="queries drawn (default 8, evenly spaced)")
     k.add_argument("--batch-size", type=int, default=64)
     _model_args(k)
     return p

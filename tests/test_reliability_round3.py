@@ -1,0 +1,434 @@
+"""Issue 24, one test (or more) per numbered case, on tiny files and runs (CPU): .pt2 files are
+accepted by an allow-list and never unpickled, a generated set in use is not replaced and a run
+notices its data changed, outputs never overwrite inputs, the showcase validates its JSON, a
+fixed-batch export works in search, the last tracebacks are one line, and the partial fixes."""
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from testkit import CodeRunningPayload, one_error_line, write_gallery, write_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+H, W = 64, 32
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    return write_gallery(tmp_path_factory.mktemp("gallery"))
+
+
+# ------------------------------------------------------------------------------ 1: .pt2 files run no code
+
+class _Images(torch.nn.Module):
+    """(N, 3, H, W) -> (N, 4): a stand-in for an exported feature model, with one constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.fc(x.mean(dim=(2, 3))) + torch.tensor([1.0, 0, 0, 0]), dim=1)
+
+
+def _sidecar(path: Path) -> Path:
+    meta = {"format": "exported-program", "height": H, "width": W, "input": "images", "dynamic_batch": True,
+            "input_shape": ["batch", 3, H, W], "variant": "baseline", "backbone": "resnet18"}
+    Path(str(path) + ".json").write_text(json.dumps(meta))
+    return path
+
+
+def _good_pt2(folder: Path) -> Path:
+    program = torch.export.export(_Images().eval(), (torch.randn(2, 3, H, W),),
+                                  dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    path = folder / "good.pt2"
+    torch.export.save(program, str(path))
+    return _sidecar(path)
+
+
+def _rewrite(src: Path, dst: Path, change) -> Path:
+    """A copy of the archive `src` with `change(name, data) -> data or None (dropped)` applied,
+    plus `change.extra` entries."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = change(item.filename, zin.read(item.filename))
+            if data is not None:
+                zout.writestr(item.filename, data)
+        for name, data in getattr(change, "extra", {}).items():
+            zout.writestr(name, data)
+    return _sidecar(dst)
+
+
+def _opaque_constant_pt2(tmp_path, marker) -> Path:
+    """Case 1a: the constant switched to an ``opaque_obj_`` entry, which torch.export.load gives to
+    pickle.loads with no use_pickle flag set."""
+    good = _good_pt2(tmp_path)
+
+    def change(name, data):
+        if name.endswith("data/constants/model_constants_config.json"):
+            config = json.loads(data)
+            for entry in config["config"].values():
+                entry["path_name"] = "opaque_obj_0"
+            return json.dumps(config).encode()
+        return data
+
+    top = zipfile.ZipFile(good).namelist()[0].split("/")[0]
+    change.extra = {f"{top}/data/constants/opaque_obj_0": __import__("pickle").dumps(CodeRunningPayload(marker))}
+    return _rewrite(good, tmp_path / "opaque.pt2", change)
+
+
+def _legacy_pt2(tmp_path, marker) -> Path:
+    """Case 1b: the pre-2.8 layout torch.export.load falls back to, whose state dict and constants
+    (``serialized_*.json``: no pickle suffix) it reads with torch.load without weights_only."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    good = _good_pt2(tmp_path)
+    payload = io.BytesIO()
+    torch.save(CodeRunningPayload(marker), payload)
+    graph = next(zipfile.ZipFile(good).read(n) for n in zipfile.ZipFile(good).namelist()
+                 if n.endswith("models/model.json"))
+    path = tmp_path / "legacy.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        z.writestr("serialized_exported_program.json", graph)
+        z.writestr("serialized_state_dict.json", payload.getvalue())
+        z.writestr("serialized_constants.json", payload.getvalue())
+        plain = io.BytesIO()
+        torch.save(((torch.zeros(1, 3, H, W),), {}), plain)
+        z.writestr("serialized_example_inputs.pt", plain.getvalue())
+    return _sidecar(path)
+
+
+@pytest.mark.parametrize("kind", ["opaque_constant", "legacy_layout"])
+def test_case1_a_pt2_outside_the_accepted_layout_runs_no_code(tmp_path, gallery, kind, capsys):
+    from rga.extractor import FeatureExtractor
+    from rga.search import main as search_main
+
+    marker = tmp_path / "PWNED"
+    evil = {"opaque_constant": _opaque_constant_pt2, "legacy_layout": _legacy_pt2}[kind](tmp_path, marker)
+    assert search_main(["build", str(evil), str(gallery), "--index", str(tmp_path / "i.npz"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "not a .pt2 this package accepts" in line and "--trust-pickles" in line, line
+    with pytest.raises(Exception, match="not a .pt2 this package accepts"):
+        FeatureExtractor(evil)
+    assert not marker.exists() and not (tmp_path / "i.npz").exists()
+
+
+def test_case1_the_accepted_layout_loads_without_unpickling(tmp_path, monkeypatch):
+    """A file torch.export.save wrote loads and runs, and nothing in the load calls an unpickler."""
+    import pickle
+
+    from rga.exported import load_exported
+
+    good = _good_pt2(tmp_path)
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    run, meta = load_exported(good)
+    feats = run(torch.randn(3, 3, H, W))
+    assert feats.shape == (3, 4) and torch.allclose(feats.norm(dim=1), torch.ones(3))
+
+
+@pytest.mark.parametrize("damage", ["pickled_weight", "unknown_entry", "foreign_target", "sympy_code"])
+def test_case1_every_entry_must_be_a_storage_or_json_of_the_schema(tmp_path, damage):
+    from rga.errors import UntrustedFileError
+    from rga.exported import read_pt2_entries
+
+    good = _good_pt2(tmp_path)
+
+    def change(name, data):
+        if damage == "pickled_weight" and name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        if name.endswith("models/model.json") and damage in ("foreign_target", "sympy_code"):
+            text = data.decode()
+            if damage == "foreign_target":
+                return text.replace("torch.ops.aten.mean.dim", "torch.serialization.pickle.loads", 1).encode()
+            return text.replace("Symbol(", "__import__('os').system('true') or Symbol(", 1).encode()
+        return data
+
+    top = zipfile.ZipFile(good).namelist()[0].split("/")[0]
+    change.extra = {f"{top}/data/notes.pkl": b"x"} if damage == "unknown_entry" else {}
+    bad = _rewrite(good, tmp_path / "bad.pt2", change)
+    with pytest.raises(UntrustedFileError, match="not a .pt2 this package accepts"):
+        read_pt2_entries(bad)
+
+
+# ------------------------------------------------------------------------------ 6: tracebacks
+
+@pytest.mark.parametrize("argv, flag", [(["relation", "init:rga_sc", "IMG", "--stage", "9"], "--stage"),
+                                        (["attention", "init:rga_sc", "IMG", "--show", "0"], "--show")])
+def test_case6_visualize_out_of_range_flags_are_one_error_line(tmp_path, gallery, argv, flag):
+    image = str(next(gallery.iterdir()))
+    argv = [image if a == "IMG" else a for a in argv] + ["--out", str(tmp_path / "figs")]
+    r = subprocess.run([sys.executable, "-m", "rga.visualize", *argv], env=ENV, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"argument {flag}" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+# ------------------------------------------------------------------------------ 3: outputs over inputs
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder holding one checkpoint of a ResNet-18 baseline at 64x32."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("run"), H, W)
+
+
+@pytest.mark.parametrize("command", ["export", "search", "evaluate"])
+def test_case3_an_output_over_a_checkpoint_is_refused(tiny_run, gallery, command, capsys):
+    from rga.evaluate import main as evaluate_main
+    from rga.export import main as export_main
+    from rga.search import main as search_main
+
+    ckpt = tiny_run / "checkpoint_ep0001.pth"
+    before = ckpt.read_bytes()
+    if command == "export":
+        code = export_main([str(tiny_run), "--format", "exported-program", "--out", str(ckpt), "--no-check"])
+    elif command == "search":
+        code = search_main(["build", str(tiny_run), str(gallery), "--index", str(ckpt), "--no-progress"])
+    else:
+        code = evaluate_main(["--checkpoint", str(tiny_run), "--output", str(ckpt)])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"refusing to overwrite {ckpt}: it is a checkpoint" in line and "--force" in line, line
+    assert ckpt.read_bytes() == before
+
+
+def test_case3_an_output_of_its_own_kind_is_replaced_and_force_replaces_any(tiny_run, gallery, tmp_path, capsys):
+    from rga.search import main as search_main
+
+    index = tmp_path / "i.npz"
+    for _ in range(2):  # an index over an index: no --force needed
+        assert search_main(["build", str(tiny_run), str(gallery), "--index", str(index), "--no-progress"]) == 0
+    notes = tmp_path / "notes.npz"
+    notes.write_text("mine")
+    assert search_main(["build", str(tiny_run), str(gallery), "--index", str(notes), "--no-progress"]) == 2
+    assert "it is a file rga did not write" in capsys.readouterr().err and notes.read_text() == "mine"
+    assert search_main(["build", str(tiny_run), str(gallery), "--index", str(notes), "--no-progress",
+                        "--force"]) == 0
+    assert zipfile.is_zipfile(notes)
+
+
+def test_case3_train_keeps_a_users_config_json(data_root, tmp_path, capsys):
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}\n')
+    assert rtrain.main(tiny_run_args(data_root, out, "--epochs", "1")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"refusing to overwrite {out / 'config.json'}" in line, line
+    assert (out / "config.json").read_text() == '{"my": "settings"}\n'
+
+
+# ------------------------------------------------------------------------------ 5: fixed-batch exports in search
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("exported-program", ".pt2")])
+def test_case5_a_fixed_batch_export_indexes_a_gallery(tiny_run, gallery, tmp_path, fmt, suffix, capsys):
+    from rga.export import main as export_main
+    from rga.search import GalleryIndex, main as search_main
+
+    model = tmp_path / f"x{suffix}"
+    assert export_main([str(tiny_run), "--format", fmt, "--out", str(model), "--no-check"]) == 0  # batch 1
+    index = tmp_path / "i.npz"
+    assert search_main(["build", str(model), str(gallery), "--index", str(index), "--no-progress",
+                        "--batch-size", "4"]) == 0, capsys.readouterr().err[-2000:]
+    built = GalleryIndex.load(index)
+    assert len(built) == 6
+    # the same features as the PyTorch model gives them, image by image
+    from rga.extractor import FeatureExtractor
+
+    reference = FeatureExtractor(tiny_run, device="cpu")(sorted(str(p) for p in gallery.iterdir()))
+    order = np.argsort([str(p) for p in built.paths])
+    assert torch.allclose(torch.as_tensor(built.features[order]), reference, atol=1e-4)
+
+    meta = json.loads(Path(f"{model}.json").read_text())
+    Path(f"{model}.json").write_text(json.dumps({**meta, "height": 128, "width": 64}))
+    assert search_main(["build", str(model), str(gallery), "--index", str(tmp_path / "j.npz"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"takes {H}x{W} images but its metadata says 128x64" in line, line
+
+
+# ------------------------------------------------------------------------------ 4: the showcase checks its JSON
+
+def _row(slug="baseline-seed0", **change):
+    res = {"slug": slug, "row": slug.split("-")[0], "seed": 0, "label": "Baseline", "arch": "baseline", "options": {},
+           "R1": 0.5, "R5": 0.7, "mAP": 0.4, "mINP": 0.2, "num_query": 8, "num_test_ids": 4, "epoch": 1,
+           "params": 1e6, "train_seconds": 3.0, "run_dir": "nowhere", "dataset": "synthetic", "data_root": "data",
+           "backbone": "resnet18", "input": "64x32"}
+    return {**res, **change}
+
+
+@pytest.mark.parametrize("content, why", [
+    ('{"slug": "baseline-seed0", "R1": 0.', "not JSON"),
+    ("", "not JSON"),
+    ("[1, 2]", "a JSON list, not an object"),
+    (json.dumps(_row(mAP="0.4")), "mAP is '0.4'"),
+    (json.dumps(_row(mAP=-3)), "mAP is -3"),
+    (json.dumps(_row(R1=float("nan"))), "R1 is nan"),
+    (json.dumps(_row(slug="../../../x")), "slug '../../../x' is not the file's name"),
+], ids=["truncated", "empty", "list", "text_metric", "negative_map", "nan", "slug_outside"])
+def test_case4_a_bad_row_json_is_one_line_naming_the_file(tmp_path, content, why, capsys):
+    import rga.experiments as E
+
+    out = tmp_path / "show"
+    (out / "rows").mkdir(parents=True)
+    bad = out / "rows" / "baseline-seed0.json"
+    bad.write_text(content)
+    common = ["showcase", "--out", str(out), "--runs", str(tmp_path / "runs"), "--seeds", "1"]
+    assert E.main(common + ["--no-train"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{bad} is not a row result of rga.experiments: {why}" in line, line
+    assert E.main(common + ["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "baseline-seed0" in listing and "invalid" in listing.split("baseline-seed0", 1)[1].splitlines()[0]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["baseline-seed0.json"]
+
+
+def test_case4_a_row_whose_run_dir_is_gone_is_one_line(tmp_path, capsys):
+    import rga.experiments as E
+
+    out = tmp_path / "show"
+    (out / "rows").mkdir(parents=True)
+    row = out / "rows" / "rga_s-seed0.json"
+    row.write_text(json.dumps(_row("rga_s-seed0", run_dir=str(tmp_path / "gone"))))
+    assert E.main(["showcase", "--out", str(out), "--runs", str(tmp_path / "runs"), "--seeds", "1", "--no-train"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{row}: its run_dir {tmp_path / 'gone'} is not a folder" in line, line
+
+
+# ------------------------------------------------------------------------------ 7: the partial fixes
+
+def test_case7_pretrained_from_another_backbone_is_one_line_naming_both(data_root, tiny_run, tmp_path, capsys):
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+
+    argv = tiny_run_args(data_root, tmp_path / "run", "--epochs", "1", pretrained=str(tiny_run))
+    assert rtrain.main(argv + ["--backbone", "resnet50"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "not a torchvision resnet50 state dict: it holds a resnet18 trunk" in line, line
+
+
+def test_case7_resume_keeps_the_recorded_gate_init(data_root, tmp_path, capsys):
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+    from rga.fileio import load_torch
+
+    out = tmp_path / "run"
+    assert rtrain.main(tiny_run_args(data_root, out, "--model", "rga_s", "--gate-init", "zero", "--epochs", "1")) == 0
+    assert rtrain.main(tiny_run_args(data_root, out, "--model", "rga_s", "--gate-init", "public", "--epochs", "2",
+                                     "--resume", "auto")) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["gate_init"] == "zero"
+    assert load_torch(out / "checkpoint_ep0002.pth")["config"]["model"]["gate_init"] == "zero"
+    assert "gate_init stays 'zero' as recorded" in (out / "train.log").read_text()
+
+
+def test_case7_a_negative_running_variance_is_divergence(tmp_path):
+    from rga.divergence import check_finite_state
+    from rga.errors import TrainingDivergedError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    check_finite_state(model, 1, all_ranks=False)
+    model[1].running_var[2] = -0.5
+    with pytest.raises(TrainingDivergedError, match=r"negative variance \(1.running_var\)"):
+        check_finite_state(model, 1, all_ranks=False)
+
+
+@pytest.mark.parametrize("flags, why", [(["--batch-instances", "1"], "batch_instances must be >= 2"),
+                                        (["--id-weight", "0", "--triplet-weight", "0"], "not both 0")],
+                         ids=["one_instance", "no_loss"])
+def test_case7_a_run_whose_triplet_loss_is_always_zero_is_refused(data_root, tmp_path, flags, why, capsys):
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+
+    assert rtrain.main(tiny_run_args(data_root, tmp_path / "run", "--epochs", "1", *flags)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert why in line, line
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ 2: a dataset swapped under a run
+
+def test_case2_a_generated_set_in_use_is_not_replaced(tmp_path):
+    import gc
+
+    from testkit import TINY_DATA, build_tiny_dataset
+
+    ds = build_tiny_dataset(tmp_path)  # a live dataset object: what a training run holds
+    image = Path(ds.train[0][0])
+    before = image.read_bytes()
+    regenerate = [sys.executable, "-m", "rga.data", "synthetic", str(tmp_path), *TINY_DATA, "seed=1", "--no-images"]
+    r = subprocess.run(regenerate, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = one_error_line(r.stderr)
+    assert f"refusing to replace {tmp_path / 'synthetic'}: a training run" in line, line
+    marker = tmp_path / "synthetic" / "synthetic_config.json"
+    assert image.read_bytes() == before and '"seed": 0' in marker.read_text()
+    del ds
+    gc.collect()
+    r = subprocess.run(regenerate, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]  # nobody uses it any more: replaced
+    assert '"seed": 1' in marker.read_text()
+
+
+def test_case2_a_run_notices_its_generated_set_changed_during_the_run(tmp_path, monkeypatch, capsys):
+    """A swap the lock cannot see (another machine on a shared folder): the epoch's check stops the run."""
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+
+    data = tmp_path / "data"
+    trained = rtrain.Trainer.epoch
+
+    def epoch_then_swap(self, epoch):
+        stats = trained(self, epoch)
+        marker = data / "synthetic" / "synthetic_config.json"
+        marker.write_text(marker.read_text().replace('"seed": 0', '"seed": 1'))
+        return stats
+
+    monkeypatch.setattr(rtrain.Trainer, "epoch", epoch_then_swap)
+    out = tmp_path / "run"
+    assert rtrain.main(tiny_run_args(data, out, "--epochs", "2", dataset="synthetic")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "epoch 1: the training data in" in line and "seed 0 -> 1" in line, line
+    assert not list(out.glob("checkpoint_*.pth"))
+
+
+def test_case2_a_resume_refuses_data_changed_since_its_checkpoint(data_root, tmp_path, capsys):
+    import shutil
+
+    from testkit import tiny_run_args
+
+    import rga.train as rtrain
+    from rga.fileio import load_torch
+
+    market = tmp_path / "market"
+    shutil.copytree(data_root / "synthetic", market)
+    out = tmp_path / "run"
+    assert rtrain.main(tiny_run_args(market, out, "--epochs", "1", dataset="market1501")) == 0
+    assert load_torch(out / "checkpoint_ep0001.pth")["data_fingerprint"]["images"] > 0
+    swapped = sorted((market / "bounding_box_train").iterdir())[0]
+    Image.new("RGB", (32, 64), (200, 10, 10)).save(swapped)  # same name, other picture
+    capsys.readouterr()
+    assert rtrain.main(tiny_run_args(market, out, "--epochs", "2", "--resume", "auto", dataset="market1501")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot resume from" in line and "its image files differ" in line, line
