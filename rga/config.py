@@ -144,6 +144,10 @@ class DataConfig:
     erasing_prob: float = opt(0.5, "random erasing probability", probability)
     workers: int = opt(min(4, os.cpu_count() or 1), "DataLoader worker processes per process", nonneg_int)
     test_batch_size: int = opt(128, "batch size for feature extraction", positive_int)
+    val_ids: int = opt(0, "hold out this many training identities as a validation query / gallery and "
+                       "evaluate on them instead of the test split, which is then never read (for choosing "
+                       "a recipe; rga.data.split); 0: train on every training identity, evaluate on test",
+                       nonneg_int)
 
 
 @dataclass
@@ -159,6 +163,12 @@ class OptimConfig:
     milestones: list = opt(DEFAULT_MILESTONES, "epochs at which the learning rate is multiplied by --gamma",
                            int_list)
     gamma: float = opt(0.5, "learning-rate decay factor at each milestone", real)
+    schedule: str = opt("step", "after the warm-up: step (x gamma at each milestone, the paper's) or cosine "
+                        "(half a cosine from the learning rate down to 0 at the last epoch; milestones unused)",
+                        choice("step", "cosine"))
+    new_lr_mult: float = opt(1.0, "learning-rate multiplier of the parameters a --pretrained trunk does not "
+                             "provide (attention modules, BN neck, classifier); 1: one learning rate for all",
+                             real)
     epochs: int = opt(600, "total training epochs", positive_int)
 
 
@@ -246,6 +256,8 @@ class RunConfig:
             raise ConfigError(f"label_smooth must be in [0, 1), got {o.label_smooth}")
         if o.lr <= 0 or o.warmup_lr <= 0:
             raise ConfigError(f"lr and warmup_lr must be > 0, got {o.lr} and {o.warmup_lr}")
+        if o.new_lr_mult <= 0:
+            raise ConfigError(f"new_lr_mult must be > 0, got {o.new_lr_mult}")
         if o.milestones != sorted(o.milestones):
             raise ConfigError(f"milestones must be increasing, got {o.milestones}")
         if m.variant == "baseline":
@@ -266,6 +278,14 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------------ presets
+
+#: the showcase's synthetic_scenes geometry (issue 22), closer to a detector's crops than the set's
+#: defaults: the person fills 80-95% of the frame height (times the identity's height factor), other
+#: people in about 35% of the images and occluders in about 30% (defaults 45-80%, 70%, 40%). The
+#: person's mask still covers about 31% of the image (measured on 40 renders), well under half,
+#: so the foreground-attention ratio can tell person from background.
+SHOWCASE_SCENES = {"min_person_height": 0.8, "max_person_height": 0.95, "people_prob": 0.35,
+                   "occluder_prob": 0.3}
 
 #: --preset NAME: a named set of values applied below --config and the command line
 PRESETS = {
@@ -305,32 +325,72 @@ PRESETS = {
         "test_batch_size": 64,
         "output_dir": "runs/quick",
     },
-    # The paper's protocol at small scale (README "Showcase"): the trunk of a baseline trained here
-    # (the quick preset's baseline, `python -m rga.train --preset quick --model baseline --output-dir
-    # runs/showcase/pretrain`) stands in for ImageNet weights, attention modules start new (gates at
-    # 0.5), and the model is fine-tuned at 128x64 on the cluttered synthetic_scenes set, where the
-    # person is at a random place and scale among other people. 12 epochs: a first version with 6
-    # (milestone 4) left the training set unfitted (training accuracy 31% at the end, still rising
-    # ~9 points an epoch), a choice made on the training split; nothing here was tuned on test.
+    # The showcase's stand-in for ImageNet (issue 22): a ResNet-18 baseline trained from random
+    # weights, once, at the showcase's input size (128x64) on a pool of 500 identities that no
+    # showcase image shows: the same crop-like synthetic_scenes geometry but generator seed 1 (the
+    # showcase's set is seed 0; an identity's appearance, the cameras, the other people and the
+    # distractors all follow from (seed, id)), in its own folder. tests/test_showcase_split.py
+    # checks the pool against the showcase's identities. Resumable (--resume auto); about 35 min at
+    # one thread. Its own test split (100 more pool identities) says what it learned.
+    "showcase_pretrain": {
+        "dataset": "synthetic_scenes",
+        "data_root": "data/showcase-pool",
+        "dataset_opt": dict(SHOWCASE_SCENES, seed=1, num_train_ids=500, num_test_ids=100),
+        "model": "baseline",
+        "backbone": "resnet18",
+        "pretrained": None,
+        "height": 128,
+        "width": 64,
+        "sampler": "all_groups",
+        "batch_ids": 8,
+        "batch_instances": 4,
+        "epochs": 11,
+        "crop": "pad",
+        "pad": 8,
+        "erasing_prob": 0.0,
+        "warmup_epochs": 1,
+        "warmup_lr": 8e-5,
+        "schedule": "cosine",
+        "lr": 8e-4,
+        "eval_every": 0,
+        "workers": 0,
+        "threads": 1,
+        "test_batch_size": 64,
+        "output_dir": "runs/showcase/trunk",
+    },
+    # The paper's protocol at small scale (docs/training.md "The showcase preset"): the trunk of
+    # showcase_pretrain stands in for ImageNet weights, attention modules start new (gates at 0.5),
+    # and the model is fine-tuned at 128x64 on synthetic_scenes in detector-crop geometry
+    # (SHOWCASE_SCENES; its own folder data/showcase). The recipe (epochs, schedule, learning
+    # rates) was chosen on a validation split of the training identities (--val-ids 30), never on
+    # the test split (docs/training.md, "The showcase preset"; logs in docs/figures/showcase/tuning):
+    # RGA-SC seed 0, validation R1 / mAP at the last epoch: the first showcase's schedule (8e-4 for
+    # all, no warm-up, x0.5 at epoch 9, 12 epochs) 89.8 / 85.7; one warm-up epoch + cosine, trunk
+    # 3.5e-4, new modules x5, 12 epochs 95.4 / 89.0 (ahead at every evaluation); the same with 20
+    # epochs 95.4 / 90.5 (the rule fixed beforehand: 20 if more than 1 mAP point above 12's).
     "showcase": {
         "dataset": "synthetic_scenes",
+        "data_root": "data/showcase",
+        "dataset_opt": dict(SHOWCASE_SCENES),
         "model": "rga_sc",
         "gate_init": "zero",
         "backbone": "resnet18",
-        "pretrained": "runs/showcase/pretrain",
+        "pretrained": "runs/showcase/trunk",
         "fused": True,
         "height": 128,
         "width": 64,
         "sampler": "all_groups",
         "batch_ids": 8,
         "batch_instances": 4,
-        "epochs": 12,
+        "epochs": 20,
         "crop": "pad",
         "pad": 8,
         "erasing_prob": 0.0,
-        "warmup_epochs": 0,
-        "milestones": [9],
-        "lr": 8e-4,
+        "warmup_epochs": 1,
+        "warmup_lr": 3.5e-5,
+        "schedule": "cosine",
+        "lr": 3.5e-4,
+        "new_lr_mult": 5.0,
         "eval_every": 0,
         "workers": 0,
         "threads": 1,
@@ -341,7 +401,7 @@ PRESETS = {
 
 #: the command that makes a preset's --pretrained run, for the error message when it is missing
 PRETRAIN_COMMANDS = {
-    "runs/showcase/pretrain": "python -m rga.train --preset quick --model baseline --output-dir runs/showcase/pretrain",
+    "runs/showcase/trunk": "python -m rga.train --preset showcase_pretrain",
 }
 
 

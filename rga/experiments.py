@@ -312,17 +312,19 @@ def write_table(table: str, out: Path, meta: dict, seeds=None) -> tuple[Path, Pa
 
 
 def ensure_pretrain(runs: Path, extra: list[str], *, data_root=None, log=print) -> list[str]:
-    """The showcase's stand-in for ImageNet: the quick preset's baseline in RUNS/pretrain, trained
-    here if it has not finished yet (resumable like the rows). Returns `extra` with --pretrained
-    pointing at it (unless the user gave --pretrained)."""
+    """The showcase's stand-in for ImageNet: the showcase_pretrain preset's baseline (500 identities
+    that no showcase image shows, at the showcase's input size) in RUNS/trunk, trained here if it has
+    not finished yet (resumable like the rows). With a --data-root D for the showcase, the pool is
+    generated in D-pool (never in D: the two sets would overwrite each other). Returns `extra` with
+    --pretrained pointing at it (unless the user gave --pretrained)."""
     from . import train as T
     from .checkpoint import find_latest, load_checkpoint
 
     if "--pretrained" in extra:
         return extra
-    run_dir = runs / "pretrain"
-    argv = ["--preset", "quick", "--model", "baseline", "--output-dir", str(run_dir), "--resume", "auto",
-            "--no-progress"] + (["--data-root", data_root] if data_root else [])
+    run_dir = runs / "trunk"
+    argv = ["--preset", "showcase_pretrain", "--output-dir", str(run_dir), "--resume", "auto",
+            "--no-progress"] + (["--data-root", str(data_root).rstrip("/") + "-pool"] if data_root else [])
     if "--threads" in extra:
         argv += ["--threads", extra[extra.index("--threads") + 1]]
     cfg = T.parse_config(argv)

@@ -198,7 +198,7 @@ class Trainer:
         """Rank 0 builds the dataset first (the synthetic one is generated on first use) and checks
         it (every split non-empty, every image decodable: found now, not after the last epoch)."""
         rt, d = self.rt, self.cfg.data
-        self.dataset = load_dataset(d) if rt.is_main else None
+        self.dataset = self.split(load_dataset(d)) if rt.is_main else None
         if rt.is_main:
             report = check_dataset(self.dataset)
             self.log(f"dataset check: {report['images']} images decode")
@@ -206,12 +206,38 @@ class Trainer:
                 self.log(unmatched_note(report, self.dataset))
         barrier(rt)
         if not rt.is_main:
-            self.dataset = load_dataset(d)
+            self.dataset = self.split(load_dataset(d))
         ds = self.dataset
         self.data_fingerprint = data_fingerprint(ds)  # in every checkpoint; checked every epoch and on resume
         self.num_classes = ds.num_train_pids
         self.log(f"dataset {d.dataset}: {len(ds.train)} train images of {self.num_classes} ids, "
                  f"{len(ds.query)} query, {len(ds.gallery)} gallery")
+
+    def split(self, ds):
+        """With --val-ids N: the validation split of rga.data.split (training identities only)."""
+        n = self.cfg.data.val_ids
+        if not n:
+            return ds
+        from .data.split import validation_split
+        try:
+            out = validation_split(ds, n)
+        except ValueError as e:
+            raise UsageError(f"--val-ids {n}: {e}") from e
+        self.log(out.notes[-1])
+        return out
+
+    def param_groups(self) -> list:
+        """One group, or with --new-lr-mult != 1 two: the trunk a --pretrained run provides (the
+        backbone's ResNet layers) at --lr, everything else (attention modules, neck, classifier) at
+        --lr x --new-lr-mult."""
+        o = self.cfg.optim
+        if o.new_lr_mult == 1.0:
+            return [{"params": list(self.model.parameters())}]
+        trunk, new = [], []
+        for name, p in self.model.named_parameters():
+            name = name[len("module."):] if name.startswith("module.") else name
+            (trunk if name.startswith("backbone.") and not name.startswith("backbone.rga_att") else new).append(p)
+        return [{"params": trunk}, {"params": new, "lr": o.lr * o.new_lr_mult}]
 
     def pretrained_source(self):
         """What build_model gets as `pretrained`: a file, or False (random init, said in the log)."""
@@ -271,9 +297,10 @@ class Trainer:
 
     def build_parts(self) -> None:
         d, o, rt = self.cfg.data, self.cfg.optim, self.rt
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.Adam(self.param_groups(), lr=o.lr, weight_decay=o.weight_decay)
         self.scheduler = WarmupMultiStepLR(self.optimizer, warmup_epochs=o.warmup_epochs,
-                                           warmup_start_lr=o.warmup_lr, milestones=o.milestones, gamma=o.gamma)
+                                           warmup_start_lr=o.warmup_lr, milestones=o.milestones, gamma=o.gamma,
+                                           schedule=o.schedule, total_epochs=o.epochs)
         self.scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
         self.criterion = ReidLoss(epsilon=o.label_smooth, margin=o.margin, id_weight=o.id_weight,
                                   triplet_weight=o.triplet_weight)

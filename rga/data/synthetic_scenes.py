@@ -400,7 +400,7 @@ def contact_sheet(paths: Sequence[str], out, cols: int = 8, scale: int = 2) -> P
     for i, t in enumerate(tiles):
         sheet.paste(t, (4 + (i % cols) * (w + 4), 4 + (i // cols) * (h + 4)))
     out = Path(out)
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
 
     fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
     atomic_write(out, lambda f: sheet.save(f, format=fmt), what="figure")
