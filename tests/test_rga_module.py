@@ -181,6 +181,28 @@ def test_fused_cumulative_bn_momentum_none():
     _assert_same(ref, fus, _x(), steps=3)
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_without_running_statistics(backend, train):
+    """track_running_stats=False: batch statistics in both modes, no buffers to update; the
+    branch kernels take that path (not the composite fallback)."""
+    def untracked(m):
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.track_running_stats = False
+                bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+        return m.train(train)
+
+    ref, fus = _pair(backend)
+    ref, fus = untracked(ref), untracked(fus)
+    _assert_same(ref, fus, _x(), steps=2)
+    if backend != "torch":
+        from rga_kernels.launches import count_launches
+
+        counts = count_launches(lambda: fus(_x()), by_op=True)
+        assert any(k.startswith(("kernel::", "triton::_bn")) for k in counts), dict(counts)
+
+
 def test_fused_with_sync_batchnorm_modules():
     """After convert_sync_batchnorm the fused path calls the BN modules themselves (no sync here)."""
     ref, fus = _pair("torch")
