@@ -93,7 +93,10 @@ def _extensions():
 
     want_cuda = _switch("RGA_KERNELS_BUILD_CUDA", "auto")
     sources = ["csrc/relation.cpp", "csrc/branch.cpp", "csrc/branch_op.cpp"]
-    cxx_flags = ["-O3"]  # the C++ standard is left to torch (its recent headers need C++20)
+    # (the C++ standard is left to torch: its recent headers need C++20.) -fopenmp-simd honours
+    # the CPU kernels' `omp simd` loops and links no OpenMP runtime; -fno-trapping-math lets the
+    # ReLU masks (float compares) become vector selects. Neither changes a computed value.
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
     define_macros = []
     build_cuda, why_not = False, ""
     if want_cuda != "0":

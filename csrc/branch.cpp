@@ -40,36 +40,24 @@ struct OutBuf {
   }
 };
 
-// Sums over a row with 8 independent accumulators (the compiler may not reorder one float sum,
-// so a single accumulator runs at one add per cycle; eight lanes vectorize). f(i) -> value, or
-// f(i, a, b) adding to two sums. The lambdas capture by value: a variable whose address escapes
-// into a lambda may alias every later float store, which keeps the loops after it scalar.
-constexpr int kLanes = 8;
-
+// Sums over a row. The compiler may not reorder a float sum on its own, so the loops carry
+// `omp simd` reductions (built with -fopenmp-simd: the pragma only, no OpenMP runtime), which lets
+// it keep one partial sum per vector lane. f(i) -> value, or f(i, a, b) adding to two sums. The
+// lambdas capture by value: a variable whose address escapes into a lambda may alias every
+// later float store, which keeps the loops after it scalar.
 template <typename acc_t, typename F>
 acc_t row_sum(int64_t n, F f) {
-  acc_t lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] += f(i + j);
   acc_t total = 0;
-  for (; i < n; ++i) total += f(i);
-  for (int j = 0; j < kLanes; ++j) total += lane[j];
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += f(i);
   return total;
 }
 
 template <typename acc_t, typename F>
 void row_sum2(int64_t n, acc_t& sum_a, acc_t& sum_b, F f) {
-  acc_t la[kLanes] = {}, lb[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) f(i + j, la[j], lb[j]);
   acc_t ta = 0, tb = 0;
-  for (; i < n; ++i) f(i, ta, tb);
-  for (int j = 0; j < kLanes; ++j) {
-    ta += la[j];
-    tb += lb[j];
-  }
+#pragma omp simd reduction(+ : ta, tb)
+  for (int64_t i = 0; i < n; ++i) f(i, ta, tb);
   sum_a += ta;
   sum_b += tb;
 }
@@ -220,6 +208,43 @@ std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& y_in, const OptTensor& run
   return {mean, invstd};
 }
 
+// The row loops of bn_act_bwd, apart from the dispatch macro (a loop inside a lambda inside the
+// macro, next to tensor calls that may throw, stays scalar): plain pointers, `omp simd`.
+// Sums over one row of channel k: of the incoming gradient through the ReLU's mask (a select:
+// branch-free) and of that times the normalised input.
+template <typename scalar_t, typename acc_t>
+inline void relu_bn_grad_sums(const scalar_t* __restrict r, const scalar_t* __restrict gr, int64_t n, acc_t gscale,
+                              acc_t scale, acc_t shift, acc_t m, acc_t is, acc_t& sum_g, acc_t& sum_gx) {
+  acc_t sg = 0, sgx = 0;
+#pragma omp simd reduction(+ : sg, sgx)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t yv = static_cast<acc_t>(r[i]);
+    const acc_t gin = gscale * static_cast<acc_t>(gr[i]);
+    const acc_t gv = scale * yv + shift > acc_t(0) ? gin : acc_t(0);
+    sg += gv;
+    sgx += gv * ((yv - m) * is);
+  }
+  sum_g += sg;
+  sum_gx += sgx;
+}
+
+// One row of grad_y = ga * mask * g + gyc * y + gc (gr == nullptr: no incoming gradient).
+template <typename scalar_t, typename acc_t>
+inline void relu_bn_grad_row(const scalar_t* __restrict r, const scalar_t* __restrict gr, scalar_t* __restrict out,
+                             int64_t n, acc_t ga, acc_t scale, acc_t shift, acc_t gyc, acc_t gc) {
+  if (gr == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(gyc * static_cast<acc_t>(r[i]) + gc);
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t yv = static_cast<acc_t>(r[i]);
+    const acc_t gin = ga * static_cast<acc_t>(gr[i]);  // loaded unconditionally: a select, no branch
+    out[i] = static_cast<scalar_t>((scale * yv + shift > acc_t(0) ? gin : acc_t(0)) + gyc * yv + gc);
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_cpu(at::TensorList grad_outs, const Tensor& y_in, const Tensor& weight,
                                                   const Tensor& bias, const Tensor& mean, const Tensor& invstd,
                                                   bool batch_stats, const OptTensor& grad_chmean, int64_t mean_group,
@@ -263,39 +288,19 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_cpu(at::TensorList grad_outs, cons
         acc_t scale, shift;  // the ReLU's mask: scale * y + shift > 0
         bn_affine(wp[k], bp[k], m, is, scale, shift);
         acc_t sum_g = 0, sum_gx = 0;
-        // (the ReLU's mask multiplies: a branch-free loop the compiler vectorizes)
         if (sp != nullptr) {
-          for (int64_t b = 0; b < B; ++b) {
-            const scalar_t* __restrict r = row_ptr(yp, y, b, k);
-            const scalar_t* __restrict gr = row_ptr(sp, *src, b, src_k);
-            row_sum2<acc_t>(n, sum_g, sum_gx, [=](int64_t i, acc_t& sg, acc_t& sgx) {
-              const acc_t yv = static_cast<acc_t>(r[i]);
-              const acc_t gin = src_scale * static_cast<acc_t>(gr[i]);
-              const acc_t gv = gin * static_cast<acc_t>(scale * yv + shift > acc_t(0));  // the ReLU's mask
-              sg += gv;
-              sgx += gv * ((yv - m) * is);
-            });
-          }
+          for (int64_t b = 0; b < B; ++b)
+            relu_bn_grad_sums(row_ptr(yp, y, b, k), row_ptr(sp, *src, b, src_k), n, src_scale, scale, shift, m, is,
+                              sum_g, sum_gx);
         }
         gb[k] = sum_g;
         gw[k] = sum_gx;
         acc_t ga, gyc, gc;  // grad_y = ga * g + gyc * y + gc
         bn_backward_coeffs(wp[k], m, is, sum_g / N, sum_gx / N, batch_stats, ga, gyc, gc);
         const acc_t sga = src_scale * ga;
-        for (int64_t b = 0; b < B; ++b) {
-          const scalar_t* __restrict r = row_ptr(yp, y, b, k);
-          scalar_t* __restrict out = row_ptr(gyp, gy, b, k);
-          if (sp == nullptr) {
-            for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(gyc * static_cast<acc_t>(r[i]) + gc);
-            continue;
-          }
-          const scalar_t* __restrict gr = row_ptr(sp, *src, b, src_k);
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t yv = static_cast<acc_t>(r[i]);
-            const acc_t g = sga * static_cast<acc_t>(gr[i]);
-            out[i] = static_cast<scalar_t>(g * static_cast<acc_t>(scale * yv + shift > acc_t(0)) + gyc * yv + gc);
-          }
-        }
+        for (int64_t b = 0; b < B; ++b)
+          relu_bn_grad_row(row_ptr(yp, y, b, k), sp != nullptr ? row_ptr(sp, *src, b, src_k) : nullptr,
+                           row_ptr(gyp, gy, b, k), n, sga, scale, shift, gyc, gc);
       }
     });
     grad_y.finish();

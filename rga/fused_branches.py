@@ -34,14 +34,40 @@ def kernel_branches(module) -> tuple:
         backend = _resolve_backend("auto", device)
     if backend not in FUSED_BRANCH_BACKENDS:
         return {}, ()
-    fns, counted = {}, ()
+    fns, counted, steps = {}, (), {}
     for branch in ("spatial", "channel"):
         if getattr(module, f"use_{branch}"):
             args = branch_args(module, branch, backend)
             if args is not None:
                 fns[branch] = _make_kernel_branch(*args)
+                steps[branch] = args
                 counted += args[2].counters
+    chain = _make_chain(module, steps)
+    if chain is not None:
+        fns["chain"] = chain
     return fns, counted
+
+
+def _make_chain(module, steps: dict):
+    """fn(x3) -> (out, {branch: attention}) running every branch of the module in one autograd
+    node (rga_kernels.branch.fused_chain), or None when a branch takes the composite path."""
+    from rga_kernels.branch import Step, fused_chain
+
+    active = [b for b in ("spatial", "channel") if getattr(module, f"use_{b}")]
+    if any(b not in steps for b in active):
+        return None
+    parallel = len(active) == 2 and module.order not in ("sc", "cs")
+    if len(active) == 2 and module.order == "cs":
+        active.reverse()
+    chain = tuple(Step(steps[b][0], steps[b][2], b == "channel") for b in active)
+    params = tuple(steps[b][1] for b in active)
+
+    def run(x3):
+        out, attention = fused_chain(chain, x3, params, parallel=parallel)
+        return out, dict(zip(active, attention))
+
+    return run
+
 
 def _make_kernel_branch(spec, params, running):
     from rga_kernels.branch import fused_branch

@@ -410,6 +410,13 @@ class RGAModule(nn.Module):
             return a if torch.promote_types(a.dtype, t.dtype) == t.dtype else a.to(t.dtype)
 
         kernels = self._plan()[1]
+        if "chain" in kernels:  # every branch through rga_kernels' kernels, as one autograd node
+            out, attention = kernels["chain"](x3)
+            if self.keep_attention:
+                self.last_attention = {}
+                for name, a in attention.items():
+                    self._record(name, a, (b, 1, h, w) if name == "spatial" else (b, c, 1, 1))
+            return out.reshape(b, c, h, w)
 
         def spatial(t, target=None):
             if "spatial" in kernels:

@@ -282,47 +282,173 @@ def _cpp_backward(spec, inp, target, p: BranchParams, flat_params, saved, grad_o
     return (r[0] if r[0].numel() else None), (r[1] if target is not None else None), d_params
 
 
-class _Branch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, spec, run, own_target, inp, target, *flat_params):
-        p = _unflatten(spec, flat_params)
-        if spec.backend in ("cpp", "cuda"):
-            out, a, saved = _cpp_forward(spec, inp, target if own_target else None, p, run)
-        else:
-            out, a, saved = _forward(spec, _kernels(spec.backend), inp, target if own_target else inp, p, run,
-                                     inp.dtype)
-            ctx.keys = tuple(k_ for k_, v in saved.items() if v is not None)
-            saved = [saved[k_] for k_ in ctx.keys]
-        ctx.spec, ctx.own_target, ctx.n_params = spec, own_target, len(flat_params)
-        # inputs through save_for_backward (their in-place modification before backward is an
-        # error); the intermediates, which nothing else can reach, as a plain attribute (cheaper)
-        ctx.save_for_backward(inp, target, *flat_params)
-        ctx.intermediates = saved
-        ctx.mark_non_differentiable(a)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the attention output
-        return out, a
+class Step(NamedTuple):
+    """One branch in a chain: its spec, its running statistics, and whether it runs on the
+    transposed view of the chain's (B, C, n) tensor (the channel branch, whose nodes are channels)."""
+
+    spec: BranchSpec
+    running: BranchRunning
+    transposed: bool
+
+
+def _t(x: Optional[Tensor], transposed: bool) -> Optional[Tensor]:
+    return x.transpose(1, 2) if transposed and x is not None else x
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else a if b is None else a + b
+
+
+class _Record(NamedTuple):
+    """What one step's backward needs."""
+
+    inp: Tensor  # the input as the kernels read it (cast under autocast)
+    target: Optional[Tensor]  # the gated tensor when it is not inp (None: inp is gated)
+    saved: tuple  # (keys, or None for the C++ op's fixed order; intermediates)
+    dtype: torch.dtype  # the dtype of the input the step was given (its gradient's)
+    own_target: bool  # target came from the caller (else it is inp, uncast, under autocast)
+
+
+def _step_forward(step: Step, inp, target, p: BranchParams, cdt) -> tuple:
+    """One branch on (inp, target; None: inp is gated). Under autocast (cdt) the GEMMs read inp
+    cast once and the gate multiplies the uncast tensor. Returns (out, a, _Record)."""
+    spec, dtype, own = step.spec, inp.dtype, target is not None
+    if cdt is not None and inp.dtype != cdt:
+        target = inp if target is None else target
+        inp = inp.to(cdt)
+    if spec.backend in ("cpp", "cuda"):
+        out, a, saved = _cpp_forward(spec, inp, target, p, step.running)
+        saved = (None, saved)
+    else:
+        out, a, d = _forward(spec, _kernels(spec.backend), inp, inp if target is None else target, p, step.running,
+                             inp.dtype)
+        keys = tuple(k_ for k_, v in d.items() if v is not None)
+        saved = (keys, [d[k_] for k_ in keys])
+    return out, a, _Record(inp, target, saved, dtype, own)
+
+
+def _step_backward(step: Step, r: _Record, p: BranchParams, flat_params, grad_out) -> tuple:
+    """(d_inp in the dtype the step was given, d_target (a caller's target) or None, flat
+    parameter gradients)."""
+    spec = step.spec
+    if spec.backend in ("cpp", "cuda"):
+        d_inp, d_target, d_params = _cpp_backward(spec, r.inp, r.target, p, flat_params, r.saved[1], grad_out)
+    else:
+        keys, values = r.saved
+        d_inp, d_target, d_params = _backward(spec, _kernels(spec.backend), r.inp,
+                                              r.inp if r.target is None else r.target, p, dict(zip(keys, values)),
+                                              grad_out, r.target is not None)
+    if d_inp is not None and d_inp.dtype != r.dtype:
+        d_inp = d_inp.to(r.dtype)
+    if not r.own_target:  # autocast: the gated tensor is the uncast input
+        d_inp, d_target = _add(d_inp, d_target), None
+    return d_inp, d_target, d_params
+
+
+def _split_params(counts, flat) -> list:
+    out, start = [], 0
+    for n in counts:
+        out.append(flat[start:start + n])
+        start += n
+    return out
+
+
+class _Chain(torch.autograd.Function):
+    """Branches one after the other (each gating the previous one's output), or two in parallel
+    (the second gates the first one's output with its attention of the chain's input), as one
+    autograd node: an eager step is host-bound, and each node, view and transpose between the
+    branches costs host time."""
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_a):
-        spec = ctx.spec
-        if grad_out is None:
-            return (None,) * (5 + ctx.n_params)
-        tensors = ctx.saved_tensors
-        inp, target = tensors[0], tensors[1]
-        flat_params = tensors[2:]
-        saved = ctx.intermediates
-        p = _unflatten(spec, flat_params)
-        cpp = spec.backend in ("cpp", "cuda")
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable recompute
-            names = _CPP_SAVED if cpp else ctx.keys
-            grads = _double_backward(ctx, spec, inp, target, p, flat_params, dict(zip(names, saved)), grad_out)
-        elif cpp:
-            grads = _cpp_backward(spec, inp, target if ctx.own_target else None, p, flat_params, saved, grad_out)
+    def forward(ctx, steps, parallel, cdt, x, target, counts, *flat):
+        flats = _split_params(counts, flat)
+        ps = [_unflatten(st.spec, f) for st, f in zip(steps, flats)]
+        if parallel:  # out = C(x, target=S(x))
+            s0, s1 = steps
+            out0, a0, r0 = _step_forward(s0, _t(x, s0.transposed), None, ps[0], cdt)
+            out1, a1, r1 = _step_forward(s1, _t(x, s1.transposed), _t(_t(out0, s0.transposed), s1.transposed),
+                                         ps[1], cdt)
+            records, attention, out = [r0, r1], [a0, a1], _t(out1, s1.transposed)
         else:
-            grads = _backward(spec, _kernels(spec.backend), inp, target if ctx.own_target else inp, p,
-                              dict(zip(ctx.keys, saved)), grad_out, ctx.own_target)
-        d_inp, d_target, d_params = grads
-        return (None, None, None, d_inp, d_target, *d_params)
+            records, attention, t = [], [], x
+            for i, st in enumerate(steps):
+                out, a, r = _step_forward(st, _t(t, st.transposed), _t(target, st.transposed) if i == 0 else None,
+                                          ps[i], cdt)
+                records.append(r)
+                attention.append(a)
+                t = _t(out, st.transposed)
+            out = t
+        ctx.steps, ctx.parallel, ctx.cdt, ctx.counts = steps, parallel, cdt, counts
+        # inputs through save_for_backward (their in-place modification before backward is an
+        # error); the intermediates, which nothing else can reach, as a plain attribute (cheaper)
+        ctx.save_for_backward(x, target, *flat)
+        ctx.records = records
+        attention = [_t(a, st.transposed) for a, st in zip(attention, steps)]
+        ctx.mark_non_differentiable(*attention)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the attention outputs
+        return (out, *attention)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_grad_attention):
+        steps = ctx.steps
+        if grad_out is None:
+            return (None,) * (6 + sum(ctx.counts))
+        tensors = ctx.saved_tensors
+        x, target, flat = tensors[0], tensors[1], tensors[2:]
+        flats = _split_params(ctx.counts, flat)
+        ps = [_unflatten(st.spec, f) for st, f in zip(steps, flats)]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable recompute
+            d_x, d_target, d_flat = _chain_double_backward(ctx, x, target, flat, ps, grad_out)
+            return (None, None, None, d_x, d_target, None, *d_flat)
+        records = ctx.records
+        d_params = [None] * len(steps)
+        if ctx.parallel:
+            s0, s1 = steps
+            d1, d_gated, d_params[1] = _step_backward(s1, records[1], ps[1], flats[1], _t(grad_out, s1.transposed))
+            d_gated = _t(_t(d_gated, s1.transposed), s0.transposed)
+            d0, _, d_params[0] = _step_backward(s0, records[0], ps[0], flats[0], d_gated)
+            d_x, d_target = _add(_t(d0, s0.transposed), _t(d1, s1.transposed)), None
+        else:
+            g, d_target = grad_out, None
+            for i in reversed(range(len(steps))):
+                st = steps[i]
+                d_inp, d_tgt, d_params[i] = _step_backward(st, records[i], ps[i], flats[i], _t(g, st.transposed))
+                g = _t(d_inp, st.transposed)
+                if i == 0:
+                    d_target = _t(d_tgt, st.transposed)
+            d_x = g
+        return (None, None, None, d_x, d_target, None, *(g_ for d in d_params for g_ in d))
+
+
+def _chain_double_backward(ctx, x, target, flat, ps, grad_out):
+    """Gradients as a differentiable function of the inputs (for create_graph=True): the chain
+    recomputed in differentiable PyTorch ops (the forward's statistics in eval mode) and
+    differentiated. Exact, and slower."""
+    steps, cdt = ctx.steps, ctx.cdt
+    saved = [dict(zip(_CPP_SAVED if r.saved[0] is None else r.saved[0], r.saved[1])) for r in ctx.records]
+    inputs = [x, target, *flat]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+
+    def step(i, inp, tgt):
+        st = steps[i]
+        inp, tgt = _t(inp, st.transposed), _t(tgt, st.transposed)
+        if cdt is not None and inp.dtype != cdt:
+            tgt = inp if tgt is None else tgt
+            inp = inp.to(cdt)
+        return _t(composite_forward(st.spec, inp, inp if tgt is None else tgt, ps[i], saved[i]), st.transposed)
+
+    with torch.enable_grad():
+        if ctx.parallel:
+            out = step(1, x, step(0, x, None))
+        else:
+            out = x
+            for i in range(len(steps)):
+                out = step(i, out, target if i == 0 else None)
+        got = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
+    grads = [None] * len(inputs)
+    for i, g in zip(wanted, got):
+        grads[i] = g
+    return grads[0], grads[1], grads[2:]
 
 
 def _backward(spec, k, inp, target, p: BranchParams, s, grad_out, own_target):
@@ -377,19 +503,6 @@ def _backward(spec, k, inp, target, p: BranchParams, s, grad_out, own_target):
     return d_inp, d_target, _flatten(d_params)
 
 
-def _double_backward(ctx, spec, inp, target, p, flat_params, saved, grad_out):
-    """Gradients as a differentiable function of the inputs (for create_graph=True)."""
-    inputs = [inp] + [target if ctx.own_target else None] + list(flat_params)
-    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
-    with torch.enable_grad():
-        out = composite_forward(spec, inp, target if ctx.own_target else inp, p, saved)
-        got = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
-    grads = [None] * len(inputs)
-    for i, g in zip(wanted, got):
-        grads[i] = g
-    return grads[0], grads[1], grads[2:]
-
-
 def _bn(y, weight, bias, batch_stats, mean, invstd, eps):
     """Differentiable BN of (B, K, n): batch statistics recomputed, or the given (eval) ones."""
     if batch_stats:
@@ -438,19 +551,37 @@ def _unflatten(spec: BranchSpec, flat) -> BranchParams:
     return BranchParams(tuple(flat[:g]), tuple(flat[g:2 * g]), tuple(flat[2 * g:3 * g]), *flat[3 * g:])
 
 
+def fused_chain(steps: Sequence[Step], x: Tensor, params: Sequence[BranchParams], target: Optional[Tensor] = None,
+                parallel: bool = False):
+    """Run branches on ``x`` (B, C, n) as one autograd node: one after the other, each gating the
+    previous one's output (the first gates ``target``, default ``x``), or with ``parallel`` two
+    from the same input, the second gating the first one's output. A step with ``transposed``
+    runs on the (B, n, C) view (the channel branch). Returns (output, attention per step), the
+    attentions (B, 1, n) for a plain step and (B, C, 1) for a transposed one, detached.
+
+    Under torch.autocast the GEMMs run in the autocast dtype (each step's input and weights cast
+    once); the kernels accumulate statistics in float32.
+    """
+    if parallel and (len(steps) != 2 or target is not None):
+        raise ValueError("fused_chain: parallel runs exactly two steps on x, with no target")
+    dev = x.device.type
+    cdt = torch.get_autocast_dtype(dev) if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else None
+    flat, counts = [], []
+    for p in params:
+        f = _flatten(p)
+        flat += f
+        counts.append(len(f))
+    if cdt is None:
+        res = _Chain.apply(tuple(steps), parallel, None, x, target, tuple(counts), *flat)
+    else:
+        with torch.autocast(dev, enabled=False):
+            res = _Chain.apply(tuple(steps), parallel, cdt, x, target, tuple(counts), *flat)
+    return res[0], res[1:]
+
+
 def fused_branch(spec: BranchSpec, inp: Tensor, params: BranchParams, running: BranchRunning,
                  target: Optional[Tensor] = None):
     """Run one RGA branch on ``inp`` (B, D, n) and gate ``target`` (B, D', n; default ``inp``) with
-    it: returns (target * a, a) with a (B, 1, n) the attention (detached).
-
-    Under torch.autocast the GEMMs run in the autocast dtype (inputs and weights cast once); the
-    kernels accumulate statistics in float32.
-    """
-    dev = inp.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        cdt = torch.get_autocast_dtype(dev)
-        inp_c = inp.to(cdt)
-        with torch.autocast(dev, enabled=False):
-            return _Branch.apply(spec, running, True, inp_c, inp if target is None else target, *_flatten(params))
-    own = target is not None
-    return _Branch.apply(spec, running, own, inp, target if own else None, *_flatten(params))
+    it: returns (target * a, a) with a (B, 1, n) the attention (detached). See fused_chain."""
+    out, (a,) = fused_chain((Step(spec, running, False),), inp, (params,), target)
+    return out, a
