@@ -92,7 +92,7 @@ def _extensions():
         return [], {}
 
     want_cuda = _switch("RGA_KERNELS_BUILD_CUDA", "auto")
-    sources = ["csrc/relation.cpp", "csrc/branch.cpp", "csrc/branch_op.cpp"]
+    sources = ["csrc/relation.cpp", "csrc/branch.cpp", "csrc/branch_op.cpp", "csrc/chain_op.cpp"]
     # (the C++ standard is left to torch: its recent headers need C++20.) -fopenmp-simd honours
     # the CPU kernels' `omp simd` loops and links no OpenMP runtime; -fno-trapping-math lets the
     # ReLU masks (float compares) become vector selects. Neither changes a computed value.
@@ -134,7 +134,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             define_macros=define_macros,
         )
-    ext.depends = [os.path.join("csrc", f) for f in ("relation.h", "branch.h", "branch_ops.h")]
+    ext.depends = [os.path.join("csrc", f) for f in ("relation.h", "branch.h", "branch_ops.h", "branch_op.h")]
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

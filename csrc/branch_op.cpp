@@ -23,17 +23,13 @@
 #include <tuple>
 #include <vector>
 
+#include "branch_op.h"
 #include "branch_ops.h"
 #include "relation.h"
 
 namespace rga_kernels {
 namespace branch {
 namespace {
-
-enum Saved : int {
-  kE, kEMean, kEInvstd, kTheta, kPhi, kZ, kPt, kQt, kZMean, kZInvstd, kY, kH, kHMean, kHInvstd,
-  kL, kLMean, kLInvstd, kA, kWe, kEw, kEb, kWrel, kW1, kNumSaved
-};
 
 // The kernels, called through the dispatcher (device dispatch, one profiler scope per kernel).
 using BnActFwd = std::tuple<std::vector<Tensor>, Tensor, Tensor, Tensor>(
@@ -133,6 +129,8 @@ std::tuple<Tensor, Tensor> embed_backward(const Tensor& grad_e, const Tensor& in
   Tensor d_x = std::get<0>(r);
   return {accumulate.defined() ? d_x.add_(accumulate) : d_x, std::get<1>(r).squeeze(-1)};
 }
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, std::vector<Tensor>> branch_fwd(
     const Tensor& inp, const OptTensor& target, at::TensorList emb_w, at::TensorList emb_bn_w,
@@ -293,7 +291,6 @@ std::vector<Tensor> branch_bwd(const Tensor& grad_out, const Tensor& inp, const 
   return out;
 }
 
-}  // namespace
 }  // namespace branch
 }  // namespace rga_kernels
 

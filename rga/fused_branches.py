@@ -50,8 +50,8 @@ def kernel_branches(module) -> tuple:
 
 def _make_chain(module, steps: dict):
     """fn(x3) -> (out, {branch: attention}) running every branch of the module in one autograd
-    node (rga_kernels.branch.fused_chain), or None when a branch takes the composite path."""
-    from rga_kernels.branch import Step, fused_chain
+    node (rga_kernels.branch.make_chain), or None when a branch takes the composite path."""
+    from rga_kernels.branch import Step, make_chain
 
     active = [b for b in ("spatial", "channel") if getattr(module, f"use_{b}")]
     if any(b not in steps for b in active):
@@ -59,11 +59,11 @@ def _make_chain(module, steps: dict):
     parallel = len(active) == 2 and module.order not in ("sc", "cs")
     if len(active) == 2 and module.order == "cs":
         active.reverse()
-    chain = tuple(Step(steps[b][0], steps[b][2], b == "channel") for b in active)
-    params = tuple(steps[b][1] for b in active)
+    fn = make_chain([Step(steps[b][0], steps[b][2], b == "channel") for b in active], [steps[b][1] for b in active],
+                    parallel)
 
     def run(x3):
-        out, attention = fused_chain(chain, x3, params, parallel=parallel)
+        out, attention = fn(x3)
         return out, dict(zip(active, attention))
 
     return run

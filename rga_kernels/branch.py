@@ -551,32 +551,85 @@ def _unflatten(spec: BranchSpec, flat) -> BranchParams:
     return BranchParams(tuple(flat[:g]), tuple(flat[g:2 * g]), tuple(flat[2 * g:3 * g]), *flat[3 * g:])
 
 
-def fused_chain(steps: Sequence[Step], x: Tensor, params: Sequence[BranchParams], target: Optional[Tensor] = None,
-                parallel: bool = False):
-    """Run branches on ``x`` (B, C, n) as one autograd node: one after the other, each gating the
-    previous one's output (the first gates ``target``, default ``x``), or with ``parallel`` two
-    from the same input, the second gating the first one's output. A step with ``transposed``
-    runs on the (B, n, C) view (the channel branch). Returns (output, attention per step), the
-    attentions (B, 1, n) for a plain step and (B, C, 1) for a transposed one, detached.
+def make_chain(steps: Sequence[Step], params: Sequence[BranchParams], parallel: bool = False):
+    """A function ``run(x, target=None) -> (output, attention per step)`` running the branches on
+    ``x`` (B, C, n) as one autograd node: one after the other, each gating the previous one's
+    output (the first gates ``target``, default ``x``), or with ``parallel`` two from the same
+    input, the second gating the first one's output. A step with ``transposed`` runs on the
+    (B, n, C) view (the channel branch). The attentions are (B, 1, n) for a plain step and
+    (B, C, 1) for a transposed one, detached.
 
-    Under torch.autocast the GEMMs run in the autocast dtype (each step's input and weights cast
-    once); the kernels accumulate statistics in float32.
+    What does not change between calls (the parameter list, the description the C++ op reads)
+    is prepared here once: RGAModule keeps the function in its plan. On ``cpp`` and ``cuda`` the
+    whole chain, forward and backward, is one C++ op (rga_kernels::chain, csrc/chain_op.cpp);
+    on ``triton`` it is _Chain below. Under torch.autocast the GEMMs run in the autocast dtype
+    (each step's input and weights cast once); the kernels accumulate statistics in float32.
     """
-    if parallel and (len(steps) != 2 or target is not None):
-        raise ValueError("fused_chain: parallel runs exactly two steps on x, with no target")
-    dev = x.device.type
-    cdt = torch.get_autocast_dtype(dev) if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else None
+    steps, params = tuple(steps), tuple(params)
+    if not steps or len(steps) > 2 or len(params) != len(steps):
+        raise ValueError(f"a chain runs 1 or 2 steps with one BranchParams each, got {len(steps)} and {len(params)}")
+    if parallel and len(steps) != 2:
+        raise ValueError("a parallel chain runs exactly two steps")
+    if all(st.spec.backend in ("cpp", "cuda") for st in steps):
+        return _cpp_chain(steps, params, parallel)
     flat, counts = [], []
     for p in params:
         f = _flatten(p)
         flat += f
         counts.append(len(f))
-    if cdt is None:
-        res = _Chain.apply(tuple(steps), parallel, None, x, target, tuple(counts), *flat)
-    else:
-        with torch.autocast(dev, enabled=False):
-            res = _Chain.apply(tuple(steps), parallel, cdt, x, target, tuple(counts), *flat)
-    return res[0], res[1:]
+    counts = tuple(counts)
+
+    def run(x, target=None):
+        if parallel and target is not None:
+            raise ValueError("a parallel chain gates its own input: no target")
+        cdt = _autocast_dtype(x)
+        if cdt is None:
+            res = _Chain.apply(steps, parallel, None, x, target, counts, *flat)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                res = _Chain.apply(steps, parallel, cdt, x, target, counts, *flat)
+        return res[0], res[1:]
+
+    return run
+
+
+def _autocast_dtype(x: Tensor):
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else None
+
+
+def _cpp_chain(steps, params, parallel):
+    """make_chain for cpp/cuda: one call of rga_kernels::chain with the arguments prepared."""
+    meta, bn, flat, running, counters = [], [], [], [], []
+    none = params[0].w1.new_empty(0)  # absent running statistics
+    for st, p in zip(steps, params):
+        s = st.spec
+        meta += [int(st.transposed), int(s.relation), int(s.batch_stats), s.theta, s.phi, s.mean_group,
+                 len(st.running.counters), len(s.groups), *s.groups]
+        bn += [float(s.momentum), float(s.eps)]
+        flat += [t for t in _flatten(p) if t is not None]
+        running += [none if r is None else r for r in st.running[:8]]
+        counters += list(st.running.counters)
+    op = torch.ops.rga_kernels.chain.default
+
+    def run(x, target=None):
+        if parallel and target is not None:
+            raise ValueError("a parallel chain gates its own input: no target")
+        cdt = _autocast_dtype(x)
+        if cdt is None:
+            out, attention = op(x, target, flat, running, counters, meta, bn, parallel, None)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                out, attention = op(x, target, flat, running, counters, meta, bn, parallel, cdt)
+        return out, tuple(attention)
+
+    return run
+
+
+def fused_chain(steps: Sequence[Step], x: Tensor, params: Sequence[BranchParams], target: Optional[Tensor] = None,
+                parallel: bool = False):
+    """``make_chain(steps, params, parallel)(x, target)``: (output, attention per step)."""
+    return make_chain(steps, params, parallel)(x, target)
 
 
 def fused_branch(spec: BranchSpec, inp: Tensor, params: BranchParams, running: BranchRunning,
