@@ -13,7 +13,7 @@ import torch
 
 import rga_kernels
 from rga_kernels import branch_reference as ref
-from rga_kernels.branch import _kernels
+from rga_kernels._branch_chain import _kernels
 from rga_kernels.launches import count_launches
 from testkit import assert_close, backend_params
 
