@@ -256,3 +256,40 @@ def test_module_counts_every_batch_once_on_the_kernel_path():
     got = {k_: v for k_, v in m.state_dict().items() if k_.endswith("num_batches_tracked")}
     want = {k_: v for k_, v in r.state_dict().items() if k_.endswith("num_batches_tracked")}
     assert got == want and all(int(v) == 3 for v in got.values())
+
+
+def test_chain_rejects_a_bad_description_with_a_message():
+    """rga_kernels::chain (the cpp/cuda module op) and make_chain check what they are given."""
+    if "cpp" not in rga_kernels.available_backends("cpu"):
+        pytest.skip(rga_kernels.backend_status("cpu")["cpp"][1])
+    from rga import RGAModule
+    from rga.fused_branches import branch_args
+    from rga_kernels.branch import Step, make_chain
+
+    m = RGAModule(16, (4, 4), cha_ratio=4, spa_ratio=4, down_ratio=2, fused="cpp").train()
+    spec, params, running = branch_args(m, "spatial", "cpp")
+    x = torch.randn(2, 16, 16)
+    with pytest.raises(ValueError, match="1 or 2 steps"):
+        make_chain([Step(spec, running, False)] * 3, [params] * 3)
+    with pytest.raises(ValueError, match="exactly two steps"):
+        make_chain([Step(spec, running, False)], [params], parallel=True)
+    with pytest.raises(ValueError, match="no target"):
+        make_chain([Step(spec, running, False)] * 2, [params] * 2, parallel=True)(x, x)
+    op = torch.ops.rga_kernels.chain.default
+    flat = [t for t in (*params.emb_weight, *params.emb_bn_weight, *params.emb_bn_bias, params.rel_weight,
+                        params.rel_bn_weight, params.rel_bn_bias, params.w1, params.h_bn_weight, params.h_bn_bias,
+                        params.w2, params.l_bn_weight, params.l_bn_bias)]
+    none = x.new_empty(0)
+    running8 = [none if r is None else r for r in running[:8]]
+    groups = list(spec.groups)
+    meta = [0, 1, 1, spec.theta, spec.phi, spec.mean_group, 0, len(groups), *groups]
+    with pytest.raises(RuntimeError, match="meta ends inside a step"):
+        op(x, None, flat, running8, [], meta[:5], [0.1, 1e-5], False, None)
+    with pytest.raises(RuntimeError, match=f"meta describes {len(flat)} parameters, got {len(flat) - 1}"):
+        op(x, None, flat[:-1], running8, [], meta, [0.1, 1e-5], False, None)
+    with pytest.raises(RuntimeError, match="8 running-statistics entries expected, got 7"):
+        op(x, None, flat, running8[:7], [], meta, [0.1, 1e-5], False, None)
+    with pytest.raises(RuntimeError, match=r"x must be \(B, C, n\)"):
+        op(x[0], None, flat, running8, [], meta, [0.1, 1e-5], False, None)
+    out, (a,) = op(x, None, flat, running8, [], meta, [0.1, 1e-5], False, None)  # the same arguments, well formed
+    assert out.shape == x.shape and a.shape == (2, 1, 16)
