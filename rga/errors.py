@@ -166,7 +166,7 @@ def run_cli(prog: str, fn, *args, interrupted_hint: str = "", user_errors: tuple
         code = fn(*args, **kwargs)
         sys.stdout.flush()  # a closed pipe shows here at the latest, while it can still be handled
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""), file=sys.stderr)
+        sys.stderr.write(f"{prog}: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else "") + "\n")
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
         if isinstance(e, BrokenPipeError) and stdout_closed():
@@ -174,7 +174,10 @@ def run_cli(prog: str, fn, *args, interrupted_hint: str = "", user_errors: tuple
         msg = user_message(e, user_errors)
         if msg is None or os.environ.get("RGA_TRACEBACK"):
             raise
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        # one write with its newline: ranks of a distributed run share stderr, and a separate
+        # newline write lets their lines run together
+        sys.stderr.write(f"{prog}: error: {msg}\n")
+        sys.stderr.flush()
         return EXIT_USAGE
     return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
