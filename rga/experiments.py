@@ -43,20 +43,42 @@ from .experiment_rows import (BASE, NL, RGA_C, RGA_S, RGA_SC, TABLES, Row, ensur
                               hardware, read_row, row_result, run_slug, train_argv)
 from .fileio import write_text
 
-EPOCH_LINE = re.compile(r"epoch \d+/\d+ .* (\d+) batches in ([0-9.]+)s")
+#: an epoch's line in train.log, for runs written before metrics.jsonl held a line per epoch
+EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ .* (\d+) batches in ([0-9.]+)s")
 
 
-def train_seconds(run_dir: Path) -> tuple[float, int]:
-    """(sum of the epochs' training times, number of epochs) from the run's train.log."""
-    total, n = 0.0, 0
+def epoch_seconds(run_dir: Path) -> dict[int, float]:
+    """{epoch: its training time in seconds} of a run, from the epochs' lines of metrics.jsonl (an
+    epoch trained again after a resume: its last line). A run written before metrics.jsonl held every
+    epoch (its lines are evaluations only, so epochs are missing) is read from train.log instead."""
+    found = {}
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            train = record.get("train") if isinstance(record, dict) else None
+            if isinstance(train, dict) and isinstance(train.get("seconds"), (int, float)) \
+                    and isinstance(record.get("epoch"), int):
+                found[record["epoch"]] = float(train["seconds"])
+    if found and set(found) == set(range(1, max(found) + 1)):
+        return found
     log = run_dir / "train.log"
+    from_log = {}
     if log.is_file():
         for line in log.read_text().splitlines():
             m = EPOCH_LINE.search(line)
             if m:
-                total += float(m.group(2))
-                n += 1
-    return total, n
+                from_log[int(m.group(1))] = float(m.group(3))
+    return from_log or found
+
+
+def train_seconds(run_dir: Path) -> tuple[float, int]:
+    """(sum of the epochs' training times, number of epochs) of a run (:func:`epoch_seconds`)."""
+    seconds = epoch_seconds(run_dir)
+    return sum(seconds.values()), len(seconds)
 
 
 def run_row(row: Row, out: Path, *, preset, dataset, data_root, extra, seed: int | None = None,
@@ -157,7 +179,8 @@ def write_table(table: str, out: Path, meta: dict, seeds=None) -> tuple[Path, Pa
         lines += ["", f"R1 / mAP / mINP in %, ours on {done[0].get('num_query')} queries of "
                       f"{', '.join(str(i) for i in sorted(x for x in ids if x))} identities (chance R1 about "
                       f"{100 / max(min(x for x in ids if x), 1):.1f}%). Train time: the sum of the epochs' "
-                      "training times in train.log (evaluation not included)."
+                      "training times in each run's metrics.jsonl (train.log for older runs; evaluation not "
+                      "included)."
                       + (" With seeds: mean ± sample standard deviation over the finished seeds; the "
                          "per-seed values are in the JSON." if seeds is not None else "")]
     md = out / f"{table}.md"

@@ -347,9 +347,17 @@ class Trainer:
                      epoch + 1, lr=lr)
         return stats
 
+    def record_epoch(self, done: int, stats: dict) -> None:
+        """One line per trained epoch in metrics.jsonl, ``{"epoch": done, "train": stats}`` (losses,
+        accuracy, batches, seconds): what rga.experiments sums as the run's training time. An epoch
+        trained again after a resume gets a second line; the last one counts."""
+        append_line(json.dumps({"epoch": done, "train": stats}, default=str), self.out_dir / "metrics.jsonl",
+                    what="JSON lines file")
+
     def evaluate(self, done: int, stats: dict) -> dict:
         """The evaluation after `done` epochs (rga.engine.evaluate_model, as rga.evaluate runs it),
-        logged and written to metrics/epoch_NNNN.json and metrics.jsonl."""
+        logged and written to metrics/epoch_NNNN.json and metrics.jsonl (a line with the metrics and
+        the epoch's training statistics, after the epoch's own line)."""
         metrics = evaluate_model(self.model, self.dataset, self.eval_settings, self.rt)
         result = {"epoch": done, **metrics}
         self.log(f"eval @ epoch {done}: {format_metrics(metrics)}")
@@ -406,6 +414,8 @@ class Trainer:
             kept = find_latest(self.out_dir)
             self.check_data(f"epoch {done}", self.data_fingerprint, "during the run",
                             f"{kept} is kept" if kept else "no checkpoint was written")
+            if rt.is_main:
+                self.record_epoch(done, stats)
             do_eval = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs
             do_save = done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs
             if do_save:
