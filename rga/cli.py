@@ -8,6 +8,7 @@ import dataclasses
 
 from . import config as C
 from . import value_parsers as P
+from .presets import PRESETS
 from .registry import model_rows
 from .errors import UsageError  # a bad flag, flag combination or input: exit code 2 with the message
 
@@ -72,7 +73,7 @@ def add_layer_arguments(parser: argparse.ArgumentParser, *, presets: bool = True
     parser.add_argument("--config", metavar="FILE",
                         help="JSON (or YAML) file of option values, flat or by section; flags override it")
     if presets:
-        parser.add_argument("--preset", choices=sorted(C.PRESETS),
+        parser.add_argument("--preset", choices=sorted(PRESETS),
                             help="named set of values applied before --config: paper (the defaults: the paper's "
                                  "recipe), quick (the README's CPU smoke test)")
     if model:
@@ -100,7 +101,7 @@ def layers_from_args(ns: argparse.Namespace, cli_names) -> list:
     layers = []
     preset = getattr(ns, "preset", None)
     if preset is not None:
-        layers.append((f"preset '{preset}'", C.PRESETS[preset]))
+        layers.append((f"preset '{preset}'", PRESETS[preset]))
     if getattr(ns, "config", None) is not None:
         layers.append((ns.config, C.load_config_file(ns.config)))
     layers.append(("command line", given_flags(ns, cli_names)))

@@ -11,10 +11,8 @@ epoch of training, a checkpoint every `ckpt_every` epochs, an evaluation every `
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,8 +22,7 @@ import torch
 from . import config as C
 from .checkpoint import (TrainingParts, capture_rng_state, find_latest, load_checkpoint, load_model,
                          restore_rng_state, save_training_checkpoint)
-from .cli import (add_field_arguments, add_layer_arguments, check_fused_backend, layers_from_args,
-                  load_dataset, section_fields)
+from .cli import load_dataset
 from .data.check import check_dataset, data_fingerprint, describe_data_change, unmatched_note
 from .divergence import LossWatch, check_finite_state
 from .engine import EvalSettings, TrainStep, build_train_loader, evaluate_model, format_metrics, train_one_epoch
@@ -38,70 +35,13 @@ from .runtime import (barrier, cleanup_runtime, close_logger, make_logger, place
                       setup_runtime)
 from .samplers import RandomIdentityBatchSampler
 from .schedulers import WarmupMultiStepLR
+# the command line lives in rga.train_cli; its names stay importable from rga.train
+from .train_cli import (SECTION_TITLES, build_parser, check_runtime, default_output_dir,  # noqa: F401
+                        expand_output_dir, parse_config)
 from .transforms import build_train_transform
 
-SECTION_TITLES = {"model": "model", "data": "data, sampling and augmentation", "optim": "loss and optimisation",
-                  "eval": "evaluation during training", "run": "run folder, checkpoints, device and speed"}
 
-
-# ------------------------------------------------------------------------------------ command line
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rga.train", description=__doc__.split("\n")[0])
-    add_layer_arguments(p)
-    for section, title in SECTION_TITLES.items():
-        add_field_arguments(p, section_fields(section), title=title)
-    return p
-
-
-def parse_config(argv=None) -> C.RunConfig:
-    """defaults < --preset < --config < flags, as a validated RunConfig (ConfigError if bad)."""
-    ns = build_parser().parse_args(argv)
-    return C.resolve(layers_from_args(ns, set(C.FIELDS)))
-
-
-def default_output_dir(cfg: C.RunConfig, label: str | None = None) -> Path:
-    return Path("runs") / f"{cfg.data.dataset}-{label or cfg.model.label()}-{cfg.model.backbone}"
-
-
-def expand_output_dir(cfg: C.RunConfig, label: str | None = None) -> str:
-    """--output-dir with {model}, {seed}, {dataset} and {backbone} filled in (a preset can name one
-    folder per model and seed, e.g. runs/showcase/{model}-seed{seed})."""
-    text = str(cfg.run.output_dir)
-    fields = {"model": label or cfg.model.label(), "seed": cfg.run.seed, "dataset": cfg.data.dataset,
-              "backbone": cfg.model.backbone}
-    try:
-        return text.format(**fields) if "{" in text else text
-    except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(f"--output-dir {text!r}: only {{model}}, {{seed}}, {{dataset}} and {{backbone}} can be "
-                         f"filled in ({e})") from None
-
-
-# ------------------------------------------------------------------------------------ the steps
-
-def check_runtime(cfg: C.RunConfig) -> None:
-    """Flag combinations this machine cannot run, caught before any heavy lifting."""
-    r = cfg.run
-    on_gpu = torch.cuda.is_available() and not str(r.device).startswith("cpu")
-    check_fused_backend(cfg.model.fused, on_gpu)
-    if r.dist_backend == "nccl" and not on_gpu:
-        raise UsageError("--dist-backend nccl needs CUDA GPUs; use gloo (or auto) on CPU")
-    if r.deterministic:
-        # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if r.cuda_graphs and not on_gpu:
-        raise UsageError("--cuda-graphs needs a CUDA GPU (it captures CUDA graphs); leave it off on CPU")
-    if r.sync_bn and not on_gpu:
-        raise UsageError("--sync-bn needs CUDA GPUs (PyTorch's DistributedDataParallel supports SyncBatchNorm "
-                         "only on GPU modules); leave it off on CPU")
-    p = cfg.model.pretrained
-    if p not in (None, "auto") and not (Path(p).is_file() or Path(p).is_dir()):
-        hint = C.PRETRAIN_COMMANDS.get(str(p))
-        raise UsageError(f"--pretrained file not found: {p} (expected a torchvision .pth, or a run folder or checkpoint "
-                         "of rga.train)" + (f"; make it first with: {hint}" if hint else ""))
-    if r.resume not in (None, "auto") and not Path(r.resume).is_file():
-        raise CheckpointError(f"--resume: checkpoint not found: {r.resume}")
-
+# ------------------------------------------------------------------------------------ the parts
 
 def build_sampler(cfg: C.RunConfig, pids, *, rank: int = 0, world_size: int = 1) -> RandomIdentityBatchSampler:
     """PK batches of cfg.data.batch_ids identities x batch_instances images, cfg.data.sampler's epoch."""
@@ -407,9 +347,17 @@ class Trainer:
                      epoch + 1, lr=lr)
         return stats
 
+    def record_epoch(self, done: int, stats: dict) -> None:
+        """One line per trained epoch in metrics.jsonl, ``{"epoch": done, "train": stats}`` (losses,
+        accuracy, batches, seconds): what rga.experiments sums as the run's training time. An epoch
+        trained again after a resume gets a second line; the last one counts."""
+        append_line(json.dumps({"epoch": done, "train": stats}, default=str), self.out_dir / "metrics.jsonl",
+                    what="JSON lines file")
+
     def evaluate(self, done: int, stats: dict) -> dict:
         """The evaluation after `done` epochs (rga.engine.evaluate_model, as rga.evaluate runs it),
-        logged and written to metrics/epoch_NNNN.json and metrics.jsonl."""
+        logged and written to metrics/epoch_NNNN.json and metrics.jsonl (a line with the metrics and
+        the epoch's training statistics, after the epoch's own line)."""
         metrics = evaluate_model(self.model, self.dataset, self.eval_settings, self.rt)
         result = {"epoch": done, **metrics}
         self.log(f"eval @ epoch {done}: {format_metrics(metrics)}")
@@ -466,6 +414,8 @@ class Trainer:
             kept = find_latest(self.out_dir)
             self.check_data(f"epoch {done}", self.data_fingerprint, "during the run",
                             f"{kept} is kept" if kept else "no checkpoint was written")
+            if rt.is_main:
+                self.record_epoch(done, stats)
             do_eval = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == cfg.optim.epochs
             do_save = done % cfg.run.ckpt_every == 0 or done == cfg.optim.epochs
             if do_save:

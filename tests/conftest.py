@@ -27,3 +27,34 @@ def data_root(tmp_path_factory):
     ds = build_tiny_dataset(root)
     assert ds.num_train_pids == 8 and len(ds.train) == 32
     return root
+
+
+@pytest.fixture(scope="module")
+def market_root(tmp_path_factory):
+    """The tiny synthetic set (testkit.TINY_LAYOUT at 128x64) in Market-1501's layout, made by
+    `python -m rga.data synthetic`, per module."""
+    import subprocess
+    import sys
+
+    from testkit import REPO, SUBPROCESS_ENV, TINY_LAYOUT
+
+    root = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, "-m", "rga.data", "synthetic", str(root), *TINY_LAYOUT], env=SUBPROCESS_ENV,
+                   cwd=REPO, check=True, capture_output=True)
+    return root / "synthetic"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A run folder holding one checkpoint of a ResNet-18 baseline at 64x32 (format 1), per module."""
+    from testkit import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("run"), 64, 32)
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """Six random crops named like Market-1501's (testkit.write_gallery), per module."""
+    from testkit import write_gallery
+
+    return write_gallery(tmp_path_factory.mktemp("gallery"))

@@ -1,4 +1,7 @@
-"""Dataset parsers on small fabricated folders of each layout, and the image-reading Dataset."""
+"""Dataset parsers on small fabricated folders of each layout, the image-reading Dataset, and the
+cross-camera pre-flight of rga.data.check."""
+import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -8,8 +11,10 @@ import scipy.io
 from PIL import Image
 
 import rga.data.datasets as dsmod
+import rga.train as rtrain
 from rga.data import (DatasetLayoutError, ImageDataset, ImageReadError, build_dataset,
                       parse_market_name)
+from testkit import one_error_line, quick_market_args
 
 
 def blank_jpg(path: Path, size=(8, 16)):
@@ -278,3 +283,34 @@ def test_check_command(tmp_path, capsys):
     assert "badname.jpg" in out and "2 file names did not parse" in out and "gallery" in out
     assert main(["msmt17", str(tmp_path)]) == 2
     assert "Expected MSMT17 layout" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------
+# the cross-camera pre-flight (rga.data.check), alone and before a training run
+# ------------------------------------------------------------------------------
+
+def test_queries_without_a_cross_camera_match_are_refused_before_training(market_root, tmp_path, capsys):
+    root = tmp_path / "market"
+    shutil.copytree(market_root, root)
+    for split in ("query", "bounding_box_test"):  # every test image into camera 1
+        for p in (root / split).iterdir():
+            pid, rest = p.name.split("_c", 1)
+            p.rename(p.with_name(f"{pid}_c1{rest[1:]}"))
+    out = tmp_path / "run"
+    assert rtrain.main(quick_market_args(root, out, "--epochs", "1", "--eval-every", "40")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert re.search(r"none of the \d+ query images has a gallery image of its identity from another camera",
+                     line), line
+    assert not list(out.glob("checkpoint_ep*.pth"))
+
+
+def test_some_unmatched_queries_are_counted():
+    from types import SimpleNamespace
+
+    from rga.data.check import queries_without_cross_camera_match, unmatched_note
+
+    query = [("q1", 1, 0), ("q2", 2, 0), ("q3", 3, 1)]
+    gallery = [("g1", 1, 1), ("g2", 2, 0), ("g3", 3, 1), ("g4", 3, 1)]
+    assert queries_without_cross_camera_match(query, gallery) == 2
+    note = unmatched_note({"queries_without_match": 2}, SimpleNamespace(query=query))
+    assert "2 of 3 query images have no gallery image" in note

@@ -44,12 +44,37 @@ def test_rows_are_rga_train_models(tmp_path):
     assert T.parse_config(E.train_argv(rows["nl"], tmp_path / "y", "quick", None, None, [])).model.variant == "nl"
 
 
+def test_train_seconds_come_from_metrics_jsonl_and_train_log_for_older_runs(tmp_path):
+    """A row's training time: each epoch's seconds from metrics.jsonl (an epoch trained again after a
+    resume counts once, its last line); a run whose metrics.jsonl lacks epochs (older runs: evaluation
+    lines only) is read from train.log."""
+    new = tmp_path / "new"
+    new.mkdir()
+    lines = [{"epoch": 1, "train": {"seconds": 10.0}}, {"epoch": 2, "train": {"seconds": 99.0}},
+             {"epoch": 2, "train": {"seconds": 12.0}}, {"epoch": 2, "R1": 0.5, "train": {"seconds": 12.0}}]
+    (new / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (new / "train.log").write_text("epoch 1/2  lr 1e-3  loss 1.0 (...)  acc 1.0%  5 batches in 77.0s\n")
+    assert E.epoch_seconds(new) == {1: 10.0, 2: 12.0}
+    assert E.train_seconds(new) == (22.0, 2)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text(json.dumps({"epoch": 2, "R1": 0.5, "train": {"seconds": 12.0}}) + "\n")
+    (old / "train.log").write_text("x | epoch 1/2  lr 1.00e-03  loss 5.1 (id 4.0, triplet 1.1)  acc 3.0%  16 batches in 7.5s\n"
+                                   "x | epoch 2/2  lr 1.00e-03  loss 4.9 (id 3.9, triplet 1.0)  acc 5.0%  16 batches in 8.0s\n")
+    assert E.train_seconds(old) == (15.5, 2)
+    assert E.train_seconds(tmp_path / "missing") == (0.0, 0)
+
+
 def test_runner_trains_rows_resumes_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "exp"
     common = ["table4", "--out", str(out), "--data-root", str(tmp_path / "data")]
     assert E.main(common + ["--rows", "baseline", "--"] + TINY + ["--epochs", "1"]) == 0
     first = json.loads((out / "rows" / "baseline.json").read_text())
     assert first["epochs_logged"] == 1 and first["train_seconds"] > 0 and 0 <= first["R1"] <= 1
+    # metrics.jsonl: the epoch's own line (its training time), then the evaluation's
+    records = [json.loads(x) for x in (out / "runs" / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in records][0] == ["epoch", "train"] and "R1" in records[1]
+    assert first["train_seconds"] == records[0]["train"]["seconds"]
     md = (out / "table4.md").read_text()
     assert "| Baseline | " in md and "pending" in md and "73.8 / 69.0" in md
 

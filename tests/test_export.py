@@ -1,9 +1,11 @@
 """rga.export: ONNX and ExportedProgram files of the feature extractor, run in ONNX Runtime and
 torch.export.load, against the PyTorch model; a subprocess that never imports rga runs them."""
+import errno
 import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +14,17 @@ import torch
 from rga import build_model
 from rga.export import (export_onnx, export_program, fold_batch_norms,
                         load_exported, main, prepare_for_export, read_metadata)
-from testkit import assert_close
+from testkit import (REPO, SUBPROCESS_ENV, assert_close, one_error_line, read_only_folder,
+                     tiny_exported_program)
 
-onnx = pytest.importorskip("onnx", reason="the deploy extra (onnx, onnxruntime, onnxscript) is not installed")
-ort = pytest.importorskip("onnxruntime", reason="the deploy extra (onnx, onnxruntime, onnxscript) is not installed")
+try:
+    import onnx
+    import onnxruntime as ort
+except ImportError:
+    onnx = ort = None
+#: the tests that run an ONNX model (the output-file tests at the end run without the deploy extra)
+needs_deploy = pytest.mark.skipif(ort is None,
+                                  reason="the deploy extra (onnx, onnxruntime, onnxscript) is not installed")
 
 H, W = 64, 32
 BATCHES = (1, 7, 32)
@@ -63,6 +72,7 @@ def exported(request, tmp_path_factory):
     return request.param, model, program, onnx_path, meta
 
 
+@needs_deploy
 def test_parity_onnx_runtime_and_exported_program(exported):
     variant, model, program, onnx_path, meta = exported
     assert meta["exporter"] == "dynamo" and meta["dynamic_batch"] and meta["input_shape"][0] == "batch"
@@ -89,6 +99,7 @@ def test_parity_onnx_runtime_and_exported_program(exported):
     assert (expected[0] - expected[1]).abs().max() > 1e-3
 
 
+@needs_deploy
 def test_graph_has_no_package_ops_and_folded_trunk(exported):
     variant, model, program, _, _ = exported
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
@@ -99,6 +110,7 @@ def test_graph_has_no_package_ops_and_folded_trunk(exported):
         bn_nodes
 
 
+@needs_deploy
 def test_fold_batch_norms_keeps_the_function():
     import copy
 
@@ -117,6 +129,7 @@ def test_fold_batch_norms_keeps_the_function():
         assert_close(prepared(x.float()), model(x.float()), "float32")
 
 
+@needs_deploy
 def test_torchscript_exporter_dynamic_batch(tmp_path):
     model = _model("rga_sc", seed=2)
     meta = export_onnx(model, tmp_path / "ts.onnx", dynamic_batch=True, exporter="torchscript")
@@ -165,6 +178,7 @@ def run_folder(tmp_path_factory):
     return folder, model
 
 
+@needs_deploy
 def test_cli_exports_run_without_rga(run_folder, tmp_path, capsys):
     folder, model = run_folder
     assert main([str(folder), "--format", "onnx", "--dynamic-batch", "--out", str(tmp_path / "m.onnx")]) == 0
@@ -189,6 +203,7 @@ def test_cli_exports_run_without_rga(run_folder, tmp_path, capsys):
             assert np.abs(y[name] - expected.numpy()).max() <= TOL, name
 
 
+@needs_deploy
 def test_cli_bad_input(tmp_path, capsys, run_folder):
     folder, _ = run_folder
     (tmp_path / "empty_run").mkdir()
@@ -216,3 +231,97 @@ def test_cli_bad_input(tmp_path, capsys, run_folder):
         load_exported(tmp_path / "plain.pt2")
     with pytest.raises(ValueError, match="exporter"):
         export_onnx(_model("baseline"), tmp_path / "x.onnx", exporter="tensorrt")
+
+
+# ------------------------------------------------------------------------------
+# output files: a full disk keeps the old file, a bad output path is one error line naming it
+# ------------------------------------------------------------------------------
+
+def test_pt2_export_on_a_full_disk_keeps_the_old_file(tmp_path):
+    """A real failed write (RLIMIT_FSIZE: EFBIG, the same path as a full disk) in a subprocess:
+    torch's C++ archive writer used to abort the process (exit 134) and leave half a file."""
+    out = tmp_path / "x.pt2"
+    out.write_bytes(b"the good old file")
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from rga.export import save_program\n"
+        "from rga.errors import run_cli\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(s):\n"
+        "        super().__init__(); s.l = torch.nn.Linear(1000, 1000)\n"
+        "    def forward(s, x): return s.l(x)\n"
+        "ep = torch.export.export(M(), (torch.randn(2, 1000),))\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))\n"
+        f"sys.exit(run_cli('rga.export', save_program, ep, {str(out)!r}, {{'format': 'exported-program'}}))\n")
+    r = subprocess.run([sys.executable, "-c", script], env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = one_error_line(r.stderr)
+    assert f"could not write ExportedProgram {out}: File too large (EFBIG)" in line, line
+    assert out.read_bytes() == b"the good old file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt2"]  # no temporary file, no sidecar
+
+
+def _enospc_midway(path_or_file, data=b"PK\x03\x04" + b"x" * 1000):
+    if hasattr(path_or_file, "write"):
+        path_or_file.write(data)
+    else:
+        Path(path_or_file).write_bytes(data)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_onnx_export_on_a_full_disk_keeps_the_old_file(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """Both ONNX exporters run out of room half-way: the old file stays, the message names the
+    path and the reason (not the exporter), and no fallback exporter runs."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from rga import export
+
+    calls = []
+
+    def full_disk(model, args, f, **kw):
+        calls.append(kw.get("dynamo"))
+        _enospc_midway(f)
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    monkeypatch.setattr(export, "export_program", lambda *a, **k: tiny_exported_program())
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"the good old file")
+    assert export.main([str(tiny_checkpoint), "--format", "onnx", "--out", str(out), "--no-check", "--force"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"could not write ONNX model {out}: No space left on device (ENOSPC)" in line, line
+    assert "TorchScript" not in line and calls == [True]  # the dynamo exporter only
+    assert out.read_bytes() == b"the good old file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
+
+
+def test_export_under_a_file_is_one_error_line(tmp_path, tiny_checkpoint, capsys):
+    from rga import export
+
+    (tmp_path / "afile").write_text("x")
+    assert export.main([str(tiny_checkpoint), "--format", "onnx", "--out", str(tmp_path / "afile" / "x.onnx")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "afile is a file, not a folder" in line, line
+
+
+@pytest.mark.parametrize("where", ["folder", "read-only"])
+def test_export_into_a_folder_or_read_only_place_names_the_path(tmp_path, tiny_checkpoint, where,
+                                                                       monkeypatch, capsys):
+    from rga import export
+
+    def never(*a, **k):
+        raise AssertionError("an exporter ran although the output cannot be written")
+
+    monkeypatch.setattr(export, "export_program", never)
+    monkeypatch.setattr(torch.onnx, "export", never)
+    if where == "folder":
+        out = tmp_path / "x.onnx"
+        out.mkdir()
+        expected = "it is a folder"
+    else:
+        out = Path(read_only_folder(tmp_path)) / "x.onnx"
+        expected = "Permission denied"
+    assert export.main([str(tiny_checkpoint), "--format", "onnx", "--out", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(out) in line and expected in line and "exporter" not in line, line

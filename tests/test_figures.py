@@ -4,6 +4,7 @@ import shlex
 
 import pytest
 
+from rga import experiment_figures as F
 from rga import experiments as E
 from rga import visualize as V
 
@@ -94,14 +95,14 @@ def test_the_docs_write_out_the_commands_figures_runs():
              for slug in ("rga_sc", "rga_s", "baseline", "nl")}
     # the default set's 370 query images, the first by name (the relation figure's image)
     queries = ["data/synthetic_scenes/query/0101_c1s1_000213_00.jpg"] + [f"q{i:03d}.jpg" for i in range(1, 370)]
-    figs = {f["figure"]: f for f in E.figure_commands(infos, Path("docs/figures"), queries)}
+    figs = {f["figure"]: f for f in F.figure_commands(infos, Path("docs/figures"), queries)}
     assert "python -m rga.experiments figures " in text
     for name in ("attention", "relation", "ranks"):
         assert figs[name]["command"] in text, name
     argv = figs["gradcam"]["argv"]
     assert argv[2:52] == queries[::7][:50] and argv[52] == "--compare"  # every 7th image, 50 of them
     images = "$(ls data/synthetic_scenes/query/*.jpg | awk '(NR-1) % 7 == 0' | head -50)"
-    assert f"python -m rga.visualize gradcam {argv[1]} {images} {E._shell(argv[52:])}" in text
+    assert f"python -m rga.visualize gradcam {argv[1]} {images} {F._shell(argv[52:])}" in text
     for slug in infos:  # the training command of each run, with its --output-dir
         assert f"python -m rga.train --preset showcase --model {slug} --seed 0 --output-dir {infos[slug]['folder']}" \
             in text

@@ -1,5 +1,6 @@
 """rga.fileio: the one atomic writer (the old file survives a failed write, the error names the file
 and the reason, no temporary file is left) and the safe torch loader."""
+import errno
 import json
 import os
 
@@ -59,3 +60,26 @@ def test_pass_path_writers_and_the_safe_loader(tmp_path):
     (tmp_path / "text.pth").write_text("hello")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_torch(tmp_path / "text.pth")
+
+
+# ------------------------------------------------------------------------------
+# a JSON lines file grows atomically
+# ------------------------------------------------------------------------------
+
+def test_metrics_jsonl_keeps_its_lines_when_a_write_fails(tmp_path, monkeypatch):
+    """metrics.jsonl grows by rewriting it atomically (it was appended to in place)."""
+    from rga import fileio
+    from rga.errors import FileWriteError
+
+    path = tmp_path / "metrics.jsonl"
+    fileio.append_line('{"epoch": 1}', path)
+    fileio.append_line('{"epoch": 2}\n', path)
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "replace", full_disk)
+    with pytest.raises(FileWriteError, match=r"could not write JSON lines file .*metrics.jsonl: No space left"):
+        fileio.append_line('{"epoch": 3}', path, what="JSON lines file")
+    assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

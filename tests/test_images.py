@@ -136,3 +136,23 @@ def test_check_dataset_names_bad_images_and_empty_splits_in_one_message(tmp_path
     (tmp_path / "b").mkdir()
     ds2, _ = _dataset(tmp_path / "b", empty=("train",))
     assert check_dataset(ds2, ("query", "gallery"))["images"] == 6
+
+
+# ------------------------------------------------------------------------------
+# EXIF orientation
+# ------------------------------------------------------------------------------
+
+def test_exif_orientation_is_applied(tmp_path):
+    from rga.data import read_image
+
+    portrait = np.zeros((40, 20, 3), np.uint8)
+    portrait[:10] = 255  # white at the top
+    sideways = Image.fromarray(portrait).transpose(Image.Transpose.ROTATE_90)  # stored 40 wide, 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    sideways.save(tmp_path / "side.jpg", exif=exif.tobytes(), quality=95)
+    for draft in (False, True):
+        im = read_image(tmp_path / "side.jpg", draft=draft)
+        a = np.asarray(im).astype(float)
+        assert im.size[0] < im.size[1], im.size  # portrait again
+        assert a[: a.shape[0] // 5].mean() > 200 and a[-a.shape[0] // 5:].mean() < 50

@@ -1,11 +1,13 @@
 """The import graph of the packages: rga has no import loop (lazy imports inside functions
-included), its foundations are leaves, and rga_kernels never imports rga."""
+included), its foundations are leaves, and rga_kernels never imports rga; and no module of either
+package is over MAX_LINES lines (a longer one holds more than one job: split it)."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: modules that import nothing from rga but each other, in this order (errors imports nothing)
-LEAVES = ("rga.errors", "rga.value_parsers", "rga.registry", "rga.fileio")
+LEAVES = ("rga.errors", "rga.value_parsers", "rga.registry", "rga.fileio", "rga.presets")
+MAX_LINES = 500
 
 
 def module_name(path: Path) -> str:
@@ -94,3 +96,13 @@ def test_rga_kernels_never_imports_rga():
     for path in (ROOT / "rga_kernels").rglob("*.py"):
         bad = sorted(m for m in imports_of(path) if m == "rga" or m.startswith("rga."))
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_no_module_is_over_max_lines():
+    long = {}
+    for package in ("rga", "rga_kernels"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            n = len(path.read_text().splitlines())
+            if n > MAX_LINES:
+                long[str(path.relative_to(ROOT))] = n
+    assert not long, f"over {MAX_LINES} lines: {long}"

@@ -207,3 +207,40 @@ def test_rerank_sparse_matches_dense_reference(metric):
     rr = evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric, rerank=True, k1=8, k2=3)
     assert rr["num_valid_queries"] == plain["num_valid_queries"]
     assert rr["mAP"] != plain["mAP"]  # it does something
+
+
+# ------------------------------------------------------------------------------
+# degenerate evaluations: identical or NaN features, ties in any gallery order
+# ------------------------------------------------------------------------------
+
+def test_identical_features_are_refused():
+    from rga.errors import DegenerateFeaturesError
+    from rga.metrics import evaluate_features
+
+    q_pids, g_pids = np.array([0, 1, 2, 3]), np.array([0, 1, 2, 3, 0, 1])
+    q_cams, g_cams = np.zeros(4, np.int64), np.ones(6, np.int64)
+    with pytest.raises(DegenerateFeaturesError, match="all 10 features .* every cosine distance ties"):
+        evaluate_features(torch.ones(4, 8), torch.ones(6, 8), q_pids, g_pids, q_cams, g_cams)
+    with pytest.raises(DegenerateFeaturesError, match="every euclidean distance ties"):
+        evaluate_features(torch.ones(4, 8), torch.ones(6, 8), q_pids, g_pids, q_cams, g_cams, metric="euclidean")
+    nan = torch.randn(6, 8)
+    nan[2, 3] = float("nan")
+    with pytest.raises(DegenerateFeaturesError, match="1 of 6 gallery features hold NaN"):
+        evaluate_features(torch.randn(4, 8), nan, q_pids, g_pids, q_cams, g_cams)
+
+
+def test_ties_do_not_depend_on_the_gallery_order():
+    from rga.metrics import evaluate_rank
+
+    # one query (id 1, camera 0); gallery: a clear false match first, then a tie of four items,
+    # two of them true matches
+    dist = np.array([[0.3, 0.3, 0.3, 0.3, 0.1, 0.9]], np.float32)
+    g_pids, g_cams = np.array([5, 1, 5, 1, 7, 1]), np.ones(6, np.int64)
+    results = []
+    for perm in ([0, 1, 2, 3, 4, 5], [1, 3, 0, 2, 4, 5], [5, 4, 3, 2, 1, 0]):
+        with pytest.warns(RuntimeWarning, match="1 of 1 queries have a true match tied"):
+            r = evaluate_rank(dist[:, perm], np.array([1]), g_pids[perm], np.array([0]), g_cams[perm], max_rank=6)
+        results.append((r["mAP"], tuple(r["cmc"]), r["num_tied_queries"]))
+    assert len(set(results)) == 1, results
+    # pessimistic: the true matches take the tie's last places (ranks 4, 5), then rank 6
+    assert results[0][0] == pytest.approx((1 / 4 + 2 / 5 + 3 / 6) / 3)

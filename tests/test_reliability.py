@@ -1,7 +1,6 @@
 """Issue 9, end to end on tiny runs (ResNet-18 RGA-SC at 64x32, CPU, one thread): one run per
 folder, the resume rule, the dataset checked before the first epoch, the final checkpoint saved
 before the final evaluation, and one `error:` line with exit code 2 for each user-facing failure."""
-import os
 import resource
 import shutil
 import signal
@@ -14,12 +13,10 @@ import pytest
 import torch
 
 import rga.train as rtrain
-from testkit import read_only_folder, tiny_run_args
+from testkit import REPO, SUBPROCESS_ENV as ENV, one_error_line, read_only_folder, tiny_run_args
 from rga import evaluate as reval
 from rga.data.__main__ import main as data_main
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
 
 
 def args_for(data_root, out, *extra, dataset="synthetic"):
@@ -28,13 +25,6 @@ def args_for(data_root, out, *extra, dataset="synthetic"):
 
 def train(data_root, out, *extra, **kw):
     return rtrain.main(args_for(data_root, out, *extra, **kw))
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert ": error: " in lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +205,8 @@ def test_disk_full_while_saving_is_one_line_with_the_cause(data_root, tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     line = one_error_line(res.stderr)
     assert f"could not write checkpoint {out / 'checkpoint_ep0001.pth'}: File too large (EFBIG)" in line
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "train.log"]  # no temp file, no lock
+    # no temp file, no lock (metrics.jsonl holds the trained epoch's line, written before the checkpoint)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "train.log"]
 
 
 def test_data_command_over_a_foreign_folder(tmp_path):

@@ -4,7 +4,6 @@ notices its data changed, outputs never overwrite inputs, the showcase validates
 fixed-batch export works in search, the last tracebacks are one line, and the partial fixes."""
 import io
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -15,16 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from testkit import CodeRunningPayload, one_error_line, write_gallery, write_tiny_checkpoint
+from testkit import REPO, SUBPROCESS_ENV as ENV, CodeRunningPayload, one_error_line, write_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
 H, W = 64, 32
-
-
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory):
-    return write_gallery(tmp_path_factory.mktemp("gallery"))
 
 
 # ------------------------------------------------------------------------------ 1: .pt2 files run no code

@@ -191,3 +191,17 @@ def test_run_cli_mapping(capsys):
         run_cli("prog", boom, KeyError("bug"))
     assert run_cli("prog", boom, KeyboardInterrupt(), interrupted_hint="resume later") == 130
     assert "interrupted; resume later" in capsys.readouterr().err
+
+
+def test_start_up_clean_up_leaves_a_users_temporary_files(tmp_path):
+    from rga.runfolder import RunFolder
+
+    mine = tmp_path / "mydir"
+    mine.mkdir()
+    notes = mine / ".notes.tmp"
+    notes.write_text("my notes")
+    ours = mine / ".rga-tmp-checkpoint_ep0001.pth.4242-0badf00d.tmp"
+    ours.write_bytes(b"half a checkpoint")
+    with RunFolder(mine) as f:
+        assert f.removed_temp == [ours]
+    assert notes.read_text() == "my notes" and not ours.exists()

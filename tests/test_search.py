@@ -1,5 +1,8 @@
 """rga.search: gallery index (build, save, load), exact search (torch and faiss), the CLI, bad input."""
+import io
 import json
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ from PIL import Image
 from rga import FeatureExtractor, build_model
 from rga.search import (INDEX_VERSION, GalleryIndex, SearchError, build_index, main, parse_name,
                         plot_results, rank, search, top1_share)
-from testkit import assert_close
+from testkit import CodeRunningPayload, assert_close, one_error_line, tiny_exported_program
 
 H, W = 64, 32
 PIDS = (3, 8, 15, 42, 77)
@@ -214,3 +217,115 @@ def test_plot_needs_no_matplotlib(monkeypatch, tmp_path):
     # the ranked sheet is drawn with Pillow alone (rga.vis.ranks.rank_sheet, as rga.visualize ranks)
     out = plot_results(results, tmp_path / "x.png")
     assert out == tmp_path / "x.png" and out.stat().st_size > 500
+
+
+# ------------------------------------------------------------------------------
+# untrusted and damaged inputs: code-carrying .pt2 files, damaged indexes, another model
+# ------------------------------------------------------------------------------
+
+def _evil_pt2(tmp_path, marker) -> Path:
+    """A .pt2 whose first weight is switched to use_pickle, holding a code-running pickle, with
+    the sidecar rga.export writes."""
+    good = tmp_path / "good.pt2"
+    torch.export.save(tiny_exported_program(), str(good))
+    payload = io.BytesIO()
+    torch.save(CodeRunningPayload(marker), payload)
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(evil, "w") as zout:
+        config_name = next(n for n in zin.namelist() if n.endswith("data/weights/model_weights_config.json"))
+        config = json.loads(zin.read(config_name))
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True
+        weight_name = f"{config_name.rsplit('/', 1)[0]}/{first['path_name']}"
+        for item in zin.infolist():
+            data = {config_name: json.dumps(config).encode(), weight_name: payload.getvalue()}.get(
+                item.filename, None)
+            zout.writestr(item, data if data is not None else zin.read(item.filename))
+    good.unlink()
+    meta = {"format": "exported-program", "height": H, "width": W, "input": "images", "dynamic_batch": True,
+            "input_shape": ["batch", 3, H, W], "variant": "baseline", "backbone": "resnet18"}
+    Path(str(evil) + ".json").write_text(json.dumps(meta))
+    return evil
+
+
+def test_a_pt2_with_pickles_runs_no_code(tmp_path, gallery, capsys):
+    from rga.search import main as search_main
+
+    marker = tmp_path / "PWNED"
+    evil = _evil_pt2(tmp_path, marker)
+    assert search_main(["build", str(evil), str(gallery), "--index", str(tmp_path / "i.npz"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "not a .pt2 this package accepts" in line and "--trust-pickles" in line, line
+    assert not marker.exists() and not (tmp_path / "i.npz").exists()
+
+
+def test_an_index_never_loads_a_model_on_its_own(tmp_path, gallery, capsys):
+    """An index from elsewhere that names a code-carrying model: query needs --model."""
+    from rga.search import INDEX_VERSION, main as search_main
+
+    marker = tmp_path / "PWNED"
+    evil = _evil_pt2(tmp_path, marker)
+    feats = torch.nn.functional.normalize(torch.randn(2, 8), dim=1).numpy()
+    meta = {"index_version": INDEX_VERSION, "model": str(evil), "height": H, "width": W}
+    np.savez(tmp_path / "i.npz", features=feats, paths=np.array(["a.png", "b.png"]), pids=np.array([1, 2]),
+             camids=np.array([0, 1]), meta=np.array(json.dumps(meta)))
+    query = str(next(gallery.iterdir()))
+    with pytest.raises(SystemExit) as e:
+        search_main(["query", str(tmp_path / "i.npz"), query])
+    assert e.value.code == 2 and "--model" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["nan", "scaled"])
+def test_corrupt_index_features_are_refused(tmp_path, tiny_checkpoint, gallery, damage, capsys):
+    from rga.search import GalleryIndex, SearchError, main as search_main
+
+    index_file = tmp_path / "i.npz"
+    assert search_main(["build", str(tiny_checkpoint), str(gallery), "--index", str(index_file),
+                        "--no-progress", "--device", "cpu"]) == 0
+    with np.load(index_file) as z:
+        arrays = dict(z)
+    arrays["features"] = arrays["features"] * np.nan if damage == "nan" else arrays["features"] * 1000
+    np.savez(index_file, **arrays)
+    with pytest.raises(SearchError, match="NaN or Inf" if damage == "nan" else "not of unit length"):
+        GalleryIndex.load(index_file)
+    capsys.readouterr()
+    query = str(next(gallery.iterdir()))
+    assert search_main(["query", str(index_file), query, "--model", str(tiny_checkpoint), "--device", "cpu"]) == 2
+    assert "damaged" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("meta", [["a", "list"], "no model"])
+def test_index_meta_a_list_or_without_model(tmp_path, tiny_checkpoint, gallery, meta, capsys):
+    from rga.search import INDEX_VERSION, main as search_main
+
+    if meta == "no model":
+        meta = {"index_version": INDEX_VERSION}
+
+    feats = torch.nn.functional.normalize(torch.randn(2, 8), dim=1).numpy()
+    np.savez(tmp_path / "i.npz", features=feats, paths=np.array(["a.png", "b.png"]), pids=np.array([1, 2]),
+             camids=np.array([0, 1]), meta=np.array(json.dumps(meta)))
+    query = str(next(gallery.iterdir()))
+    assert search_main(["query", str(tmp_path / "i.npz"), query, "--model", str(tiny_checkpoint),
+                        "--device", "cpu"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert ("not an object" in line) if isinstance(meta, list) else ("records no model fingerprint" in line), line
+
+
+def test_query_with_another_model_is_refused(tmp_path, tiny_checkpoint, gallery, capsys):
+    from rga.search import main as search_main
+
+    index_file = tmp_path / "i.npz"
+    assert search_main(["build", str(tiny_checkpoint), str(gallery), "--index", str(index_file),
+                        "--no-progress", "--device", "cpu"]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    ckpt = torch.load(tiny_checkpoint / "checkpoint_ep0001.pth", weights_only=True)
+    ckpt["model"]["feat_bn.running_mean"] += 0.5  # another run: same architecture, other weights
+    torch.save(ckpt, other / "checkpoint_ep0001.pth")
+    capsys.readouterr()
+    query = str(next(gallery.iterdir()))
+    assert search_main(["query", str(index_file), query, "--model", str(other), "--device", "cpu"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "is not the model that built" in line and "weights sha256" in line, line
+    assert search_main(["query", str(index_file), query, "--model", str(tiny_checkpoint), "--device", "cpu"]) == 0

@@ -9,7 +9,8 @@ import pytest
 from rga import config as C
 from rga.data import build_dataset
 from rga.data.split import held_out_ids, validation_split
-from rga.data.synthetic import SyntheticConfig, _identity, _plan
+from rga.data.generated import plan
+from rga.data.synthetic import _identity
 from rga.data.synthetic_scenes import SceneConfig
 from rga.schedulers import lr_at
 
@@ -27,7 +28,7 @@ def _signature(ident: dict) -> tuple:
 
 
 def _appearances(cfg: SceneConfig) -> set:
-    pids = {pid for pid, _, _ in _plan(cfg)}
+    pids = {pid for pid, _, _ in plan(cfg)}
     return {_signature(_identity(cfg.seed, pid)) for pid in pids}
 
 

@@ -15,7 +15,7 @@ import torch
 
 import rga.train as rtrain
 from rga import evaluate as reval
-from testkit import TINY_DATA, tiny_run_args
+from testkit import TINY_DATA, one_error_line, quick_market_args, tiny_run_args
 
 def base_args(data_root, out, *extra):
     return tiny_run_args(data_root, out, *extra)
@@ -414,3 +414,25 @@ def test_trainer_never_changes_the_callers_config(tmp_path):
     assert unnamed.run.output_dir is None  # no folder given: the trainer picks one, the caller's stays empty
     assert rtrain.Trainer(unnamed).cfg.run.output_dir == "runs/synthetic-rga_sc-resnet18"
     assert unnamed.run.output_dir is None
+
+
+# ------------------------------------------------------------------------------
+# a bad kernel backend in the environment
+# ------------------------------------------------------------------------------
+
+def test_bogus_kernel_backend_is_one_error_line(market_root, tmp_path, monkeypatch, capsys):
+    from rga import evaluate as reval
+
+    monkeypatch.setenv("RGA_KERNELS_BACKEND", "bogus")
+    assert rtrain.main(quick_market_args(market_root, tmp_path / "r", "--epochs", "1", "--fused-rga")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "RGA_KERNELS_BACKEND=bogus" in line and "unknown backend" in line, line
+    # rga.evaluate of a fused run
+    monkeypatch.delenv("RGA_KERNELS_BACKEND")
+    out = tmp_path / "fused"
+    assert rtrain.main(quick_market_args(market_root, out, "--epochs", "1", "--fused-rga")) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("RGA_KERNELS_BACKEND", "bogus")
+    assert reval.main(["--checkpoint", str(out), "--threads", "1", "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "RGA_KERNELS_BACKEND=bogus" in line, line

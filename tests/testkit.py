@@ -9,6 +9,7 @@ the right one. The environment switches and the fixtures are in conftest.py.
 # new backend touches one list (rga_kernels.BACKENDS) and the tolerance rule one function.
 # ------------------------------------------------------------------------------------------------
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,8 +96,10 @@ def read_only_folder(tmp_path):
 # Tiny training runs: a ResNet-18 RGA-SC at 64x32 on a synthetic set of 8 training identities
 # (conftest.py's `data_root` fixture builds the set; rga.train's flags for a run come from here).
 # ------------------------------------------------------------------------------------------------
-TINY_DATA = ["num_train_ids=8", "num_test_ids=4", "num_cameras=2", "min_cams_per_id=2", "max_cams_per_id=2",
-             "min_imgs_per_cam=2", "max_imgs_per_cam=2", "num_distractors=2", "height=64", "width=32"]
+#: the tiny set's identities and cameras (conftest.py's `market_root` generates it at the default 128x64)
+TINY_LAYOUT = ["num_train_ids=8", "num_test_ids=4", "num_cameras=2", "min_cams_per_id=2", "max_cams_per_id=2",
+               "min_imgs_per_cam=2", "max_imgs_per_cam=2", "num_distractors=2"]
+TINY_DATA = TINY_LAYOUT + ["height=64", "width=32"]
 
 
 def build_tiny_dataset(root):
@@ -121,6 +124,13 @@ def tiny_run_args(data_root, out, *extra, dataset=None, pretrained="none"):
         for kv in TINY_DATA:
             args += ["--dataset-opt", kv]
     return args + list(extra)
+
+
+def quick_market_args(root, out, *extra):
+    """rga.train's command line for a quick-preset run on the Market-1501-layout folder `root`
+    (conftest.py's `market_root`), one thread, into `out`."""
+    return ["--preset", "quick", "--threads", "1", "--dataset", "market1501", "--data-root", str(root),
+            "--batch-ids", "4", "--batch-instances", "2", "--output-dir", str(out), "--no-progress", *extra]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,9 +160,15 @@ def assert_close(got, expected, tol: str | None = None, **kw):
 
 
 # ------------------------------------------------------------------------------------------------
-# The reliability tests' helpers (tests/test_reliability_round*.py): the one-line error rule, a tiny
-# gallery and run folder, and a pickle whose loading leaves a trace.
+# The error and file-safety tests' helpers: the one-line error rule, a subprocess's environment, a
+# tiny gallery, run folder and exported program, and a pickle whose loading leaves a trace.
 # ------------------------------------------------------------------------------------------------
+#: the repository's root; a subprocess test runs there with SUBPROCESS_ENV (one thread, no warnings,
+#: this checkout's packages first)
+REPO = Path(__file__).resolve().parents[1]
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+
+
 def one_error_line(err: str) -> str:
     """The one `PROG: error: ...` line that stderr must be (no traceback)."""
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
@@ -184,6 +200,11 @@ def write_tiny_checkpoint(folder, height=64, width=32):
     torch.save({"epoch": 1, "model": model.state_dict(), "config": config, "num_classes": 5},
                folder / "checkpoint_ep0001.pth")
     return folder
+
+
+def tiny_exported_program():
+    """torch.export of a Linear(4, 2): the smallest ExportedProgram."""
+    return torch.export.export(torch.nn.Linear(4, 2), (torch.randn(2, 4),))
 
 
 class CodeRunningPayload:

@@ -15,7 +15,8 @@ from .datasets import (CUHK03_LAYOUT, MARKET_LAYOUT, MSMT17_LAYOUT, DatasetLayou
                        relabel_items)
 from .check import check_dataset, find_bad_images
 from .images import ImageReadError, UnsupportedImageError, read_image, to_rgb8
-from .synthetic import SyntheticConfig, build_synthetic, generate_synthetic, mask_path
+from .generated import mask_path
+from .synthetic import SyntheticConfig, build_synthetic, generate_synthetic
 from .synthetic_scenes import SceneConfig, build_synthetic_scenes, generate_scenes
 
 __all__ = [

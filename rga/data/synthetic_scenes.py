@@ -48,9 +48,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .synthetic import (_BOTTOM, _CLOTH, _SCENE, BG, SyntheticConfig, _camera_finish,
-                        _colour_person, _draw_person, _identity, _jitter, _marker_text,
-                        _reduce_mask, _rng, build_generated, make_config, write_generated)
+from .generated import build_generated, make_config, marker_json, mask_path, write_generated
+from .synthetic import (_BOTTOM, _CLOTH, _SCENE, BG, SyntheticConfig, _camera_finish, _colour_person,
+                        _draw_person, _identity, _jitter, _reduce_mask, _rng)
 
 GENERATOR_VERSION = 1
 GENERATOR = "scenes"
@@ -367,7 +367,7 @@ def generate_scenes(out_dir, cfg: Optional[SceneConfig] = None) -> Path:
 
 
 def marker_text(cfg: SceneConfig) -> str:
-    return _marker_text(cfg, GENERATOR_VERSION, generator=GENERATOR)
+    return marker_json(cfg, GENERATOR_VERSION, generator=GENERATOR)
 
 
 def build_synthetic_scenes(root="data", verbose: bool = True, **kw):
@@ -382,8 +382,6 @@ def contact_sheet(paths: Sequence[str], out, cols: int = 8, scale: int = 2) -> P
     """A PNG of the images ``paths`` side by side, each with its mask's outline in green
     (``docs/figures/synthetic_scenes.png`` is one of the default set)."""
     from PIL import Image, ImageFilter
-
-    from .synthetic import mask_path
 
     tiles = []
     for p in paths:
