@@ -54,6 +54,10 @@ def _attention_mlp(cin: int, hidden: int) -> nn.Sequential:
     )
 
 
+def _retie_after_load(module, _incompatible_keys) -> None:
+    module._tie_buffers()
+
+
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -173,7 +177,7 @@ class RGAModule(nn.Module):
         self.keep_attention = False
         self.last_attention: dict[str, torch.Tensor] = {}
         self._tie_buffers()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._tie_buffers())
+        self.register_load_state_dict_post_hook(_retie_after_load)  # (a named function: picklable)
         self._register_state_dict_hook(_untie_state_dict)
 
     # -- tied BN statistics (fused path) ----------------------------------------------------------
@@ -241,6 +245,13 @@ class RGAModule(nn.Module):
 
     def _forget_plan(self) -> None:
         self.__dict__.pop("_plan_cache", None)
+
+    def __getstate__(self):
+        # a copy or a pickle plans again: the cached plan holds this module's own tensors
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)
+        state.pop("_plan_bns", None)
+        return state
 
     def __setattr__(self, name, value):
         # a replaced submodule, parameter or buffer (e.g. convert_sync_batchnorm) changes the plan

@@ -608,3 +608,28 @@ def test_fused_backend_runs_its_own_kernels(config, backend):
         assert kernels > 0, f"{backend} {config}: no branch kernel ran: {dict(counts)}"
     else:
         assert kernels == 0
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_copy_after_a_step_trains_its_own_parameters(backend):
+    """A deepcopy (or pickle) made after the fused path planned runs on the copy's own tensors."""
+    torch.manual_seed(0)
+    m = RGAModule(C, (H, W), **SMALL, fused=backend).double().train()
+    x = _x(b=2)
+    m(x).sum().backward()
+    for make in (copy.deepcopy, lambda t: torch.load(_buffer(t), weights_only=False)):
+        c = make(m)
+        m.zero_grad(set_to_none=True)
+        c(x).pow(2).sum().backward()
+        assert all(p.grad is not None for p in c.parameters()), "the copy's parameters got no gradient"
+        assert all(p.grad is None for p in m.parameters()), "the copy trained the original's parameters"
+        before = m.W_spatial[1].running_mean.clone()
+        c(x)
+        assert torch.equal(m.W_spatial[1].running_mean, before), "the copy updated the original's statistics"
+
+
+def _buffer(module):
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return buf
