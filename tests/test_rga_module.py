@@ -117,6 +117,36 @@ def test_fused_equals_reference(config, train, backend):
     _assert_same(ref, fus, _x(), steps=1 if backend == "triton" else 2)
 
 
+def _random_cases(n=24):
+    """Sizes, ratios, batch, configuration and mode drawn with a fixed seed: the C++ chain's
+    shape handling (odd node counts, a batch of 1, widths that do not divide) beyond the one shape above."""
+    g = torch.Generator().manual_seed(2026)
+    names = sorted(CONFIGS)
+    for i in range(n):
+        def pick(lo, hi):
+            return int(torch.randint(lo, hi + 1, (1,), generator=g))
+        yield pytest.param(dict(c=pick(5, 24), h=pick(1, 7), w=pick(1, 6), b=pick(1, 4), cha=pick(2, 5),
+                                spa=pick(2, 5), down=pick(1, 3), config=names[pick(0, len(names) - 1)],
+                                train=bool(pick(0, 1))), id=f"case{i}")
+
+
+@pytest.mark.parametrize("case", list(_random_cases()))
+def test_cpp_chain_equals_reference_on_random_shapes(case):
+    if "cpp" not in rga_kernels.available_backends("cpu"):
+        pytest.skip(rga_kernels.backend_status("cpu")["cpp"][1])
+    torch.manual_seed(0)
+    kw = dict(cha_ratio=case["cha"], spa_ratio=case["spa"], down_ratio=case["down"], **CONFIGS[case["config"]])
+    ref = _randomize(RGAModule(case["c"], (case["h"], case["w"]), **kw).double())
+    fus = copy.deepcopy(ref)
+    fus.fused = "cpp"
+    ref.train(case["train"])
+    fus.train(case["train"])
+    x = torch.randn(case["b"], case["c"], case["h"], case["w"], dtype=torch.float64)
+    if case["train"] and case["b"] * case["h"] * case["w"] == 1:
+        pytest.skip("batch statistics of a single value: BatchNorm refuses it on both paths")
+    _assert_same(ref, fus, x, steps=2)
+
+
 class _ShapeLog(TorchDispatchMode):
     """Records the shape of every tensor an aten op returns (forward and backward)."""
 
