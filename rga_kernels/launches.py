@@ -83,3 +83,24 @@ def count_launches(fn: Callable[[], object], *, by_op: bool = False):
         if _is_counted(e, children):
             counts[e.name] += 1
     return counts if by_op else sum(counts.values())
+
+
+def host_times(steps: dict, rounds: int = 25, reps: int = 5, warmup: int = 10) -> dict:
+    """Host time of each ``steps[name]()``, side by side: after ``warmup`` calls each, ``rounds``
+    interleaved rounds of ``reps`` calls per step; returns the best round's mean seconds per call
+    for each name. Interleaving and taking the best keep other load on a shared machine from
+    deciding a ratio. (Wall time on the host: on a GPU it measures launch overhead only when the
+    step is host-bound; synchronize inside the step to include the device.)"""
+    import time
+
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    best = {name: float("inf") for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - t0) / reps)
+    return best

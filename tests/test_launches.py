@@ -15,7 +15,7 @@ import torch
 
 import rga_kernels
 from rga import RGAModule
-from rga_kernels.launches import count_launches
+from rga_kernels.launches import count_launches, host_times
 from rga_kernels.ops import GPU_DEFAULT_BACKEND
 
 REFERENCE = {False: 116, True: 134}  # the reference path, fp32 / bf16 autocast (not a budget)
@@ -76,34 +76,29 @@ def test_fused_backend_meets_the_target(backend):
 HOST_TIME_RATIO = 0.5
 
 
+def tiny_module_steps(backends=(False, "cpp")) -> dict:
+    """fwd+bwd of the tiny RGA-SC module per path (False: the reference), for host_times."""
+    steps = {}
+    for fused in backends:
+        torch.manual_seed(0)
+        m = RGAModule(64, (8, 4), fused=fused).train()
+        x = torch.randn(2, 64, 8, 4, requires_grad=True)
+
+        def step(m=m, x=x):
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+            m(x).sum().backward()
+
+        steps[fused] = step
+    return steps
+
+
 def test_cpp_host_time_against_reference():
     _skip_unavailable("cpp")
-    import time
-
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        steps = {}
-        for fused in (False, "cpp"):
-            torch.manual_seed(0)
-            m = RGAModule(64, (8, 4), fused=fused).train()
-            x = torch.randn(2, 64, 8, 4, requires_grad=True)
-
-            def step(m=m, x=x):
-                m.zero_grad(set_to_none=True)
-                x.grad = None
-                m(x).sum().backward()
-
-            for _ in range(10):
-                step()
-            steps[fused] = step
-        best = {k: float("inf") for k in steps}
-        for _ in range(25):
-            for k, step in steps.items():
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    step()
-                best[k] = min(best[k], (time.perf_counter() - t0) / 5)
+        best = host_times(tiny_module_steps())
     finally:
         torch.set_num_threads(old)
     ratio = best["cpp"] / best[False]
