@@ -2,7 +2,7 @@
 // the cpp and cuda backends: the GEMMs through ATen (cuBLAS / the CPU BLAS), the hand-written
 // kernels of branch.cpp / branch_cuda.cu between them through the dispatcher (so a CPU tensor
 // runs the CPU kernels and a CUDA tensor the CUDA ones). The same sequence as
-// rga_kernels/branch.py's _forward/_backward (read that first: it is the commented version);
+// rga_kernels/_branch_chain.py's _forward/_backward (read that first: it is the commented version);
 // here in C++ because an eager GPU step is host-bound and a Python call per kernel costs more
 // than the kernel at RGA's sizes.
 //
@@ -266,7 +266,7 @@ std::vector<Tensor> branch_bwd(const Tensor& grad_out, const Tensor& inp, const 
   r[11] = grad_w2;
   r[12] = grad_lw;
   r[13] = grad_lb;
-  // In the Python side's flat parameter order (rga_kernels/branch.py, _flatten), each gradient
+  // In the flat parameter order of rga_kernels/branch_spec.py's flatten, each gradient
   // shaped and typed like its parameter: d_inp, d_target, then per embedding the conv weight,
   // BN weight and BN bias gradients, the relation conv and BN, W1 and its BN, W2 and its BN.
   std::vector<Tensor> out{r[0], r[1]};

@@ -11,7 +11,7 @@
 namespace rga_kernels {
 namespace branch {
 
-// Saved tensors of branch_fwd, in its list's order (rga_kernels/branch.py, _CPP_SAVED).
+// Saved tensors of branch_fwd, in its list's order (read by chain_op.cpp's composite_step).
 enum Saved : int {
   kE, kEMean, kEInvstd, kTheta, kPhi, kZ, kPt, kQt, kZMean, kZInvstd, kY, kH, kHMean, kHInvstd,
   kL, kLMean, kLInvstd, kA, kWe, kEw, kEb, kWrel, kW1, kNumSaved

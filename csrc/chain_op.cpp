@@ -7,10 +7,10 @@
 // one autograd node: the Python side passes the tensors and a small integer description
 // (`meta`), the forward runs branch_fwd per step (branch_op.cpp) and the backward branch_bwd in
 // reverse, with the ops below autograd (AutoDispatchBelowADInplaceOrView). The same sequence in
-// Python is rga_kernels/branch.py's _Chain (the triton backend's path): read that first.
+// Python is rga_kernels/_branch_chain.py's _Chain (the triton backend's path): read that first.
 //
 // Backward with create_graph=True (double backward) recomputes the chain with differentiable
-// ATen ops (composite_step, the same math as branch.py's composite_forward) and differentiates
+// ATen ops (composite_step, the same math as _branch_chain.py's composite_forward) and differentiates
 // that.
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>

@@ -3,7 +3,9 @@
 :func:`kernel_branches` is RGAModule's fused path planner: for each branch whose BatchNorms allow
 it (plain nn.BatchNorm2d, one setting for all, affine, a fixed momentum, tied running statistics)
 it returns a function running ``rga_kernels.branch.fused_branch`` on that branch's parameters and
-buffers, which the module caches until its structure or mode changes (RGAModule._plan).
+buffers and, when every branch of the module qualifies, a "chain" running all of them as one
+autograd node (``rga_kernels.branch.make_chain``; on cpp/cuda one C++ op); the module caches the
+plan until its structure or mode changes (RGAModule._plan).
 """
 from __future__ import annotations
 
