@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import branch_reference
 from .branch_spec import FUSED_BRANCH_BACKENDS, BranchParams, BranchRunning, BranchSpec, Step
-from .branch_spec import flatten as _flatten  # noqa: F401  (used by tests of this module)
+from .branch_spec import flatten as _flatten
 from .branch_spec import unflatten as _unflatten
 
 
