@@ -1,7 +1,7 @@
 """Train and evaluate every row of the paper's Table 1, 2 or 4 in one go; draw the README's figures.
 
     python -m rga.experiments table1|table2|table4|showcase [--dataset synthetic] [--preset quick] [--out DIR]
-                              [--rows SLUG ...] [--list] [-- extra rga.train flags]
+                              [--rows SLUG ...] [--reuse DIR] [--list] [-- extra rga.train flags]
     python -m rga.experiments figures [--runs runs/showcase] [--out docs/figures] [--seed 0] [--no-train]
                               [-- extra rga.train flags]
 
@@ -11,7 +11,9 @@ started again with the same command, skips the finished rows and resumes the int
 its last checkpoint (which, on the CPU, ends with exactly the weights of an uninterrupted run).
 After every row, ``DIR/<table>.md`` and ``DIR/<table>.json`` are rewritten: the rows in the paper's
 order with R1, mAP, mINP, parameters and training time, and the paper's published R1 / mAP on
-CUHK03 (labeled) and Market-1501 beside ours. Rows not run yet show as "pending".
+CUHK03 (labeled) and Market-1501 beside ours. Rows not run yet show as "pending". ``--reuse DIR``
+counts the finished rows of another runner's output (e.g. the showcase's baseline and RGA rows in
+Table 1 on the showcase preset) when rga.train's configuration is the same, and marks them.
 
 ``figures`` draws the figures of the README's "Analysis and figures" (attention overlays and the
 foreground ratio, relations, Grad-CAM, ranked lists and CMC) from the showcase runs of one seed
@@ -114,16 +116,59 @@ def run_row(row: Row, out: Path, *, preset, dataset, data_root, extra, seed: int
     return result
 
 
-def collect(table: str, out: Path, seeds=None) -> list[tuple[Row, dict | None]]:
+#: config fields a reused row may differ in (where it ran and how it reported, not what it trained)
+REUSE_IGNORED = ("output_dir", "resume", "progress", "tensorboard", "ckpt_every", "keep_checkpoints")
+
+
+def reusable_rows(jobs, out: Path, dirs, *, preset, dataset, data_root, extra, log=print) -> dict[str, Path]:
+    """{slug: DIR/rows/<slug>.json} for the jobs (row, seed) without a result in OUT/rows whose result
+    in one of the folders DIR (another runner's --out, e.g. the showcase's for Table 1's baseline and
+    RGA rows) was trained with the configuration this runner would train it with: rga.train's
+    config from the row's recorded command equal to the one from this runner's, but for REUSE_IGNORED.
+    A result that differs is not reused, and the differing fields are logged."""
+    from .errors import UsageError
+    from .train_cli import parse_config
+
+    for d in dirs:
+        if not (Path(d) / "rows").is_dir():
+            raise UsageError(f"{d} has no rows/ folder: --reuse expects another runner's --out")
+    found = {}
+    for row, seed in jobs:
+        slug = run_slug(row, seed)
+        if not dirs or (out / "rows" / f"{slug}.json").is_file():
+            continue
+        want = parse_config(train_argv(row, Path("-"), preset, dataset, data_root, extra, seed)).flat()
+        for d in dirs:
+            path = Path(d) / "rows" / f"{slug}.json"
+            if not path.is_file():
+                continue
+            have = parse_config([str(a) for a in read_row(path).get("train_argv") or []]).flat()
+            differ = sorted(k for k in want if k not in REUSE_IGNORED and want[k] != have.get(k))
+            if differ:
+                log(f"== {slug}: {path} not reused, trained with other {', '.join(differ)}")
+                continue
+            found[slug] = path
+            break
+    return found
+
+
+def collect(table: str, out: Path, seeds=None, reused=None) -> list[tuple[Row, dict | None]]:
     """(row, result) in the table's order; with seeds, the result is the mean over the finished
-    seeds (R1, mAP, mINP, train time) with their standard deviations and the per-seed results."""
+    seeds (R1, mAP, mINP, train time) with their standard deviations and the per-seed results.
+    A result missing from OUT/rows is read from ``reused`` ({slug: path}, reusable_rows) if there."""
     _title, rows = TABLES[table]
+    reused = reused or {}
+
+    def path_of(slug):
+        own = out / "rows" / f"{slug}.json"
+        return reused.get(slug, own) if not own.is_file() else own
+
     found = []
     for row in rows:
         if seeds is None:
-            found.append((row, row_result(out / "rows" / f"{row.slug}.json")))
+            found.append((row, row_result(path_of(row.slug))))
             continue
-        per_seed = [read_row(p) for p in (out / "rows" / f"{run_slug(row, s)}.json" for s in seeds) if p.is_file()]
+        per_seed = [read_row(p) for p in (path_of(run_slug(row, s)) for s in seeds) if p.is_file()]
         found.append((row, aggregate(per_seed) if per_seed else None))
     return found
 
@@ -150,10 +195,12 @@ def _pct(v):
     return f"{100 * v:.1f}"
 
 
-def write_table(table: str, out: Path, meta: dict, seeds=None) -> tuple[Path, Path]:
-    """DIR/<table>.md and .json from the finished rows (pending rows marked), in the paper's order."""
+def write_table(table: str, out: Path, meta: dict, seeds=None, reused=None) -> tuple[Path, Path]:
+    """DIR/<table>.md and .json from the finished rows (pending rows marked), in the paper's order;
+    rows read from another folder (``reused``, :func:`reusable_rows`) are marked and named."""
     title, _rows = TABLES[table]
-    found = collect(table, out, seeds)
+    found = collect(table, out, seeds, reused)
+    reused = reused or {}
     done = [r for _, r in found if r is not None]
     setup = sorted({f"{r['dataset']} {r['backbone']} {r['input']}" for r in done}) or ["-"]
     lines = [f"# {title}", "",
@@ -172,21 +219,27 @@ def write_table(table: str, out: Path, meta: dict, seeds=None) -> tuple[Path, Pa
             lines.append(f"| {row.group} | {row.label} | {n}pending | | | | | {pc} | {pm} |")
             continue
         t = res["train_seconds"]
-        lines.append(f"| {row.group} | {row.label} | {n}{_pm(res, 'R1')} | {_pm(res, 'mAP')} | {_pm(res, 'mINP')} | "
+        mark = " †" if any(run_slug(row, s) in reused for s in (seeds or [None])) else ""
+        lines.append(f"| {row.group} | {row.label}{mark} | {n}{_pm(res, 'R1')} | {_pm(res, 'mAP')} | {_pm(res, 'mINP')} | "
                      f"{res['params'] / 1e6:.2f} | {t / 60:.1f} min | {pc} | {pm} |")
     if done:
-        ids = {r.get("num_test_ids") for r in done}
-        lines += ["", f"R1 / mAP / mINP in %, ours on {done[0].get('num_query')} queries of "
-                      f"{', '.join(str(i) for i in sorted(x for x in ids if x))} identities (chance R1 about "
-                      f"{100 / max(min(x for x in ids if x), 1):.1f}%). Train time: the sum of the epochs' "
+        ids = sorted({r.get("num_test_ids") for r in done} - {None, 0})  # rows older than the count: none
+        on = (f", ours on {done[0].get('num_query')} queries of {', '.join(str(i) for i in ids)} identities "
+              f"(chance R1 about {100 / min(ids):.1f}%)") if ids else ""
+        lines += ["", f"R1 / mAP / mINP in %{on}. Train time: the sum of the epochs' "
                       "training times in each run's metrics.jsonl (train.log for older runs; evaluation not "
                       "included)."
                       + (" With seeds: mean ± sample standard deviation over the finished seeds; the "
                          "per-seed values are in the JSON." if seeds is not None else "")]
+    if reused:
+        folders = sorted({str(p.parent.parent) for p in reused.values()})
+        lines += ["", f"† read from {', '.join(folders)} (`--reuse`): the same rows trained there with the same "
+                      "rga.train configuration, not rerun."]
     md = out / f"{table}.md"
     write_text("\n".join(lines) + "\n", md)
     js = out / f"{table}.json"
     write_text(json.dumps({"table": table, "title": title, **meta, "seeds": seeds,
+                           "reused": {k: str(v) for k, v in sorted(reused.items())},
                            "rows": [{"slug": row.slug, "label": row.label, "group": row.group,
                                      "paper": dict(zip(("cuhk03_R1", "cuhk03_mAP", "market_R1", "market_mAP"),
                                                        row.paper)) if row.paper else None,
@@ -211,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train each row with seeds 0..N-1 and report mean ± std (default: showcase 3, tables 1 "
                         "run without --seed)")
     p.add_argument("--rows", nargs="+", metavar="SLUG", help="run only these rows (default: all, in order)")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="another runner's --out whose finished rows count here when rga.train's configuration "
+                        "is the same (e.g. docs/figures/showcase for table1 --preset showcase); repeatable")
     p.add_argument("--list", action="store_true", help="list the rows and their state, run nothing")
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: write the table (and the showcase's attention figures) from the finished "
@@ -268,10 +324,21 @@ def _main(argv=None) -> int:
             "command": "python -m rga.experiments " + " ".join(argv + (["--"] + extra if extra else []))}
     # seed-major order: every row of seed 0 first, so a partial run already has one of each row
     jobs = [(row, seed) for seed in (seeds or [None]) for row in rows]
+    all_jobs = [(row, seed) for seed in (seeds or [None]) for row in TABLES[args.table][1]]
+    try:
+        reused = reusable_rows(all_jobs, out, args.reuse, preset=preset or None, dataset=args.dataset,
+                               data_root=args.data_root, extra=extra)
+    except Exception as e:  # noqa: BLE001
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"rga.experiments: error in --reuse: {message}", file=sys.stderr)
+        return 2
     if args.list:
         for row, seed in jobs:
             slug = run_slug(row, seed)
-            state = _list_state(out / "rows" / f"{slug}.json", runs / slug)
+            state = f"done in {reused[slug]}" if slug in reused else \
+                _list_state(out / "rows" / f"{slug}.json", runs / slug)
             print(f"{slug:<20} {row.label:<22} {state}")
         return 0
     if args.no_train:
@@ -290,6 +357,9 @@ def _main(argv=None) -> int:
         if row_result(out / "rows" / f"{slug}.json") is not None:
             print(f"== {row.label} ({slug}): done, skipped")
             continue
+        if slug in reused:
+            print(f"== {row.label} ({slug}): done in {reused[slug]}, reused")
+            continue
         try:
             res = run_row(row, out, preset=preset or None, dataset=args.dataset, data_root=args.data_root,
                           extra=extra, seed=seed, runs=runs)
@@ -301,10 +371,10 @@ def _main(argv=None) -> int:
             return 2
         print(f"== {row.label} ({slug}): R1 {_pct(res['R1'])}%  mAP {_pct(res['mAP'])}%  mINP {_pct(res['mINP'])}%  "
               f"{res['params'] / 1e6:.2f} M params  {res['train_seconds'] / 60:.1f} min training")
-        write_table(args.table, out, meta, seeds)
+        write_table(args.table, out, meta, seeds, reused)
     if showcase:
         showcase_attention(out, runs, seeds, dataset=args.dataset, data_root=args.data_root)
-    md, js = write_table(args.table, out, meta, seeds)
+    md, js = write_table(args.table, out, meta, seeds, reused)
     print(md.read_text())
     print(f"wrote {md} and {js}")
     return 0

@@ -156,5 +156,46 @@ def test_showcase_runs_rows_times_seeds_and_reports_mean_and_std(tmp_path, capsy
     assert not (runs / "rga_c-seed0").exists() and "| RGA-SC | 0 of 2 | pending" in (out / "showcase.md").read_text()
 
 
+def _finished_row(folder, row, seed, argv_extra=(), r1=0.5):
+    """A row result as run_row writes it, for a run of the showcase preset (nothing trained)."""
+    slug = E.run_slug(row, seed)
+    argv = E.train_argv(row, folder / "runs" / slug, "showcase", None, None, list(argv_extra), seed)
+    res = {"slug": slug, "row": row.slug, "seed": seed, "label": row.label, "R1": r1, "R5": 0.9, "mAP": 0.4,
+           "mINP": 0.2, "params": 1000, "train_seconds": 60.0, "run_dir": str(folder / "runs" / slug),
+           "dataset": "synthetic_scenes", "backbone": "resnet18", "input": "128x64", "train_argv": argv}
+    (folder / "rows").mkdir(parents=True, exist_ok=True)
+    (folder / "rows" / f"{slug}.json").write_text(json.dumps(res))
+
+
+def test_reuse_counts_another_folders_rows_trained_with_the_same_configuration(tmp_path, capsys):
+    rows = {r.slug: r for r in E.TABLES["table1"][1]}
+    shown, out = tmp_path / "showcase", tmp_path / "t1"
+    for seed in (0, 1):
+        _finished_row(shown, rows["baseline"], seed, r1=0.6 + 0.1 * seed)
+        # trained with another recipe: never counted as this table's row
+        _finished_row(shown, rows["rga_s"], seed, ["--epochs", "3"])
+    _finished_row(shown, rows["rga_c"], 0, r1=0.1)
+    _finished_row(out, rows["rga_c"], 0, r1=0.7)  # the table's own result wins over the other folder's
+    common = ["table1", "--preset", "showcase", "--seeds", "2", "--out", str(out), "--reuse", str(shown)]
+    assert E.main(common + ["--no-train"]) == 0
+    printed = capsys.readouterr().out
+    assert "rga_s-seed0: " in printed and "not reused, trained with other epochs" in printed
+    table = {r["slug"]: r for r in json.loads((out / "table1.json").read_text())["rows"]}
+    assert table["baseline"]["ours"]["R1"] == pytest.approx(0.65) and table["baseline"]["ours"]["seeds"] == [0, 1]
+    assert table["rga_s"]["ours"] is None and table["rga_c"]["ours"]["R1"] == pytest.approx(0.7)
+    md = (out / "table1.md").read_text()
+    assert "| Baseline † | 2 of 2 | 65.0 ± 7.1 |" in md and "| RGA-S | 0 of 2 | pending" in md
+    assert "| RGA-C | 1 of 2 |" in md and f"† read from {shown}" in md
+    # --list names where a reused row's result is; without --reuse nothing is borrowed
+    assert E.main(common + ["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"done in {shown / 'rows' / 'baseline-seed1.json'}" in listed
+    assert E.main(common[:-2] + ["--no-train"]) == 0
+    assert "| Baseline | 0 of 2 | pending" in (out / "table1.md").read_text()
+    capsys.readouterr()
+    assert E.main(common[:-1] + [str(tmp_path / "nope"), "--no-train"]) == 2
+    assert "has no rows/ folder: --reuse expects another runner's --out" in capsys.readouterr().err
+
+
 if __name__ == "__main__":
     pytest.main([__file__])
