@@ -43,6 +43,7 @@ def main(backend: str) -> int:
             print(f"FAILED: {backend} {dtype}: relative error {worst:.2e} > {limit:g}")
             failed = True
     failed |= module_case(backend)
+    failed |= gate_case(backend)
     torch.cuda.synchronize()
     return 1 if failed else 0
 
@@ -80,6 +81,39 @@ def module_case(backend: str) -> bool:
                 if worst > limit:
                     print(f"FAILED: {tag}: {worst:.2e} > {limit:g}")
                     failed = True
+    return failed
+
+
+def gate_case(backend: str, device: str = "cuda") -> bool:
+    """The attention head's forward at a size that takes the two-launch gate_fwd in training
+    (B*n*Kh over GATE_SPLIT_WORK, a short last block) and the grid one in eval, float32 and
+    bfloat16, against branch_reference in float64; returns True on failure."""
+    from rga_kernels import branch_reference as ref
+    from rga_kernels._branch_chain import _kernels
+
+    failed = False
+    B, Kh, n = 2, 64, 2100
+    for dtype in (torch.float32, torch.bfloat16):
+        for train in (True, False):
+            g = torch.Generator().manual_seed(1)
+            h = torch.randn(B, Kh, n, generator=g, dtype=torch.float64)
+            hw, hb, w2 = 1 + 0.3 * torch.randn(Kh, generator=g, dtype=torch.float64), \
+                0.2 * torch.randn(Kh, generator=g, dtype=torch.float64), torch.randn(1, Kh, generator=g, dtype=torch.float64)
+            lw, lb = torch.full((1,), 1.2, dtype=torch.float64), torch.full((1,), 0.1, dtype=torch.float64)
+            rm, rv = torch.full((1,), 0.2, dtype=torch.float64), torch.full((1,), 1.5, dtype=torch.float64)
+            hm, hi = ref.bn_stats(h, None, None, True, 0.0, 1e-5)
+            args = [h.to(dtype), hw, hb, hm, hi, w2, lw, lb, rm, rv]
+            dev_args = [args[0].to(device)] + [t.to(device, torch.float32) for t in args[1:]]
+            got = _kernels(backend).gate_fwd(*dev_args, train, 0.1, 1e-5)
+            want = ref.gate_fwd(args[0].double(), *args[1:8], rm.clone(), rv.clone(), train, 0.1, 1e-5)
+            worst = max((o.double().cpu() - e.double()).abs().max().item() / max(e.double().abs().max().item(), 1e-12)
+                        for o, e in zip(got, want))
+            limit = 1e-4 if dtype == torch.float32 else 3e-2
+            tag = f"{backend} gate_fwd {B}x{Kh}x{n} {'train' if train else 'eval'} {dtype}"
+            print(f"{tag}: relative error {worst:.2e}")
+            if worst > limit:
+                print(f"FAILED: {tag}: {worst:.2e} > {limit:g}")
+                failed = True
     return failed
 
 

@@ -125,6 +125,11 @@ RGA_HD acc_t sigmoid_backward(acc_t grad_a, acc_t a) {
 // Up to three output groups of bn_act_fwd / input gradients of bn_act_bwd, by channel range.
 constexpr int kMaxGroups = 3;
 
+// The CUDA gate_fwd in training splits its work over a grid (two launches) from this many
+// multiply-adds per pass (B * n * Kh) up; below it one block does all. The Triton kernels use the
+// same number (rga_kernels/_triton_branch_kernels.py: GATE_SPLIT_WORK; a test compares them).
+constexpr int64_t kGateSplitWork = int64_t(1) << 18;
+
 struct Groups {
   int64_t start[kMaxGroups + 1];  // channel boundaries; start[num] == K
   int num;

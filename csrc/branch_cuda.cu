@@ -7,8 +7,12 @@
 //     (where there is an output) stride again to write it. Two passes over the data, no atomics,
 //     deterministic.
 //   * per-node kernels (channel_mean, gate_bwd) and gate_apply: grid-stride loops over nodes / elements.
-//   * gate_fwd: a single block (the logit's BatchNorm has one channel: a reduction over every
-//     node before any sigmoid can be written).
+//   * gate_fwd: the logit's BatchNorm has one channel: a reduction over every node before any
+//     sigmoid can be written. In training below kGateSplitWork multiply-adds, a single block does it
+//     all (one launch); from there on gate_logits writes the logits and one Welford partial per block
+//     of kGateChunk nodes, and gate_norm merges the partials (every block the same merges in the same
+//     order: equal statistics everywhere, deterministic) and writes the sigmoid (two launches). In
+//     evaluation gate_logits writes the sigmoid itself (one launch, any size).
 // Every launch records one `kernel::NAME` profiler event, the same names as the CPU scopes.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -29,6 +34,7 @@ namespace {
 
 constexpr int kThreads = 256;      // threads of a per-channel block
 constexpr int kGateThreads = 512;  // threads of gate_fwd's single block
+constexpr int64_t kGateChunk = 1024;  // nodes per block of gate_logits
 
 struct Strides3 {
   int64_t sb, sk, si;
@@ -266,6 +272,72 @@ __global__ void gate_fwd_kernel(const scalar_t* h, Strides3 s, int64_t B, int64_
   }
 }
 
+// Blocks of kGateChunk nodes: the logits (l, and lacc in acc_t for gate_norm); training: the
+// block's Welford partial at part[3 * block] (mean, m2, count); evaluation: the sigmoid with the
+// running statistics, and block 0 stores those.
+template <typename scalar_t, typename acc_t>
+__global__ void gate_logits_kernel(const scalar_t* h, Strides3 s, int64_t B, int64_t Kh, int64_t n, const acc_t* hw,
+                                   const acc_t* hb, const acc_t* hm, const acc_t* hi, const acc_t* w2,
+                                   const acc_t* lw, const acc_t* lb, const acc_t* rm, const acc_t* rv,
+                                   bool batch_stats, double eps, scalar_t* a, scalar_t* l, acc_t* lacc, acc_t* part,
+                                   acc_t* l_mean, acc_t* l_invstd) {
+  const int64_t N = B * n;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kGateChunk;
+  const int64_t end = start + kGateChunk < N ? start + kGateChunk : N;
+  acc_t scale = 0, shift = 0;
+  if (!batch_stats) {
+    const acc_t m = rm[0], is = invstd_of_running(rv[0], eps);
+    bn_affine(lw[0], lb[0], m, is, scale, shift);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      *l_mean = m;
+      *l_invstd = is;
+    }
+  }
+  Welford<acc_t> w = welford_init<acc_t>();
+  for (int64_t e = start + threadIdx.x; e < end; e += blockDim.x) {
+    const acc_t v = head_logit<scalar_t, acc_t>(h, s, e / n, e % n, Kh, hw, hb, hm, hi, w2);
+    l[e] = static_cast<scalar_t>(v);
+    if (batch_stats) {
+      lacc[e] = v;
+      welford_push(w, v);
+    } else {
+      a[e] = static_cast<scalar_t>(sigmoid(scale * v + shift));
+    }
+  }
+  if (batch_stats) {  // the same for every thread of the launch: the block reduction's barriers are safe
+    w = block_welford<acc_t, kThreads>(w);
+    if (threadIdx.x == 0) {
+      part[3 * blockIdx.x] = w.mean;
+      part[3 * blockIdx.x + 1] = w.m2;
+      part[3 * blockIdx.x + 2] = w.count;
+    }
+  }
+}
+
+// Training, after gate_logits: every block merges the P partials (each thread a fixed strided
+// subset in order, then the block's tree), so all blocks hold the same statistics; block 0 stores
+// them and updates the running ones; then a grid-stride sigmoid over the logits.
+template <typename scalar_t, typename acc_t>
+__global__ void gate_norm_kernel(const acc_t* part, int64_t P, const acc_t* lacc, int64_t N, const acc_t* lw,
+                                 const acc_t* lb, acc_t* rm, acc_t* rv, double momentum, double eps, scalar_t* a,
+                                 acc_t* l_mean, acc_t* l_invstd) {
+  Welford<acc_t> w = welford_init<acc_t>();
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x)
+    w = welford_merge(w, Welford<acc_t>{part[3 * p], part[3 * p + 1], part[3 * p + 2]});
+  w = block_welford<acc_t, kThreads>(w);
+  const acc_t m = w.mean, is = invstd_of(w, eps);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    *l_mean = m;
+    *l_invstd = is;
+    if (rm != nullptr) running_update(rm, rv, w, momentum);
+  }
+  acc_t scale, shift;
+  bn_affine(lw[0], lb[0], m, is, scale, shift);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < N;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    a[e] = static_cast<scalar_t>(sigmoid(scale * lacc[e] + shift));
+}
+
 template <typename tgt_t, typename gate_t, typename acc_t>
 __global__ void gate_bwd_kernel(const tgt_t* grad_out, Strides3 sg, const tgt_t* target, Strides3 st, const gate_t* a,
                                 Strides3 sa, int64_t B, int64_t D, int64_t n, tgt_t* grad_target, Strides3 so,
@@ -477,16 +549,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gate_fwd_cuda(
   Tensor l = at::empty({B, 1, n}, h.options());
   Tensor l_mean = at::empty({1}, h.options().dtype(acc));
   Tensor l_invstd = at::empty({1}, h.options().dtype(acc));
+  // no nodes: the single block (a grid of none is not a launch)
+  const bool split = B * n > 0 && (!batch_stats || B * n * Kh >= kGateSplitWork);
+  // the logits in acc_t for gate_norm (l itself when h is acc_t)
+  Tensor lacc = !batch_stats || !split || h.scalar_type() == acc ? l : at::empty({B, 1, n}, h.options().dtype(acc));
+  const int64_t P = (B * n + kGateChunk - 1) / kGateChunk;
+  Tensor part = split && batch_stats ? at::empty({3 * P}, h.options().dtype(acc)) : l_mean;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gate_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    RECORD_FUNCTION("kernel::gate_fwd", std::vector<c10::IValue>());
-    gate_fwd_kernel<scalar_t, acc_t><<<1, kGateThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        h.data_ptr<scalar_t>(), strides_of(h), B, Kh, n, h_weight.data_ptr<acc_t>(), h_bias.data_ptr<acc_t>(),
-        h_mean.data_ptr<acc_t>(), h_invstd.data_ptr<acc_t>(), w2.data_ptr<acc_t>(), l_weight.data_ptr<acc_t>(),
-        l_bias.data_ptr<acc_t>(), opt_ptr<acc_t>(l_running_mean), opt_ptr<acc_t>(l_running_var), batch_stats,
-        momentum, eps, a.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), l_mean.data_ptr<acc_t>(),
-        l_invstd.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    if (!split) {
+      RECORD_FUNCTION("kernel::gate_fwd", std::vector<c10::IValue>());
+      gate_fwd_kernel<scalar_t, acc_t><<<1, kGateThreads, 0, stream>>>(
+          h.data_ptr<scalar_t>(), strides_of(h), B, Kh, n, h_weight.data_ptr<acc_t>(), h_bias.data_ptr<acc_t>(),
+          h_mean.data_ptr<acc_t>(), h_invstd.data_ptr<acc_t>(), w2.data_ptr<acc_t>(), l_weight.data_ptr<acc_t>(),
+          l_bias.data_ptr<acc_t>(), opt_ptr<acc_t>(l_running_mean), opt_ptr<acc_t>(l_running_var), batch_stats,
+          momentum, eps, a.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), l_mean.data_ptr<acc_t>(),
+          l_invstd.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    acc_t* lacc_ptr = batch_stats ? lacc.data_ptr<acc_t>() : nullptr;
+    {
+      RECORD_FUNCTION("kernel::gate_logits", std::vector<c10::IValue>());
+      gate_logits_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(P), kThreads, 0, stream>>>(
+          h.data_ptr<scalar_t>(), strides_of(h), B, Kh, n, h_weight.data_ptr<acc_t>(), h_bias.data_ptr<acc_t>(),
+          h_mean.data_ptr<acc_t>(), h_invstd.data_ptr<acc_t>(), w2.data_ptr<acc_t>(), l_weight.data_ptr<acc_t>(),
+          l_bias.data_ptr<acc_t>(), opt_ptr<acc_t>(l_running_mean), opt_ptr<acc_t>(l_running_var), batch_stats, eps,
+          a.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), lacc_ptr, part.data_ptr<acc_t>(), l_mean.data_ptr<acc_t>(),
+          l_invstd.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (batch_stats) {
+      RECORD_FUNCTION("kernel::gate_norm", std::vector<c10::IValue>());
+      const int64_t blocks = std::min<int64_t>((B * n + 4 * kThreads - 1) / (4 * kThreads), 1024);
+      gate_norm_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+          part.data_ptr<acc_t>(), P, lacc_ptr, B * n, l_weight.data_ptr<acc_t>(), l_bias.data_ptr<acc_t>(),
+          opt_ptr<acc_t>(l_running_mean), opt_ptr<acc_t>(l_running_var), momentum, eps, a.data_ptr<scalar_t>(),
+          l_mean.data_ptr<acc_t>(), l_invstd.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {a, l, l_mean, l_invstd};
 }

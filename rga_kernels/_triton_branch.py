@@ -15,7 +15,11 @@ Layout of the work:
   program handles all of its channels, with (channels x nodes) tiles: statistics per channel chunk,
   then the channel mean per node block (a reduction across channels that a per-channel grid cannot
   do without atomics and a zeroed buffer).
-* gate_fwd: a single program (the logit's BatchNorm needs all B*n logits before the sigmoid).
+* gate_fwd: the logit's BatchNorm needs all B*n logits before the sigmoid. In training below
+  GATE_SPLIT_WORK multiply-adds, a single program does it all (one launch); from there on a program
+  per node block writes its logits and their partial statistics, and a second launch merges those
+  (in the same order in every program) and applies the sigmoid. In evaluation (running
+  statistics) the first launch applies the sigmoid itself.
 * gate_bwd: a program per block of nodes; head_bwd: a program per hidden channel, each one
   recomputing the logit BatchNorm's two backward sums (cheap: 2*B*n values).
 
@@ -36,12 +40,12 @@ from . import _triton
 from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton
 from .branch_reference import acc_dtype
 
-from ._triton_branch_kernels import BLOCK, TILE  # noqa: E402
+from ._triton_branch_kernels import BLOCK, GATE_SPLIT_WORK, TILE  # noqa: E402
 
 if TRITON_AVAILABLE:
     from ._triton_branch_kernels import (  # noqa: E402
         _bn_act_bwd_kernel, _bn_act_fwd_kernel, _bn_stats_kernel, _gate_bwd_kernel, _gate_fwd_kernel,
-        _head_bwd_kernel,
+        _gate_logits_kernel, _gate_norm_kernel, _head_bwd_kernel,
     )
 
     _TL = {torch.float32: tl.float32, torch.float64: tl.float64}  # the accumulation dtype, a constexpr
@@ -167,6 +171,7 @@ class TritonKernels:
     def gate_fwd(h, h_weight, h_bias, h_mean, h_invstd, w2, l_weight, l_bias, l_rm, l_rv, batch_stats, momentum,
                  eps):
         B, H, n = h.shape
+        N = B * n
         acc = h_mean.dtype
         l_out = torch.empty((B, 1, n), dtype=h.dtype, device=h.device)
         l_acc = l_out if h.dtype == acc else torch.empty((B, 1, n), dtype=acc, device=h.device)
@@ -175,12 +180,25 @@ class TritonKernels:
         a = torch.empty((B, 1, n), dtype=h.dtype, device=h.device)
         w2 = w2.reshape(-1)
         hc, bn = _tile(H)
-        _launch(_gate_fwd_kernel, "_gate_fwd_kernel", (1,), h, *h.stride(), _vec(h_weight), _vec(h_bias), h_mean,
-                h_invstd, w2, w2.stride(0), _vec(l_weight), _vec(l_bias),
-                *((l_rm, l_rv) if l_rm is not None else (l_mean, l_invstd)), l_out, l_acc, l_mean, l_invstd, a,
-                H, n, B * n, *_f32_pair(eps), *_f32_pair(momentum), BATCH_STATS=bool(batch_stats),
-                HAS_RUNNING=bool(batch_stats) and l_rm is not None, ACC=_TL[acc],
+        head = (h, *h.stride(), _vec(h_weight), _vec(h_bias), h_mean, h_invstd, w2, w2.stride(0), _vec(l_weight),
+                _vec(l_bias), *((l_rm, l_rv) if l_rm is not None else (l_mean, l_invstd)))
+        has_running = bool(batch_stats) and l_rm is not None
+        if N == 0 or (batch_stats and N * H < GATE_SPLIT_WORK):  # small (or empty): one program, one launch
+            _launch(_gate_fwd_kernel, "_gate_fwd_kernel", (1,), *head, l_out, l_acc, l_mean, l_invstd, a,
+                    H, n, N, *_f32_pair(eps), *_f32_pair(momentum), BATCH_STATS=True, HAS_RUNNING=has_running,
+                    ACC=_TL[acc], L_ACC=l_acc is not l_out, HC=hc, BN=bn)
+            return a, l_out, l_mean, l_invstd
+        # a program per block of nodes; in training a second launch merges the blocks' statistics
+        bn = min(bn, max(16, triton.next_power_of_2(N)))
+        P = triton.cdiv(N, bn)
+        part = torch.empty(2 * P, dtype=acc, device=h.device) if batch_stats else l_mean  # (unused in eval)
+        _launch(_gate_logits_kernel, "_gate_logits_kernel", (P,), *head, l_out, l_acc, part, P, l_mean, l_invstd,
+                a, H, n, N, *_f32_pair(eps), BATCH_STATS=bool(batch_stats), ACC=_TL[acc],
                 L_ACC=l_acc is not l_out, HC=hc, BN=bn)
+        if batch_stats:
+            _launch(_gate_norm_kernel, "_gate_norm_kernel", (triton.cdiv(N, BLOCK),), part, P, bn, l_acc,
+                    *head[10:14], l_mean, l_invstd, a, N, *_f32_pair(eps),
+                    *_f32_pair(momentum), HAS_RUNNING=has_running, ACC=_TL[acc], BP=BLOCK, BN=BLOCK)
         return a, l_out, l_mean, l_invstd
 
     @staticmethod

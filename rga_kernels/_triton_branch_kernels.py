@@ -7,6 +7,10 @@ from ._triton import TRITON_AVAILABLE, tl, triton
 
 BLOCK = 1024  # nodes per loop step of a per-channel program
 TILE = 4096  # elements of a (channels x nodes) tile
+#: gate_fwd in training splits its work over a grid (two launches: the logits with partial statistics
+#: per block, then the merge and the sigmoid) from this many multiply-adds per pass (B*n*H) up; below
+#: it one program (one launch) does all. csrc/branch_ops.h's kGateSplitWork is the same number.
+GATE_SPLIT_WORK = 1 << 18
 
 if TRITON_AVAILABLE:
     @triton.jit
@@ -227,35 +231,49 @@ if TRITON_AVAILABLE:
     # ------------------------------------------------------------------------------------------
 
     @triton.jit
+    def _head_logits(h, h_sb, h_sc, h_sn, hw, hb, hm, hi, w2, w2_s, i, H, n, N, ACC: tl.constexpr,
+                     HC: tl.constexpr):
+        """The logits l = w2 · ReLU(BN_h(h)) at nodes i (a [BN] vector; 0 outside N), summing
+        (HC channels x BN nodes) tiles over the channels, in ACC."""
+        cc = tl.arange(0, HC)
+        l = tl.zeros(i.shape, ACC)
+        for c0 in range(0, H, HC):
+            ch = c0 + cc
+            cm = ch < H
+            m = cm[:, None] & (i < N)[None, :]
+            x = tl.load(h + ch[:, None].to(tl.int64) * h_sc + _node_offsets(i, n, h_sb, h_sn)[None, :],
+                        mask=m, other=0.0).to(ACC)
+            pre = _bn(x, tl.load(hm + ch, mask=cm, other=0.0)[:, None],
+                      tl.load(hi + ch, mask=cm, other=0.0)[:, None],
+                      tl.load(hw + ch, mask=cm, other=0.0).to(ACC)[:, None],
+                      tl.load(hb + ch, mask=cm, other=0.0).to(ACC)[:, None])
+            w2c = tl.load(w2 + ch * w2_s, mask=cm, other=0.0).to(ACC)
+            l += tl.sum(tl.where(m, w2c[:, None] * tl.maximum(pre, 0.0), 0.0), 0)
+        return l
+
+    @triton.jit
+    def _sigmoid_bn(l, mean, invstd, lw, lb):
+        """a = sigmoid(BN_l(l)) for a [1, BN] row of logits and [1] statistics."""
+        s = _bn(l, mean[:, None], invstd[:, None], lw[:, None], lb[:, None])
+        return 1.0 / (1.0 + tl.exp(-s))
+
+    @triton.jit
     def _gate_fwd_kernel(
         h, h_sb, h_sc, h_sn, hw, hb, hm, hi, w2, w2_s, lw, lb, rm, rv, l_out, l_acc, l_mean, l_invstd, a_out,
         H, n, N, eps_hi, eps_lo, mom_hi, mom_lo,
         BATCH_STATS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC: tl.constexpr, L_ACC: tl.constexpr,
         HC: tl.constexpr, BN: tl.constexpr,
     ):
-        """A single program. Pass 1: the logits l = w2 · ReLU(BN_h(h)) (B, 1, n) per node block,
-        summing (HC channels x BN nodes) tiles over the channels; stored in h's dtype (l_out) and,
-        when that is narrower, in the accumulation dtype (l_acc, L_ACC). Then l's statistics (or the
-        running ones) and pass 2: a = sigmoid(BN_l(l))."""
+        """A single program (training at small sizes, see gate_fwd). Pass 1: the logits l (B, 1, n)
+        per node block, stored in h's dtype (l_out) and, when that is narrower, in the accumulation
+        dtype (l_acc, L_ACC). Then l's statistics (or the running ones) and pass 2:
+        a = sigmoid(BN_l(l))."""
         eps = _pair(eps_hi, eps_lo, ACC)
         mom = _pair(mom_hi, mom_lo, ACC)
-        cc = tl.arange(0, HC)
         nn = tl.arange(0, BN)
         for i0 in range(0, N, BN):
             i = i0 + nn
-            l = tl.zeros([BN], ACC)
-            for c0 in range(0, H, HC):
-                ch = c0 + cc
-                cm = ch < H
-                m = cm[:, None] & (i < N)[None, :]
-                x = tl.load(h + ch[:, None].to(tl.int64) * h_sc + _node_offsets(i, n, h_sb, h_sn)[None, :],
-                            mask=m, other=0.0).to(ACC)
-                pre = _bn(x, tl.load(hm + ch, mask=cm, other=0.0)[:, None],
-                          tl.load(hi + ch, mask=cm, other=0.0)[:, None],
-                          tl.load(hw + ch, mask=cm, other=0.0).to(ACC)[:, None],
-                          tl.load(hb + ch, mask=cm, other=0.0).to(ACC)[:, None])
-                w2c = tl.load(w2 + ch * w2_s, mask=cm, other=0.0).to(ACC)
-                l += tl.sum(tl.where(m, w2c[:, None] * tl.maximum(pre, 0.0), 0.0), 0)
+            l = _head_logits(h, h_sb, h_sc, h_sn, hw, hb, hm, hi, w2, w2_s, i, H, n, N, ACC, HC)
             tl.store(l_out + i, l.to(l_out.dtype.element_ty), mask=i < N)
             if L_ACC:
                 tl.store(l_acc + i, l, mask=i < N)
@@ -267,9 +285,85 @@ if TRITON_AVAILABLE:
         bl = tl.load(lb + zero).to(ACC)
         for i0 in range(0, N, BN):
             i = (i0 + nn)[None, :]
-            s = _bn(tl.load(l_acc + i, mask=i < N, other=0.0).to(ACC), mean[:, None], invstd[:, None], wl[:, None],
-                    bl[:, None])
-            tl.store(a_out + i, (1.0 / (1.0 + tl.exp(-s))).to(a_out.dtype.element_ty), mask=i < N)
+            a = _sigmoid_bn(tl.load(l_acc + i, mask=i < N, other=0.0).to(ACC), mean, invstd, wl, bl)
+            tl.store(a_out + i, a.to(a_out.dtype.element_ty), mask=i < N)
+
+    @triton.jit
+    def _gate_logits_kernel(
+        h, h_sb, h_sc, h_sn, hw, hb, hm, hi, w2, w2_s, lw, lb, rm, rv, l_out, l_acc, part, P, l_mean, l_invstd,
+        a_out, H, n, N, eps_hi, eps_lo,
+        BATCH_STATS: tl.constexpr, ACC: tl.constexpr, L_ACC: tl.constexpr, HC: tl.constexpr, BN: tl.constexpr,
+    ):
+        """A program per block of BN nodes: its logits (as _gate_fwd_kernel's pass 1). Training: the
+        block's mean and sum of squared deviations at part[pid] and part[P + pid], merged by
+        _gate_norm_kernel. Evaluation: a = sigmoid(BN_l(l)) with the running statistics, here."""
+        pid = tl.program_id(0)
+        i = pid * BN + tl.arange(0, BN)
+        im = i < N
+        l = _head_logits(h, h_sb, h_sc, h_sn, hw, hb, hm, hi, w2, w2_s, i, H, n, N, ACC, HC)
+        tl.store(l_out + i, l.to(l_out.dtype.element_ty), mask=im)
+        if BATCH_STATS:
+            if L_ACC:
+                tl.store(l_acc + i, l, mask=im)
+            count = tl.minimum(N - pid * BN, BN).to(ACC)
+            mean = tl.sum(l, 0) / count
+            d = tl.where(im, l - mean, 0.0)
+            tl.store(part + pid, mean)
+            tl.store(part + P + pid, tl.sum(d * d, 0))
+        else:
+            zero = tl.zeros([1], tl.int32)
+            mean = tl.load(rm + zero).to(ACC)
+            invstd = 1.0 / tl.sqrt(tl.load(rv + zero).to(ACC) + _pair(eps_hi, eps_lo, ACC))
+            first = zero == pid
+            tl.store(l_mean + zero, mean, mask=first)
+            tl.store(l_invstd + zero, invstd, mask=first)
+            a = _sigmoid_bn(l[None, :], mean, invstd, tl.load(lw + zero).to(ACC), tl.load(lb + zero).to(ACC))
+            tl.store(a_out + i[None, :], a.to(a_out.dtype.element_ty), mask=im[None, :])
+
+    @triton.jit
+    def _gate_norm_kernel(
+        part, P, PB, l_acc, lw, lb, rm, rv, l_mean, l_invstd, a_out, N, eps_hi, eps_lo, mom_hi, mom_lo,
+        HAS_RUNNING: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    ):
+        """A program per block of BN nodes: the logits' batch statistics from _gate_logits_kernel's P
+        partial ones (PB nodes each; Chan's merge: mean = sum(c_p m_p) / N and
+        M2 = sum(M2_p + c_p (m_p - mean)^2), the same order in every program), then
+        a = sigmoid(BN_l(l)) on its block. Program 0 stores the statistics and updates the running
+        ones (unbiased variance)."""
+        eps = _pair(eps_hi, eps_lo, ACC)
+        mom = _pair(mom_hi, mom_lo, ACC)
+        pp = tl.arange(0, BP)
+        s = tl.zeros([BP], ACC)
+        for p0 in range(0, P, BP):
+            p = p0 + pp
+            c = tl.minimum(N - p * PB, PB).to(ACC)
+            s += tl.where(p < P, c * tl.load(part + p, mask=p < P, other=0.0), 0.0)
+        mean = tl.sum(s, 0) / N
+        s = tl.zeros([BP], ACC)
+        for p0 in range(0, P, BP):
+            p = p0 + pp
+            c = tl.minimum(N - p * PB, PB).to(ACC)
+            d = tl.load(part + p, mask=p < P, other=0.0) - mean
+            s += tl.where(p < P, tl.load(part + P + p, mask=p < P, other=0.0) + c * d * d, 0.0)
+        var = tl.sum(s, 0) / N
+        zero = tl.zeros([1], tl.int32)
+        mean = mean + tl.zeros([1], ACC)
+        var = var + tl.zeros([1], ACC)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        first = zero == tl.program_id(0)
+        tl.store(l_mean + zero, mean, mask=first)
+        tl.store(l_invstd + zero, invstd, mask=first)
+        if HAS_RUNNING:
+            count = tl.zeros([1], ACC) + N
+            unbiased = var * (count / tl.maximum(count - 1, 1))
+            r_m = tl.load(rm + zero).to(ACC)
+            r_v = tl.load(rv + zero).to(ACC)
+            tl.store(rm + zero, (r_m * (1 - mom) + mom * mean).to(rm.dtype.element_ty), mask=first)
+            tl.store(rv + zero, (r_v * (1 - mom) + mom * unbiased).to(rv.dtype.element_ty), mask=first)
+        i = (tl.program_id(0) * BN + tl.arange(0, BN))[None, :]
+        a = _sigmoid_bn(tl.load(l_acc + i, mask=i < N, other=0.0).to(ACC), mean, invstd, tl.load(lw + zero).to(ACC),
+                        tl.load(lb + zero).to(ACC))
+        tl.store(a_out + i, a.to(a_out.dtype.element_ty), mask=i < N)
 
     @triton.jit
     def _gate_bwd_kernel(

@@ -14,6 +14,7 @@ import torch
 import rga_kernels
 from rga_kernels import branch_reference as ref
 from rga_kernels._branch_chain import _kernels
+from rga_kernels._triton_branch_kernels import GATE_SPLIT_WORK
 from rga_kernels.launches import count_launches
 from testkit import assert_close, backend_params
 
@@ -46,10 +47,15 @@ def _bn_params(K, seed, device, dtype=torch.float64):
     return w, b, rm, rv
 
 
-def _check_launches(fn, name, backend):
+def _gate_fwd_launches(backend, B, Kh, n):
+    """gate_fwd in training: the GPU backends split B*n*Kh >= GATE_SPLIT_WORK over two launches."""
+    return 2 if backend in ("cuda", "triton") and B * n * Kh >= GATE_SPLIT_WORK else 1
+
+
+def _check_launches(fn, name, backend, want=None):
     counts = count_launches(fn, by_op=True)
     kernels = sum(v for k, v in counts.items() if k.startswith(("kernel::", "triton::")))
-    want = LAUNCHES[name]
+    want = LAUNCHES[name] if want is None else want
     if isinstance(want, dict):
         want = want.get(backend, DEFAULT_MEAN_LAUNCHES)
     assert kernels == want and sum(counts.values()) == want, f"{name}: {dict(counts)}"
@@ -119,8 +125,8 @@ def test_bn_act_bwd(device, backend, batch_stats, B, groups, mean_group, P, tran
 @pytest.mark.parametrize("device, backend", _params())
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("B, Kh, n, transposed", [(2, 3, 13, False), (1, 1, 7, False), (3, 5, 32, True),
-                                                  (2, 70, 1500, False)])
-def test_gate_fwd_and_head_bwd(device, backend, batch_stats, B, Kh, n, transposed):
+                                                  (2, 70, 1500, False), (2, 64, 2100, False)])
+def test_gate_fwd_and_head_bwd(device, backend, batch_stats, B, Kh, n, transposed, split=None):
     k = _kernels(backend)
     h = _rand(B, Kh, n, seed=6, device=device, transpose=transposed)
     hw, hb, hrm, hrv = _bn_params(Kh, 7, device)
@@ -135,7 +141,9 @@ def test_gate_fwd_and_head_bwd(device, backend, batch_stats, B, Kh, n, transpose
     assert_close(run[0], run_ref[0], "float64")
     assert_close(run[1], run_ref[1], "float64")
     _check_launches(lambda: k.gate_fwd(h, hw, hb, h_mean, h_invstd, w2, lw, lb, None, None, True, 0.1, 1e-5),
-                    "gate_fwd", backend)
+                    "gate_fwd", backend, split or _gate_fwd_launches(backend, B, Kh, n))
+    _check_launches(lambda: k.gate_fwd(h, hw, hb, h_mean, h_invstd, w2, lw, lb, lrm, lrv, False, 0.1, 1e-5),
+                    "gate_fwd", backend)  # evaluation: one launch at any size
 
     a, l, l_mean, l_invstd = want
     gs = _rand(B, 1, n, seed=12, device=device)
@@ -146,6 +154,27 @@ def test_gate_fwd_and_head_bwd(device, backend, batch_stats, B, Kh, n, transpose
         assert_close(o, e, "float64", msg=name)
     _check_launches(lambda: k.head_bwd(gs, l, lw, l_mean, l_invstd, h, hw, hb, h_mean, h_invstd, w2, batch_stats),
                     "head_bwd", backend)
+
+
+@pytest.mark.parametrize("device, backend", backend_params(("triton",)))
+@pytest.mark.parametrize("B, Kh, n, transposed", [(2, 3, 13, False), (3, 5, 200, True), (1, 33, 500, False),
+                                                  (2, 70, 1500, False)])
+def test_gate_fwd_split_at_small_sizes(device, backend, B, Kh, n, transposed, monkeypatch):
+    """The two-launch gate_fwd (blocks' partial statistics, then their merge) at sizes that otherwise
+    take the single program: one block, 2 to 47 blocks with a short last one, batch 1, transposed."""
+    import rga_kernels._triton_branch as triton_branch
+
+    monkeypatch.setattr(triton_branch, "GATE_SPLIT_WORK", 0)
+    test_gate_fwd_and_head_bwd(device, backend, True, B, Kh, n, transposed, split=2)
+
+
+def test_gate_split_threshold_is_the_same_in_cuda_and_triton():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "csrc" / "branch.h").read_text()
+    m = re.search(r"kGateSplitWork = int64_t\(1\) << (\d+);", text)
+    assert m is not None and 1 << int(m.group(1)) == GATE_SPLIT_WORK
 
 
 @pytest.mark.parametrize("device, backend", _params())
