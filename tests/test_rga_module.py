@@ -714,3 +714,29 @@ def test_tensors_replaced_below_the_module_after_a_forward_are_used(backend):
             bn.register_forward_hook(lambda *_: calls.append(1))
     fus(x)
     assert calls, "the SyncBatchNorm modules were bypassed"
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] in ("torch", "cpp")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_module_after_a_step(dtype, backend):
+    """module.half() / .bfloat16() (no autocast) after a float32 step: the branch kernels keep BN
+    parameters in float32, so such a module takes the composite path instead of failing."""
+    torch.manual_seed(0)
+    ref = _randomize(RGAModule(C, (H, W), **SMALL))
+    fus = copy.deepcopy(ref)
+    fus.fused = backend
+    x = _x().float()
+    for m in (ref, fus):
+        m(x).sum().backward()
+        m.to(dtype)
+    xh = x.to(dtype)
+    for train in (True, False):
+        outs = []
+        for m in (ref, fus):
+            m.train(train)
+            xi = xh.clone().requires_grad_()
+            out = m(xi)
+            out.float().pow(2).sum().backward()
+            assert out.dtype == dtype and torch.isfinite(xi.grad).all()
+            outs.append(out.float())
+        assert (outs[1] - outs[0]).abs().max() <= 0.05 * outs[0].abs().max()
