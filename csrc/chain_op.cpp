@@ -24,6 +24,7 @@
 #include <ATen/ops/sigmoid.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <utility>
@@ -333,8 +334,12 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();  // first: a second backward fails here, clearly
     const auto st = c10::static_intrusive_pointer_cast<ChainState>(ctx->saved_data["state"].toCapsule());
-    const variable_list saved = ctx->get_saved_variables();
+    // Without retain_graph the engine frees the saved variables after this call, but not
+    // saved_data: drop the capsule here, or every intermediate stays alive for as long as the
+    // graph is referenced (the output or the loss, typically until the next step replaces it).
+    if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase("state");
     const Tensor &x = saved[0], &target = saved[1];
     const at::TensorList params = at::TensorList(saved).slice(2);
     // one gradient per Function input: x, target, each parameter, the non-tensor arguments

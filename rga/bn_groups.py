@@ -80,6 +80,8 @@ def _tie_parameters(params: Sequence[torch.Tensor]) -> None:
     params = [p for p in params if p is not None]
     if len(params) < 2 or len({(p.device, p.dtype) for p in params}) != 1:
         return
+    if not all(type(p) is nn.Parameter for p in params):
+        return  # someone else's tensors (torch.func.functional_call, a DataParallel replica): leave them be
     ptr, size = params[0].data_ptr(), params[0].element_size()
     adjacent = True
     for p in params:

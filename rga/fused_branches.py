@@ -82,7 +82,8 @@ def _make_kernel_branch(spec, params, running):
 def branch_args(module, branch: str, backend: str):
     """(BranchSpec, BranchParams, BranchRunning) of a branch, or None where the kernels do not
     apply (BN subclasses such as SyncBatchNorm, differing BN settings, affine=False,
-    momentum=None, untied running statistics): those run the composite path."""
+    momentum=None, untied running statistics, a half or bfloat16 module): those run the composite
+    path."""
     from rga_kernels.branch import BranchParams, BranchRunning, BranchSpec
 
     names = module._embedding_names()
@@ -92,6 +93,8 @@ def branch_args(module, branch: str, backend: str):
     bns = [m[1] for m in mods] + [mlp[1], mlp[4]]
     if not (all(_plain_bn(b) and b.affine for b in bns) and _same_config(bns)) or bns[0].momentum is None:
         return None
+    if any(b.weight.dtype not in (torch.float32, torch.float64) for b in bns):
+        return None  # a half or bfloat16 module (not autocast): the kernels keep BN parameters in float32
     b0 = bns[0]
     track = b0.track_running_stats and b0.running_mean is not None
     emb_mean = emb_var = None

@@ -18,6 +18,9 @@ Parameter names and shapes are those of the public implementation's checkpoints
 """
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -232,16 +235,27 @@ class RGAModule(nn.Module):
             return None, {}, counters
         plan = self.__dict__.get("_plan_cache")
         if plan is not None and plan[0] == self._plan_key():
-            return plan
+            members = self._plan_members()
+            if len(members) == len(plan[3]) and all(map(operator.is_, members, plan[3])):
+                return plan
         self._tie_buffers()  # a deepcopy or a reassignment may have separated them
-        self.__dict__["_plan_bns"] = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        mods = list(self.modules())
+        self.__dict__["_plan_dicts"] = [d for m in mods for d in (m._parameters, m._buffers, m._modules) if d]
+        self.__dict__["_plan_bns"] = [m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         kernels, counted = self._kernel_branches()
         counters = [m.num_batches_tracked for m in self._plan_bns
                     if _plain_bn(m) and m.training and m.track_running_stats and m.num_batches_tracked is not None
                     and not any(m.num_batches_tracked is c for c in counted)]
-        plan = (self._plan_key(), kernels, counters)
+        plan = (self._plan_key(), kernels, counters, self._plan_members())
         self.__dict__["_plan_cache"] = plan
         return plan
+
+    def _plan_members(self) -> list:
+        """Every parameter, buffer and submodule in the tree the plan was made for, as the modules
+        hold them now. The plan holds tensors: one replaced below this module, where __setattr__
+        does not see it (torch.func.functional_call, a submodule's parameter or buffer reassigned,
+        convert_sync_batchnorm after a forward), makes it stale."""
+        return list(itertools.chain.from_iterable(map(dict.values, self.__dict__.get("_plan_dicts", ()))))
 
     def _forget_plan(self) -> None:
         self.__dict__.pop("_plan_cache", None)
@@ -251,6 +265,7 @@ class RGAModule(nn.Module):
         state = self.__dict__.copy()
         state.pop("_plan_cache", None)
         state.pop("_plan_bns", None)
+        state.pop("_plan_dicts", None)
         return state
 
     def __setattr__(self, name, value):

@@ -312,6 +312,11 @@ class _Chain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_grad_attention):
         steps = ctx.steps
+        records = getattr(ctx, "records", None)
+        if not torch._C._autograd._get_current_graph_task_keep_graph():
+            # the saved tensors are freed after this call, the intermediates (an attribute) are not:
+            # without this they stay alive as long as the graph is referenced
+            ctx.records = None
         if grad_out is None:
             return (None,) * (6 + sum(ctx.counts))
         tensors = ctx.saved_tensors
@@ -319,9 +324,8 @@ class _Chain(torch.autograd.Function):
         flats = _split_params(ctx.counts, flat)
         ps = [_unflatten(st.spec, f) for st, f in zip(steps, flats)]
         if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable recompute
-            d_x, d_target, d_flat = _chain_double_backward(ctx, x, target, flat, ps, grad_out)
+            d_x, d_target, d_flat = _chain_double_backward(ctx, records, x, target, flat, ps, grad_out)
             return (None, None, None, d_x, d_target, None, *d_flat)
-        records = ctx.records
         d_params = [None] * len(steps)
         if ctx.parallel:
             s0, s1 = steps
@@ -341,12 +345,12 @@ class _Chain(torch.autograd.Function):
         return (None, None, None, d_x, d_target, None, *(g_ for d in d_params for g_ in d))
 
 
-def _chain_double_backward(ctx, x, target, flat, ps, grad_out):
+def _chain_double_backward(ctx, records, x, target, flat, ps, grad_out):
     """Gradients as a differentiable function of the inputs (for create_graph=True): the chain
     recomputed in differentiable PyTorch ops (the forward's statistics in eval mode) and
     differentiated. Exact, and slower."""
     steps, cdt = ctx.steps, ctx.cdt
-    saved = [r.saved for r in ctx.records]
+    saved = [r.saved for r in records]
     inputs = [x, target, *flat]
     wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
 

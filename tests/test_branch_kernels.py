@@ -322,3 +322,41 @@ def test_chain_rejects_a_bad_description_with_a_message():
         op(x[0], None, flat, running8, [], meta, [0.1, 1e-5], False, None)
     out, (a,) = op(x, None, flat, running8, [], meta, [0.1, 1e-5], False, None)  # the same arguments, well formed
     assert out.shape == x.shape and a.shape == (2, 1, 16)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_chain_frees_its_intermediates_after_backward(backend):
+    """The chain keeps its intermediates outside the saved variables (a capsule in C++, a ctx
+    attribute in Python); a backward without retain_graph frees them like the saved tensors,
+    not only when the graph (held by the output or the loss) goes."""
+    if backend == "cpp" and "cpp" not in rga_kernels.available_backends("cpu"):
+        pytest.skip(rga_kernels.backend_status("cpu")["cpp"][1])
+    from rga import RGAModule
+    from rga.fused_branches import branch_args
+    from rga_kernels.branch import Step, make_chain
+
+    torch.manual_seed(0)
+    m = RGAModule(16, (4, 4), cha_ratio=4, spa_ratio=4, down_ratio=2).train()
+    steps, params = [], []
+    for branch in ("spatial", "channel"):
+        spec, p, running = branch_args(m, branch, backend)
+        steps.append(Step(spec, running, branch == "channel"))
+        params.append(p)
+    run = make_chain(steps, params)
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    out, attention = run(x)
+    attention = [a.detach() for a in attention]  # views: the spatial map may be the chain's own tensor
+
+    def holders():  # how many tensors hold each attention's storage (the chain's own copy among them)
+        return [torch._C._storage_Use_Count(a.untyped_storage()._cdata) for a in attention]
+
+    alive = holders()
+    out.sum().backward(retain_graph=True)
+    assert holders() == alive, "retain_graph keeps the intermediates for the next backward"
+    out.sum().backward()
+    freed = holders()
+    assert all(f < a for f, a in zip(freed, alive)), "the intermediates outlive the backward"
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+    del out
+    assert holders() == freed

@@ -679,3 +679,64 @@ def _buffer(module):
     torch.save(module, buf)
     buf.seek(0)
     return buf
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] in ("torch", "cpp")])
+def test_tensors_replaced_below_the_module_after_a_forward_are_used(backend):
+    """The fused path's plan holds the module's tensors; one swapped or reassigned below the
+    module (where RGAModule.__setattr__ does not see it) after the plan was made must be used:
+    torch.func.functional_call, a submodule's parameter or buffer, convert_sync_batchnorm."""
+    ref, fus = _pair(backend)
+    x = _x()
+    for m in (ref, fus):
+        m(x)  # planned
+    # functional_call: the given tensors, their gradients, and the module's own ones afterwards
+    grads = []
+    for m in (ref, fus):
+        new = {k: (v.detach() + 0.3).requires_grad_() for k, v in m.named_parameters()}
+        out = torch.func.functional_call(m, new, (x,))
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), [new[k].grad for k in new]))
+    assert_close(grads[1][0], grads[0][0], "float64")
+    for g2, g1 in zip(grads[1][1], grads[0][1]):
+        assert_close(g2, g1, "float64")
+    _assert_same(ref, fus, x, steps=1)
+    # a submodule's parameter and buffer reassigned
+    for m in (ref, fus):
+        m.W_spatial[3].weight = torch.nn.Parameter(m.W_spatial[3].weight.detach() * -2)
+        m.W_channel[1].running_mean = m.W_channel[1].running_mean.clone()
+    _assert_same(ref, fus, x, steps=1)
+    # convert_sync_batchnorm after a forward: the SyncBatchNorm modules run
+    fus = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fus)
+    calls = []
+    for bn in fus.modules():
+        if isinstance(bn, torch.nn.SyncBatchNorm):
+            bn.register_forward_hook(lambda *_: calls.append(1))
+    fus(x)
+    assert calls, "the SyncBatchNorm modules were bypassed"
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] in ("torch", "cpp")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_module_after_a_step(dtype, backend):
+    """module.half() / .bfloat16() (no autocast) after a float32 step: the branch kernels keep BN
+    parameters in float32, so such a module takes the composite path instead of failing."""
+    torch.manual_seed(0)
+    ref = _randomize(RGAModule(C, (H, W), **SMALL))
+    fus = copy.deepcopy(ref)
+    fus.fused = backend
+    x = _x().float()
+    for m in (ref, fus):
+        m(x).sum().backward()
+        m.to(dtype)
+    xh = x.to(dtype)
+    for train in (True, False):
+        outs = []
+        for m in (ref, fus):
+            m.train(train)
+            xi = xh.clone().requires_grad_()
+            out = m(xi)
+            out.float().pow(2).sum().backward()
+            assert out.dtype == dtype and torch.isfinite(xi.grad).all()
+            outs.append(out.float())
+        assert (outs[1] - outs[0]).abs().max() <= 0.05 * outs[0].abs().max()
