@@ -5,11 +5,15 @@ it (plain nn.BatchNorm2d, one setting for all, affine, a fixed momentum, tied ru
 it returns a function running ``rga_kernels.branch.fused_branch`` on that branch's parameters and
 buffers and, when every branch of the module qualifies, a "chain" running all of them as one
 autograd node (``rga_kernels.branch.make_chain``; on cpp/cuda one C++ op); the module caches the
-plan until its structure or mode changes (RGAModule._plan).
+plan until its structure or mode changes (:class:`PlanCache`, which RGAModule inherits).
 """
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
+from torch import nn
 
 from .bn_groups import _bn_uses_batch_stats, _flat_base, _momentum_factor, _plain_bn, _same_config
 
@@ -128,3 +132,72 @@ def branch_args(module, branch: str, backend: str):
     running = BranchRunning(emb_mean, emb_var, *(stats(rel[1]) if rel else (None, None)), *stats(mlp[1]),
                             *stats(mlp[4]), counters)
     return spec, params, running
+
+
+class PlanCache:
+    """RGAModule's fused-path plan, cached (a mixin before nn.Module; the module provides
+    ``_fused``, ``_tie_buffers`` and ``_kernel_branches``).
+
+    What the fused path runs (which branches go through rga_kernels' kernels, with which
+    parameters and buffers) depends on the module's structure, its mode and its BNs' settings; it
+    is worked out once and reused while those stay the same (an eager step is host-bound)."""
+
+    def _count_batches(self) -> None:
+        """num_batches_tracked += 1 for every plain BN of the module that tracks statistics, in one op."""
+        counters = self._plan()[2]
+        if counters:
+            torch._foreach_add_(counters, 1)
+
+    def _plan_key(self):
+        return (self._fused, self.training, tuple((b.training, b.momentum, b.eps, b.track_running_stats, b.affine)
+                                                  for b in self.__dict__.get("_plan_bns", ())))
+
+    def _plan(self):
+        if torch.compiler.is_compiling():  # traced: the composite path, nothing cached
+            counters = [m.num_batches_tracked for m in self.modules() if _plain_bn(m) and m.training
+                        and m.track_running_stats and m.num_batches_tracked is not None]
+            return None, {}, counters
+        plan = self.__dict__.get("_plan_cache")
+        if plan is not None and plan[0] == self._plan_key():
+            members = self._plan_members()
+            if len(members) == len(plan[3]) and all(map(operator.is_, members, plan[3])):
+                return plan
+        self._tie_buffers()  # a deepcopy or a reassignment may have separated them
+        mods = list(self.modules())
+        self.__dict__["_plan_dicts"] = [d for m in mods for d in (m._parameters, m._buffers, m._modules) if d]
+        self.__dict__["_plan_bns"] = [m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        kernels, counted = self._kernel_branches()
+        counters = [m.num_batches_tracked for m in self._plan_bns
+                    if _plain_bn(m) and m.training and m.track_running_stats and m.num_batches_tracked is not None
+                    and not any(m.num_batches_tracked is c for c in counted)]
+        plan = (self._plan_key(), kernels, counters, self._plan_members())
+        self.__dict__["_plan_cache"] = plan
+        return plan
+
+    def _plan_members(self) -> list:
+        """Every parameter, buffer and submodule in the tree the plan was made for, as the modules
+        hold them now. The plan holds tensors: one replaced below this module, where __setattr__
+        does not see it (torch.func.functional_call, a submodule's parameter or buffer reassigned,
+        convert_sync_batchnorm after a forward), makes it stale."""
+        return list(itertools.chain.from_iterable(map(dict.values, self.__dict__.get("_plan_dicts", ()))))
+
+    def _forget_plan(self) -> None:
+        self.__dict__.pop("_plan_cache", None)
+
+    def __getstate__(self):
+        # a copy or a pickle plans again: the cached plan holds this module's own tensors
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)
+        state.pop("_plan_bns", None)
+        state.pop("_plan_dicts", None)
+        return state
+
+    def __setattr__(self, name, value):
+        # a replaced submodule, parameter or buffer (e.g. convert_sync_batchnorm) changes the plan
+        if isinstance(value, (nn.Module, torch.Tensor)):
+            self.__dict__.pop("_plan_cache", None)
+        super().__setattr__(name, value)
+
+    def train(self, mode: bool = True):
+        self._forget_plan()
+        return super().train(mode)
