@@ -27,6 +27,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -140,9 +141,11 @@ struct Record {
   std::vector<Tensor> saved;
   at::ScalarType dtype;  // of the input the step was given (its gradient's)
   bool own_target;       // target came from the caller (else: inp uncast, under autocast)
+  size_t n_saved = 0;    // saved.size(), kept when the tensors move to save_for_backward
 };
 
-// Everything the backward needs, kept in the autograd context as one capsule.
+// What the backward needs besides the saved variables, kept in the autograd context as one
+// capsule. The records' tensors travel through save_for_backward (see ChainFunction::forward).
 struct ChainState : torch::CustomClassHolder {
   std::vector<StepSpec> steps;
   std::vector<Record> records;
@@ -170,7 +173,8 @@ std::pair<Tensor, Tensor> run_step(const StepSpec& s, Tensor inp, Tensor target,
   return {out, a};
 }
 
-// The chain's forward; returns (out, attention per step) and fills state.records.
+// The chain's forward; returns (out, attention per step, in the step's own layout: see
+// attention_views) and fills state.records.
 std::pair<Tensor, std::vector<Tensor>> chain_forward(ChainState& st, const Tensor& x, const Tensor& target,
                                                      at::TensorList params, at::TensorList running,
                                                      at::TensorList counters) {
@@ -190,7 +194,7 @@ std::pair<Tensor, std::vector<Tensor>> chain_forward(ChainState& st, const Tenso
     auto [o1, a1] = run_step(s1, tr(x, s1.transposed), tr(tr(o0, s0.transposed), s1.transposed), params,
                              running.slice(kRunningPerStep, kRunningPerStep),
                              counters.slice(s1.counters_first, s1.n_counters), st.cdt, st.records[1]);
-    attention = {tr(a0, s0.transposed), tr(a1, s1.transposed)};
+    attention = {a0, a1};
     out = tr(o1, s1.transposed);
   } else {
     Tensor t = x;
@@ -199,12 +203,20 @@ std::pair<Tensor, std::vector<Tensor>> chain_forward(ChainState& st, const Tenso
       auto [o, a] = run_step(s, tr(t, s.transposed), i == 0 ? tr(target, s.transposed) : Tensor(), params,
                              running.slice(kRunningPerStep * i, kRunningPerStep),
                              counters.slice(s.counters_first, s.n_counters), st.cdt, st.records[i]);
-      attention.push_back(tr(a, s.transposed));
+      attention.push_back(a);
       t = tr(o, s.transposed);
     }
     out = t;
   }
   return {out, attention};
+}
+
+// The attention maps as the caller sees them ((B, 1, n) or, for a transposed step, (B, n, 1)).
+// Made where views are tracked (not below ADInplaceOrView): the transposed map then shares its
+// version counter with the saved one, and changing it in place before backward is an error.
+std::vector<Tensor> attention_views(const ChainState& st, std::vector<Tensor> attention) {
+  for (size_t i = 0; i < attention.size(); ++i) attention[i] = tr(attention[i], st.steps[i].transposed);
+  return attention;
 }
 
 // One step's gradients: (d_inp in the dtype the step was given, d_target (a caller's target) or
@@ -282,7 +294,8 @@ Tensor composite_step(const StepSpec& s, const Tensor& inp, const Tensor& target
   return target * a;
 }
 
-Tensor composite_chain(const ChainState& st, const Tensor& x, const Tensor& target, at::TensorList params) {
+Tensor composite_chain(const ChainState& st, const std::vector<Record>& records, const Tensor& x, const Tensor& target,
+                       at::TensorList params) {
   auto step = [&](size_t i, Tensor inp, Tensor tgt) {
     const StepSpec& s = st.steps[i];
     inp = tr(inp, s.transposed);
@@ -291,7 +304,7 @@ Tensor composite_chain(const ChainState& st, const Tensor& x, const Tensor& targ
       if (!tgt.defined()) tgt = inp;
       inp = inp.to(*st.cdt);
     }
-    return tr(composite_step(s, inp, tgt.defined() ? tgt : inp, params_of(s, params), st.records[i].saved),
+    return tr(composite_step(s, inp, tgt.defined() ? tgt : inp, params_of(s, params), records[i].saved),
               s.transposed);
   };
   if (st.parallel) return step(1, x, step(0, x, Tensor()));
@@ -312,18 +325,34 @@ struct ChainArgs {
 struct ChainFunction : public torch::autograd::Function<ChainFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& target, at::TensorList params,
                                const ChainArgs& args) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto st = c10::make_intrusive<ChainState>();
     st->steps = decode(args.meta, args.bn, static_cast<int64_t>(params.size()),
                        static_cast<int64_t>(args.counters.size()));
     st->parallel = args.parallel;
     st->cdt = args.cdt;
-    auto [out, attention] =
-        chain_forward(*st, x, target.has_value() ? *target : Tensor(), params, args.running, args.counters);
+    Tensor out;
+    std::vector<Tensor> attention;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out, attention) =
+          chain_forward(*st, x, target.has_value() ? *target : Tensor(), params, args.running, args.counters);
+    }
+    attention = attention_views(*st, std::move(attention));
     variable_list to_save{x, target.has_value() ? *target : Tensor()};
     to_save.insert(to_save.end(), params.begin(), params.end());
-    // inputs through save_for_backward (modifying one in place before backward is an error);
-    // the intermediates, which nothing else can reach, in the capsule
+    // Every tensor the backward reads goes through save_for_backward, the intermediates too:
+    // modifying an input (or a returned attention map) in place before backward is an error, and
+    // saved-tensor hooks see them all (non-reentrant checkpointing drops and recomputes them,
+    // save_on_cpu offloads them). The capsule keeps only the description.
+    for (Record& r : st->records) {
+      to_save.push_back(std::move(r.inp));
+      to_save.push_back(std::move(r.target));
+      r.n_saved = r.saved.size();
+      for (Tensor& t : r.saved) to_save.push_back(std::move(t));
+      r.inp = Tensor();
+      r.target = Tensor();
+      r.saved.clear();
+    }
     ctx->save_for_backward(to_save);
     ctx->saved_data["state"] = c10::IValue::make_capsule(st);
     ctx->mark_non_differentiable(attention);
@@ -334,12 +363,22 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();  // first: a second backward fails here, clearly
+    const variable_list all = ctx->get_saved_variables();  // first: a second backward fails here, clearly
     const auto st = c10::static_intrusive_pointer_cast<ChainState>(ctx->saved_data["state"].toCapsule());
     // Without retain_graph the engine frees the saved variables after this call, but not
-    // saved_data: drop the capsule here, or every intermediate stays alive for as long as the
-    // graph is referenced (the output or the loss, typically until the next step replaces it).
+    // saved_data: drop the capsule here (it is small now; the tensors are saved variables).
     if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase("state");
+    size_t n_in = all.size();
+    for (const Record& r : st->records) n_in -= 2 + r.n_saved;
+    std::vector<Record> records = st->records;  // the description, with its tensors from `all`
+    for (size_t i = 0, k = n_in; i < records.size(); ++i) {
+      Record& r = records[i];
+      r.inp = all[k++];
+      r.target = all[k++];
+      r.saved.assign(all.begin() + k, all.begin() + k + r.n_saved);
+      k += r.n_saved;
+    }
+    const variable_list saved(all.begin(), all.begin() + n_in);  // x, target, the parameters
     const Tensor &x = saved[0], &target = saved[1];
     const at::TensorList params = at::TensorList(saved).slice(2);
     // one gradient per Function input: x, target, each parameter, the non-tensor arguments
@@ -354,7 +393,7 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
           inputs.push_back(saved[i]);
           where.push_back(i);
         }
-      const Tensor out = composite_chain(*st, x, target, params);
+      const Tensor out = composite_chain(*st, records, x, target, params);
       const variable_list got = torch::autograd::grad({out}, inputs, {grad_out}, c10::nullopt, true, true);
       for (size_t k = 0; k < where.size(); ++k) grads[where[k]] = got[k];
       return grads;
@@ -364,15 +403,15 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
     const auto& steps = st->steps;
     if (st->parallel) {
       const StepSpec &s0 = steps[0], &s1 = steps[1];
-      auto [d1, d_gated] = step_backward(s1, st->records[1], params, tr(grad_out, s1.transposed), d_params);
-      auto [d0, unused] = step_backward(s0, st->records[0], params, tr(tr(d_gated, s1.transposed), s0.transposed),
+      auto [d1, d_gated] = step_backward(s1, records[1], params, tr(grad_out, s1.transposed), d_params);
+      auto [d0, unused] = step_backward(s0, records[0], params, tr(tr(d_gated, s1.transposed), s0.transposed),
                                         d_params);
       grads[0] = add_opt(tr(d0, s0.transposed), tr(d1, s1.transposed));
     } else {
       Tensor g = grad_out;
       for (size_t i = steps.size(); i-- > 0;) {
         const StepSpec& s = steps[i];
-        auto [d_inp, d_tgt] = step_backward(s, st->records[i], params, tr(g, s.transposed), d_params);
+        auto [d_inp, d_tgt] = step_backward(s, records[i], params, tr(g, s.transposed), d_params);
         g = tr(d_inp, s.transposed);
         if (i == 0) grads[1] = tr(d_tgt, s.transposed);
       }
@@ -405,7 +444,7 @@ std::tuple<Tensor, std::vector<Tensor>> chain_plain(const Tensor& x, const OptTe
   st.parallel = parallel;
   st.cdt = compute_dtype;
   auto [out, attention] = chain_forward(st, x, target.has_value() ? *target : Tensor(), params, running, counters);
-  return {out, attention};
+  return {out, attention_views(st, std::move(attention))};
 }
 
 }  // namespace

@@ -300,10 +300,14 @@ class _Chain(torch.autograd.Function):
                 t = _t(out, st.transposed)
             out = t
         ctx.steps, ctx.parallel, ctx.cdt, ctx.counts = steps, parallel, cdt, counts
-        # inputs through save_for_backward (their in-place modification before backward is an
-        # error); the intermediates, which nothing else can reach, as a plain attribute (cheaper)
-        ctx.save_for_backward(x, target, *flat)
-        ctx.records = records
+        # every tensor the backward reads through save_for_backward, the intermediates too: an
+        # in-place modification before backward is an error, and saved-tensor hooks see them all
+        # (non-reentrant checkpointing drops and recomputes them); ctx.shells holds no tensor
+        tensors, ctx.shells = [], []
+        for r in records:
+            ctx.shells.append((tuple(r.saved), r.dtype, r.own_target))
+            tensors += [r.inp, r.target, *r.saved.values()]
+        ctx.save_for_backward(x, target, *flat, *tensors)
         attention = [_t(a, st.transposed) for a, st in zip(attention, steps)]
         ctx.mark_non_differentiable(*attention)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the attention outputs
@@ -312,15 +316,16 @@ class _Chain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_grad_attention):
         steps = ctx.steps
-        records = getattr(ctx, "records", None)
-        if not torch._C._autograd._get_current_graph_task_keep_graph():
-            # the saved tensors are freed after this call, the intermediates (an attribute) are not:
-            # without this they stay alive as long as the graph is referenced
-            ctx.records = None
+        tensors = ctx.saved_tensors  # first: a second backward fails here, clearly
         if grad_out is None:
             return (None,) * (6 + sum(ctx.counts))
-        tensors = ctx.saved_tensors
-        x, target, flat = tensors[0], tensors[1], tensors[2:]
+        k = 2 + sum(ctx.counts)
+        x, target, flat = tensors[0], tensors[1], tensors[2:k]
+        records = []
+        for keys, dtype, own_target in ctx.shells:
+            records.append(_Record(tensors[k], tensors[k + 1], dict(zip(keys, tensors[k + 2:k + 2 + len(keys)])),
+                                   dtype, own_target))
+            k += 2 + len(keys)
         flats = _split_params(ctx.counts, flat)
         ps = [_unflatten(st.spec, f) for st, f in zip(steps, flats)]
         if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable recompute

@@ -324,6 +324,19 @@ def test_chain_rejects_a_bad_description_with_a_message():
     assert out.shape == x.shape and a.shape == (2, 1, 16)
 
 
+def _module_chain(m, backend):
+    """(make_chain's function, steps) of an RGA-SC module's two branches on `backend`."""
+    from rga.fused_branches import branch_args
+    from rga_kernels.branch import Step, make_chain
+
+    steps, params = [], []
+    for branch in ("spatial", "channel"):
+        spec, p, running = branch_args(m, branch, backend)
+        steps.append(Step(spec, running, branch == "channel"))
+        params.append(p)
+    return make_chain(steps, params), steps
+
+
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_chain_frees_its_intermediates_after_backward(backend):
     """The chain keeps its intermediates outside the saved variables (a capsule in C++, a ctx
@@ -332,17 +345,9 @@ def test_chain_frees_its_intermediates_after_backward(backend):
     if backend == "cpp" and "cpp" not in rga_kernels.available_backends("cpu"):
         pytest.skip(rga_kernels.backend_status("cpu")["cpp"][1])
     from rga import RGAModule
-    from rga.fused_branches import branch_args
-    from rga_kernels.branch import Step, make_chain
 
     torch.manual_seed(0)
-    m = RGAModule(16, (4, 4), cha_ratio=4, spa_ratio=4, down_ratio=2).train()
-    steps, params = [], []
-    for branch in ("spatial", "channel"):
-        spec, p, running = branch_args(m, branch, backend)
-        steps.append(Step(spec, running, branch == "channel"))
-        params.append(p)
-    run = make_chain(steps, params)
+    run, _ = _module_chain(RGAModule(16, (4, 4), cha_ratio=4, spa_ratio=4, down_ratio=2).train(), backend)
     x = torch.randn(2, 16, 16, requires_grad=True)
     out, attention = run(x)
     attention = [a.detach() for a in attention]  # views: the spatial map may be the chain's own tensor
@@ -360,3 +365,43 @@ def test_chain_frees_its_intermediates_after_backward(backend):
         out.sum().backward()
     del out
     assert holders() == freed
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_chain_intermediates_go_through_saved_tensor_hooks(backend):
+    """Non-reentrant checkpointing (saved-tensor hooks) drops the chain's intermediates after the
+    forward and recomputes them for the backward, with the gradients of a plain run; an
+    attention map modified in place before backward is an error, not a wrong gradient."""
+    if backend == "cpp" and "cpp" not in rga_kernels.available_backends("cpu"):
+        pytest.skip(rga_kernels.backend_status("cpu")["cpp"][1])
+    from torch.utils.checkpoint import checkpoint
+
+    from rga import RGAModule
+
+    torch.manual_seed(0)
+    m = RGAModule(16, (4, 4), cha_ratio=4, spa_ratio=4, down_ratio=2).double().eval()  # eval: no BN update
+    m.fused = backend
+    m.keep_attention = True
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def holders():  # tensors holding the spatial map's storage (the chain's saved copy among them)
+        return torch._C._storage_Use_Count(m.last_attention["spatial"].untyped_storage()._cdata)
+
+    out = m(x)
+    plain = holders()
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    out = checkpoint(m, x, use_reentrant=False)
+    assert holders() < plain, "checkpointing kept the chain's intermediates"
+    (gx_ckpt,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(gx, gx_ckpt)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = m(x)
+    assert sum(t.numel() for t in packed) > 3 * x.numel(), "the intermediates bypass the hooks"
+    # the chain's own attention outputs (views of what its backward reads)
+    run, _ = _module_chain(m.train(), backend)
+    for i in range(2):
+        out, attention = run(x.reshape(2, 16, 16))
+        attention[i].mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
