@@ -209,17 +209,6 @@ def test_disk_full_while_saving_is_one_line_with_the_cause(data_root, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "train.log"]
 
 
-def test_data_command_over_a_foreign_folder(tmp_path):
-    (tmp_path / "synthetic").mkdir()
-    (tmp_path / "synthetic" / "mine.txt").write_text("keep me")
-    res = subprocess.run([sys.executable, "-m", "rga.data", "synthetic", str(tmp_path)], env=ENV, cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2
-    line = one_error_line(res.stderr)
-    assert line.startswith("rga.data: error: ") and "has no synthetic_config.json" in line
-    assert (tmp_path / "synthetic" / "mine.txt").exists()
-
-
 def test_data_command_lists_every_unreadable_image(market_copy, tmp_path, capsys):
     root, _ = broken_copy(market_copy, tmp_path, "bad_gallery")
     victims = sorted((root / "query").iterdir())[:2]
