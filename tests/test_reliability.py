@@ -15,7 +15,6 @@ import torch
 import rga.train as rtrain
 from testkit import REPO, SUBPROCESS_ENV as ENV, one_error_line, read_only_folder, tiny_run_args
 from rga import evaluate as reval
-from rga.data.__main__ import main as data_main
 
 
 
@@ -207,20 +206,6 @@ def test_disk_full_while_saving_is_one_line_with_the_cause(data_root, tmp_path):
     assert f"could not write checkpoint {out / 'checkpoint_ep0001.pth'}: File too large (EFBIG)" in line
     # no temp file, no lock (metrics.jsonl holds the trained epoch's line, written before the checkpoint)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "train.log"]
-
-
-def test_data_command_lists_every_unreadable_image(market_copy, tmp_path, capsys):
-    root, _ = broken_copy(market_copy, tmp_path, "bad_gallery")
-    victims = sorted((root / "query").iterdir())[:2]
-    for v in victims:
-        v.write_bytes(v.read_bytes()[:100])  # truncated
-    assert data_main(["market1501", str(root)]) == 2
-    captured = capsys.readouterr()
-    assert "3 unreadable image(s)" in one_error_line(captured.err)
-    assert "query: 2 image(s) cannot be read" in captured.out and "gallery: 1 image(s)" in captured.out
-    assert all(str(v) in captured.out for v in victims)
-    assert data_main(["market1501", str(market_copy)]) == 0
-    assert "all 50 images decode" in capsys.readouterr().out
 
 
 def test_evaluate_errors_are_one_line_with_exit_2(run2, tmp_path, capsys):
