@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,69 +31,6 @@ def run2(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run2") / "E"
     assert train(data_root, out, "--epochs", "2", "--keep-checkpoints", "0") == 0
     return out
-
-
-# --------------------------------------------------------------------------- 2: one run per folder
-
-def test_second_run_into_a_busy_folder_is_refused_then_a_killed_run_is_taken_over(data_root, tmp_path, capsys):
-    out = tmp_path / "D"
-    first = subprocess.Popen([sys.executable, "-m", "rga.train", *args_for(data_root, out, "--epochs", "500")],
-                             env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / ".rga-run.lock").exists() or not (out / ".rga-run.lock").read_text().strip():
-            assert first.poll() is None, first.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the first run took no lock in 120 s"
-            time.sleep(0.05)
-        second = subprocess.run([sys.executable, "-m", "rga.train", *args_for(data_root, out, "--epochs", "500")],
-                                env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2, second.stderr[-3000:]
-        line = one_error_line(second.stderr)
-        assert f"{out} is in use by another run: PID {first.pid}" in line and "--output-dir" in line
-        assert first.poll() is None  # the first run goes on
-        while not list(out.glob("checkpoint_ep*.pth")):
-            assert first.poll() is None, first.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint after 120 s"
-            time.sleep(0.05)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-        first.stderr.close()
-    # killed: its lock file stays, as would a half-written checkpoint's temporary file
-    leftover = out / ".rga-tmp-checkpoint_ep0099.pth.12345-0000dead.tmp"
-    leftover.write_bytes(b"x" * 1000)
-    assert (out / ".rga-run.lock").exists()
-    capsys.readouterr()
-    assert train(data_root, out, "--epochs", "1", "--resume", "auto") == 0  # nothing left to train
-    log = (out / "train.log").read_text()
-    assert f"took over the lock of a run that ended without releasing it (PID {first.pid}" in log
-    assert "leftover temporary file(s) of an interrupted write" in log and leftover.name in log
-    assert not leftover.exists() and not list(out.glob(".rga-tmp-*"))
-    assert not (out / ".rga-run.lock").exists()  # released at the end
-    assert log.count("took over the lock") == 1 and "in use by another run" not in log
-
-
-# --------------------------------------------------------------------------- 3: the resume rule
-
-def test_resuming_an_older_checkpoint_is_refused_and_branches_into_a_new_folder(data_root, run2, tmp_path, capsys):
-    before = {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")}
-    assert sorted(before) == ["checkpoint_ep0001.pth", "checkpoint_ep0002.pth"]
-    ep1 = run2 / "checkpoint_ep0001.pth"
-    capsys.readouterr()
-    assert train(data_root, run2, "--epochs", "2", "--keep-checkpoints", "1", "--resume", str(ep1)) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert "holds newer checkpoints (checkpoint_ep0002.pth)" in line and f"--output-dir NEW_FOLDER --resume {ep1}" in line
-    assert {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")} == before  # nothing touched
-    # the branch: a new folder, resumed from ep1, replays ep2 exactly; the old folder is untouched
-    branch = tmp_path / "F"
-    assert train(data_root, branch, "--epochs", "2", "--keep-checkpoints", "1", "--resume", str(ep1)) == 0
-    assert sorted(p.name for p in branch.glob("checkpoint_ep*.pth")) == ["checkpoint_ep0002.pth"]
-    a = torch.load(branch / "checkpoint_ep0002.pth", weights_only=False)["model"]
-    b = torch.load(run2 / "checkpoint_ep0002.pth", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")} == before
-    # the newest, by path, continues in place like --resume auto
-    assert train(data_root, branch, "--epochs", "2", "--resume", str(branch / "checkpoint_ep0002.pth")) == 0
 
 
 # --------------------------------------------------------------------------- 4: the dataset, before the first epoch

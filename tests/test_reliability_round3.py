@@ -3,7 +3,6 @@ accepted by an allow-list and never unpickled, a generated set in use is not rep
 notices its data changed, outputs never overwrite inputs, the showcase validates its JSON, a
 fixed-batch export works in search, the last tracebacks are one line, and the partial fixes."""
 import json
-import zipfile
 
 import pytest
 from PIL import Image
@@ -19,55 +18,6 @@ H, W = 64, 32
 def tiny_run(tmp_path_factory):
     """A run folder holding one checkpoint of a ResNet-18 baseline at 64x32."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("run"), H, W)
-
-
-@pytest.mark.parametrize("command", ["export", "search", "evaluate"])
-def test_case3_an_output_over_a_checkpoint_is_refused(tiny_run, gallery, command, capsys):
-    from rga.evaluate import main as evaluate_main
-    from rga.export import main as export_main
-    from rga.search import main as search_main
-
-    ckpt = tiny_run / "checkpoint_ep0001.pth"
-    before = ckpt.read_bytes()
-    if command == "export":
-        code = export_main([str(tiny_run), "--format", "exported-program", "--out", str(ckpt), "--no-check"])
-    elif command == "search":
-        code = search_main(["build", str(tiny_run), str(gallery), "--index", str(ckpt), "--no-progress"])
-    else:
-        code = evaluate_main(["--checkpoint", str(tiny_run), "--output", str(ckpt)])
-    assert code == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert f"refusing to overwrite {ckpt}: it is a checkpoint" in line and "--force" in line, line
-    assert ckpt.read_bytes() == before
-
-
-def test_case3_an_output_of_its_own_kind_is_replaced_and_force_replaces_any(tiny_run, gallery, tmp_path, capsys):
-    from rga.search import main as search_main
-
-    index = tmp_path / "i.npz"
-    for _ in range(2):  # an index over an index: no --force needed
-        assert search_main(["build", str(tiny_run), str(gallery), "--index", str(index), "--no-progress"]) == 0
-    notes = tmp_path / "notes.npz"
-    notes.write_text("mine")
-    assert search_main(["build", str(tiny_run), str(gallery), "--index", str(notes), "--no-progress"]) == 2
-    assert "it is a file rga did not write" in capsys.readouterr().err and notes.read_text() == "mine"
-    assert search_main(["build", str(tiny_run), str(gallery), "--index", str(notes), "--no-progress",
-                        "--force"]) == 0
-    assert zipfile.is_zipfile(notes)
-
-
-def test_case3_train_keeps_a_users_config_json(data_root, tmp_path, capsys):
-    from testkit import tiny_run_args
-
-    import rga.train as rtrain
-
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text('{"my": "settings"}\n')
-    assert rtrain.main(tiny_run_args(data_root, out, "--epochs", "1")) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert f"refusing to overwrite {out / 'config.json'}" in line, line
-    assert (out / "config.json").read_text() == '{"my": "settings"}\n'
 
 
 # ------------------------------------------------------------------------------ 7: the partial fixes
