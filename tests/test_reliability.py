@@ -13,7 +13,6 @@ import torch
 
 import rga.train as rtrain
 from testkit import REPO, SUBPROCESS_ENV as ENV, one_error_line, read_only_folder, tiny_run_args
-from rga import evaluate as reval
 
 
 
@@ -67,14 +66,6 @@ def test_dataset_problems_stop_the_run_before_the_first_epoch(market_copy, tmp_p
     line = one_error_line(capsys.readouterr().err)
     assert "dataset market1501: " in line and expected in line
     assert not epochs and not list((tmp_path / "run").glob("checkpoint_*"))
-
-
-def test_evaluate_checks_query_and_gallery_first(market_copy, run2, tmp_path, capsys):
-    root, expected = broken_copy(market_copy, tmp_path, "bad_gallery")
-    assert reval.main(["--checkpoint", str(run2), "--dataset", "market1501", "--data-root", str(root), "--workers",
-                       "0", "--threads", "1", "--no-progress"]) == 2
-    captured = capsys.readouterr()
-    assert expected in one_error_line(captured.err) and "R1" not in captured.out
 
 
 def test_final_checkpoint_is_saved_before_the_final_evaluation(data_root, tmp_path, capsys, monkeypatch):
@@ -142,17 +133,3 @@ def test_disk_full_while_saving_is_one_line_with_the_cause(data_root, tmp_path):
     assert f"could not write checkpoint {out / 'checkpoint_ep0001.pth'}: File too large (EFBIG)" in line
     # no temp file, no lock (metrics.jsonl holds the trained epoch's line, written before the checkpoint)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "train.log"]
-
-
-def test_evaluate_errors_are_one_line_with_exit_2(run2, tmp_path, capsys):
-    common = ["--workers", "0", "--threads", "1", "--no-progress"]
-    (tmp_path / "a_file").write_text("x")
-    unwritable = tmp_path / "a_file" / "m.json"
-    assert reval.main(["--checkpoint", str(run2), "--output", str(unwritable), *common]) == 2
-    captured = capsys.readouterr()
-    assert f"cannot write {unwritable}: {tmp_path / 'a_file'} is a file, not a folder" in one_error_line(captured.err)
-    assert "R1" not in captured.out  # refused before the work, not after printing the metrics
-    text = tmp_path / "notes.pth"
-    text.write_text(TEXT)
-    assert reval.main(["--checkpoint", str(text), *common]) == 2
-    assert "not a PyTorch checkpoint (a text file" in one_error_line(capsys.readouterr().err)
