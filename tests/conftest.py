@@ -58,3 +58,27 @@ def gallery(tmp_path_factory):
     from testkit import write_gallery
 
     return write_gallery(tmp_path_factory.mktemp("gallery"))
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(data_root, tmp_path_factory):
+    """A finished 2-epoch tiny run (testkit.train_tiny on `data_root`) keeping both checkpoints, per module."""
+    from testkit import train_tiny
+
+    out = tmp_path_factory.mktemp("run2") / "E"
+    assert train_tiny(data_root, out, "--epochs", "2", "--keep-checkpoints", "0") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def market_copy(data_root, tmp_path_factory):
+    """The training, query and gallery folders of `data_root`'s synthetic set, copied into a folder of
+    their own (read as --dataset market1501), per module; testkit.broken_copy damages a copy of it."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(data_root) / "synthetic"
+    dst = tmp_path_factory.mktemp("market") / "clean"
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        shutil.copytree(src / split, dst / split)
+    return dst

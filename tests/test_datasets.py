@@ -14,7 +14,7 @@ import rga.data.datasets as dsmod
 import rga.train as rtrain
 from rga.data import (DatasetLayoutError, ImageDataset, ImageReadError, build_dataset,
                       parse_market_name)
-from testkit import one_error_line, quick_market_args
+from testkit import broken_copy, one_error_line, quick_market_args
 
 
 def blank_jpg(path: Path, size=(8, 16)):
@@ -283,6 +283,22 @@ def test_check_command(tmp_path, capsys):
     assert "badname.jpg" in out and "2 file names did not parse" in out and "gallery" in out
     assert main(["msmt17", str(tmp_path)]) == 2
     assert "Expected MSMT17 layout" in capsys.readouterr().err
+
+
+def test_data_command_lists_every_unreadable_image(market_copy, tmp_path, capsys):
+    from rga.data.__main__ import main as data_main
+
+    root, _ = broken_copy(market_copy, tmp_path, "bad_gallery")
+    victims = sorted((root / "query").iterdir())[:2]
+    for v in victims:
+        v.write_bytes(v.read_bytes()[:100])  # truncated
+    assert data_main(["market1501", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert "3 unreadable image(s)" in one_error_line(captured.err)
+    assert "query: 2 image(s) cannot be read" in captured.out and "gallery: 1 image(s)" in captured.out
+    assert all(str(v) in captured.out for v in victims)
+    assert data_main(["market1501", str(market_copy)]) == 0
+    assert "all 50 images decode" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import rga.train as rtrain
 from rga import build_model
@@ -69,3 +70,14 @@ def test_no_non_finite_checkpoint_over_a_good_one(tmp_path):
         watch.check(1e17)
     with pytest.raises(FloatingPointError, match="nan"):
         watch.check(float("nan"))
+
+
+def test_a_negative_running_variance_is_divergence(tmp_path):
+    from rga.divergence import check_finite_state
+    from rga.errors import TrainingDivergedError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    check_finite_state(model, 1, all_ranks=False)
+    model[1].running_var[2] = -0.5
+    with pytest.raises(TrainingDivergedError, match=r"negative variance \(1.running_var\)"):
+        check_finite_state(model, 1, all_ranks=False)

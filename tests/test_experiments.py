@@ -1,10 +1,12 @@
-"""rga.experiments: the table runner (rows in the paper's order, resumable, markdown + JSON)."""
+"""rga.experiments: the table runner (rows in the paper's order, resumable, markdown + JSON) and the
+showcase's checks of the row files it reads."""
 import json
 
 import pytest
 
 from rga import experiments as E
 from rga.models import build_model, count_parameters
+from testkit import one_error_line
 
 TINY = ["--dataset-opt", "num_train_ids=8", "--dataset-opt", "num_test_ids=6", "--dataset-opt", "num_distractors=2",
         "--milestones", "--batch-ids", "4", "--batch-instances", "2", "--threads", "1", "--test-batch-size", "32",
@@ -195,6 +197,52 @@ def test_reuse_counts_another_folders_rows_trained_with_the_same_configuration(t
     capsys.readouterr()
     assert E.main(common[:-1] + [str(tmp_path / "nope"), "--no-train"]) == 2
     assert "has no rows/ folder: --reuse expects another runner's --out" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------
+# the showcase checks the row JSON files it reads
+# ------------------------------------------------------------------------------
+
+def _row(slug="baseline-seed0", **change):
+    res = {"slug": slug, "row": slug.split("-")[0], "seed": 0, "label": "Baseline", "arch": "baseline", "options": {},
+           "R1": 0.5, "R5": 0.7, "mAP": 0.4, "mINP": 0.2, "num_query": 8, "num_test_ids": 4, "epoch": 1,
+           "params": 1e6, "train_seconds": 3.0, "run_dir": "nowhere", "dataset": "synthetic", "data_root": "data",
+           "backbone": "resnet18", "input": "64x32"}
+    return {**res, **change}
+
+
+@pytest.mark.parametrize("content, why", [
+    ('{"slug": "baseline-seed0", "R1": 0.', "not JSON"),
+    ("", "not JSON"),
+    ("[1, 2]", "a JSON list, not an object"),
+    (json.dumps(_row(mAP="0.4")), "mAP is '0.4'"),
+    (json.dumps(_row(mAP=-3)), "mAP is -3"),
+    (json.dumps(_row(R1=float("nan"))), "R1 is nan"),
+    (json.dumps(_row(slug="../../../x")), "slug '../../../x' is not the file's name"),
+], ids=["truncated", "empty", "list", "text_metric", "negative_map", "nan", "slug_outside"])
+def test_a_bad_showcase_row_json_is_one_line_naming_the_file(tmp_path, content, why, capsys):
+    out = tmp_path / "show"
+    (out / "rows").mkdir(parents=True)
+    bad = out / "rows" / "baseline-seed0.json"
+    bad.write_text(content)
+    common = ["showcase", "--out", str(out), "--runs", str(tmp_path / "runs"), "--seeds", "1"]
+    assert E.main(common + ["--no-train"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{bad} is not a row result of rga.experiments: {why}" in line, line
+    assert E.main(common + ["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "baseline-seed0" in listing and "invalid" in listing.split("baseline-seed0", 1)[1].splitlines()[0]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["baseline-seed0.json"]
+
+
+def test_a_showcase_row_whose_run_dir_is_gone_is_one_line(tmp_path, capsys):
+    out = tmp_path / "show"
+    (out / "rows").mkdir(parents=True)
+    row = out / "rows" / "rga_s-seed0.json"
+    row.write_text(json.dumps(_row("rga_s-seed0", run_dir=str(tmp_path / "gone"))))
+    assert E.main(["showcase", "--out", str(out), "--runs", str(tmp_path / "runs"), "--seeds", "1", "--no-train"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{row}: its run_dir {tmp_path / 'gone'} is not a folder" in line, line
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""rga.runfolder (lock, stale takeover, leftover temp files, the resume rule), rga.errors (the one
-`error:` mapping) and the file-level guarantees of rga.checkpoint.atomic_save."""
+"""rga.runfolder (lock, stale takeover, leftover temp files, the resume rule, outputs that never
+overwrite inputs), alone and through the commands, rga.errors (the one `error:` mapping) and the
+file-level guarantees of rga.checkpoint.atomic_save."""
 import json
 import os
 import resource
@@ -7,12 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import zipfile
 
 import pytest
 import torch
 
 from rga.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from testkit import read_only_folder
+from testkit import REPO, SUBPROCESS_ENV, one_error_line, read_only_folder, tiny_run_args, train_tiny
 from rga.errors import RunFolderError, find_os_error, run_cli, user_message
 from rga.runfolder import LOCK_NAME, RunFolder, check_output_file, clean_temp_files, resume_checkpoint
 
@@ -205,3 +208,116 @@ def test_start_up_clean_up_leaves_a_users_temporary_files(tmp_path):
     with RunFolder(mine) as f:
         assert f.removed_temp == [ours]
     assert notes.read_text() == "my notes" and not ours.exists()
+
+
+# ------------------------------------------------------------------------------
+# the rules through the commands: one run per folder, the resume rule, outputs over inputs
+# ------------------------------------------------------------------------------
+
+def test_second_run_into_a_busy_folder_is_refused_then_a_killed_run_is_taken_over(data_root, tmp_path, capsys):
+    out = tmp_path / "D"
+    argv = tiny_run_args(data_root, out, "--epochs", "500", dataset="synthetic", pretrained=None)
+    first = subprocess.Popen([sys.executable, "-m", "rga.train", *argv],
+                             env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".rga-run.lock").exists() or not (out / ".rga-run.lock").read_text().strip():
+            assert first.poll() is None, first.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the first run took no lock in 120 s"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "rga.train", *argv],
+                                env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = one_error_line(second.stderr)
+        assert f"{out} is in use by another run: PID {first.pid}" in line and "--output-dir" in line
+        assert first.poll() is None  # the first run goes on
+        while not list(out.glob("checkpoint_ep*.pth")):
+            assert first.poll() is None, first.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+        first.stderr.close()
+    # killed: its lock file stays, as would a half-written checkpoint's temporary file
+    leftover = out / ".rga-tmp-checkpoint_ep0099.pth.12345-0000dead.tmp"
+    leftover.write_bytes(b"x" * 1000)
+    assert (out / ".rga-run.lock").exists()
+    capsys.readouterr()
+    assert train_tiny(data_root, out, "--epochs", "1", "--resume", "auto") == 0  # nothing left to train
+    log = (out / "train.log").read_text()
+    assert f"took over the lock of a run that ended without releasing it (PID {first.pid}" in log
+    assert "leftover temporary file(s) of an interrupted write" in log and leftover.name in log
+    assert not leftover.exists() and not list(out.glob(".rga-tmp-*"))
+    assert not (out / ".rga-run.lock").exists()  # released at the end
+    assert log.count("took over the lock") == 1 and "in use by another run" not in log
+
+
+def test_resuming_an_older_checkpoint_is_refused_and_branches_into_a_new_folder(data_root, two_epoch_run, tmp_path,
+                                                                                  capsys):
+    run2 = two_epoch_run
+    before = {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")}
+    assert sorted(before) == ["checkpoint_ep0001.pth", "checkpoint_ep0002.pth"]
+    ep1 = run2 / "checkpoint_ep0001.pth"
+    capsys.readouterr()
+    assert train_tiny(data_root, run2, "--epochs", "2", "--keep-checkpoints", "1", "--resume", str(ep1)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "holds newer checkpoints (checkpoint_ep0002.pth)" in line and f"--output-dir NEW_FOLDER --resume {ep1}" in line
+    assert {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")} == before  # nothing touched
+    # the branch: a new folder, resumed from ep1, replays ep2 exactly; the old folder is untouched
+    branch = tmp_path / "F"
+    assert train_tiny(data_root, branch, "--epochs", "2", "--keep-checkpoints", "1", "--resume", str(ep1)) == 0
+    assert sorted(p.name for p in branch.glob("checkpoint_ep*.pth")) == ["checkpoint_ep0002.pth"]
+    a = torch.load(branch / "checkpoint_ep0002.pth", weights_only=False)["model"]
+    b = torch.load(run2 / "checkpoint_ep0002.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {p.name: p.read_bytes() for p in run2.glob("checkpoint_ep*.pth")} == before
+    # the newest, by path, continues in place like --resume auto
+    assert train_tiny(data_root, branch, "--epochs", "2", "--resume", str(branch / "checkpoint_ep0002.pth")) == 0
+
+
+@pytest.mark.parametrize("command", ["export", "search", "evaluate"])
+def test_an_output_over_a_checkpoint_is_refused(tiny_checkpoint, gallery, command, capsys):
+    from rga.evaluate import main as evaluate_main
+    from rga.export import main as export_main
+    from rga.search import main as search_main
+
+    ckpt = tiny_checkpoint / "checkpoint_ep0001.pth"
+    before = ckpt.read_bytes()
+    if command == "export":
+        code = export_main([str(tiny_checkpoint), "--format", "exported-program", "--out", str(ckpt), "--no-check"])
+    elif command == "search":
+        code = search_main(["build", str(tiny_checkpoint), str(gallery), "--index", str(ckpt), "--no-progress"])
+    else:
+        code = evaluate_main(["--checkpoint", str(tiny_checkpoint), "--output", str(ckpt)])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"refusing to overwrite {ckpt}: it is a checkpoint" in line and "--force" in line, line
+    assert ckpt.read_bytes() == before
+
+
+def test_an_output_of_its_own_kind_is_replaced_and_force_replaces_any(tiny_checkpoint, gallery, tmp_path, capsys):
+    from rga.search import main as search_main
+
+    index = tmp_path / "i.npz"
+    for _ in range(2):  # an index over an index: no --force needed
+        assert search_main(["build", str(tiny_checkpoint), str(gallery), "--index", str(index), "--no-progress"]) == 0
+    notes = tmp_path / "notes.npz"
+    notes.write_text("mine")
+    assert search_main(["build", str(tiny_checkpoint), str(gallery), "--index", str(notes), "--no-progress"]) == 2
+    assert "it is a file rga did not write" in capsys.readouterr().err and notes.read_text() == "mine"
+    assert search_main(["build", str(tiny_checkpoint), str(gallery), "--index", str(notes), "--no-progress",
+                        "--force"]) == 0
+    assert zipfile.is_zipfile(notes)
+
+
+def test_train_keeps_a_users_config_json(data_root, tmp_path, capsys):
+    import rga.train as rtrain
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}\n')
+    assert rtrain.main(tiny_run_args(data_root, out, "--epochs", "1")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"refusing to overwrite {out / 'config.json'}" in line, line
+    assert (out / "config.json").read_text() == '{"my": "settings"}\n'

@@ -1,5 +1,9 @@
-"""The synthetic dataset: deterministic, Market-1501 layout, masks, regeneration on change."""
+"""The synthetic dataset: deterministic, Market-1501 layout, masks, regeneration on change, and
+`python -m rga.data synthetic` refusing a folder it did not write or a set a run is using."""
+import gc
 import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -9,6 +13,7 @@ from PIL import Image
 
 import rga.data.synthetic as syn
 from rga.data import build_dataset, mask_path, parse_market_name
+from testkit import REPO, SUBPROCESS_ENV, TINY_DATA, build_tiny_dataset, one_error_line
 
 SMALL = dict(num_train_ids=4, num_test_ids=4, num_cameras=3, max_cams_per_id=3,
              max_imgs_per_cam=3, num_distractors=3, height=64, width=32)
@@ -121,3 +126,32 @@ def test_concurrent_processes_generate_once(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert sum(o.count("=> generating") for o in outs) == 1
     assert len({o.splitlines()[-1] for o in outs}) == 1 and outs[0].splitlines()[-1] != "N 0"
+
+
+def test_data_command_over_a_foreign_folder(tmp_path):
+    (tmp_path / "synthetic").mkdir()
+    (tmp_path / "synthetic" / "mine.txt").write_text("keep me")
+    res = subprocess.run([sys.executable, "-m", "rga.data", "synthetic", str(tmp_path)], env=SUBPROCESS_ENV, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert line.startswith("rga.data: error: ") and "has no synthetic_config.json" in line
+    assert (tmp_path / "synthetic" / "mine.txt").exists()
+
+
+def test_a_generated_set_in_use_is_not_replaced(tmp_path):
+    ds = build_tiny_dataset(tmp_path)  # a live dataset object: what a training run holds
+    image = Path(ds.train[0][0])
+    before = image.read_bytes()
+    regenerate = [sys.executable, "-m", "rga.data", "synthetic", str(tmp_path), *TINY_DATA, "seed=1", "--no-images"]
+    r = subprocess.run(regenerate, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = one_error_line(r.stderr)
+    assert f"refusing to replace {tmp_path / 'synthetic'}: a training run" in line, line
+    marker = tmp_path / "synthetic" / "synthetic_config.json"
+    assert image.read_bytes() == before and '"seed": 0' in marker.read_text()
+    del ds
+    gc.collect()
+    r = subprocess.run(regenerate, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]  # nobody uses it any more: replaced
+    assert '"seed": 1' in marker.read_text()

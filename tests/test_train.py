@@ -105,6 +105,18 @@ def test_resume_from_explicit_path_and_missing_path(data_root, tmp_path, capsys)
     assert "--resume auto" in capsys.readouterr().err
 
 
+def test_resume_keeps_the_recorded_gate_init(data_root, tmp_path, capsys):
+    from rga.fileio import load_torch
+
+    out = tmp_path / "run"
+    assert rtrain.main(tiny_run_args(data_root, out, "--model", "rga_s", "--gate-init", "zero", "--epochs", "1")) == 0
+    assert rtrain.main(tiny_run_args(data_root, out, "--model", "rga_s", "--gate-init", "public", "--epochs", "2",
+                                     "--resume", "auto")) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["gate_init"] == "zero"
+    assert load_torch(out / "checkpoint_ep0002.pth")["config"]["model"]["gate_init"] == "zero"
+    assert "gate_init stays 'zero' as recorded" in (out / "train.log").read_text()
+
+
 def test_flags_reach_the_run(data_root, tmp_path, monkeypatch):
     seen = {}
     real = rtrain.train_one_epoch

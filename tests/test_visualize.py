@@ -1,5 +1,7 @@
-"""rga.visualize: the foreground ratio, overlays, the four figure commands' PNGs."""
+"""rga.visualize: the foreground ratio, overlays, the four figure commands' PNGs, their flags."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from rga import visualize as V  # noqa: E402
 from rga.metrics import ranked_gallery  # noqa: E402
 from rga.models import build_model  # noqa: E402
 from rga.modules import RGAModule  # noqa: E402
-from testkit import assert_close
+from testkit import SUBPROCESS_ENV, assert_close  # noqa: E402
 
 def _rga_keeps_maps() -> bool:
     m = RGAModule(8, (4, 2), use_channel=False)
@@ -341,3 +343,14 @@ def test_cli_ranks_on_a_small_synthetic_set(tmp_path):
     d = [item["distance"] for item in q0["top"]]
     assert d == sorted(d) and all(0 <= x <= 2 for x in d)
     assert f"#1 id {q0['top'][0]['pid']}" in texts and f"d {d[0]:.3f}" in texts
+
+
+@pytest.mark.parametrize("argv, flag", [(["relation", "init:rga_sc", "IMG", "--stage", "9"], "--stage"),
+                                        (["attention", "init:rga_sc", "IMG", "--show", "0"], "--show")])
+def test_out_of_range_stage_and_show_flags_are_one_error_line(tmp_path, gallery, argv, flag):
+    image = str(next(gallery.iterdir()))
+    argv = [image if a == "IMG" else a for a in argv] + ["--out", str(tmp_path / "figs")]
+    r = subprocess.run([sys.executable, "-m", "rga.visualize", *argv], env=SUBPROCESS_ENV, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"argument {flag}" in r.stderr.strip().splitlines()[-1], r.stderr

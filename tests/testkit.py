@@ -126,6 +126,32 @@ def tiny_run_args(data_root, out, *extra, dataset=None, pretrained="none"):
     return args + list(extra)
 
 
+def train_tiny(data_root, out, *extra, dataset="synthetic"):
+    """rga.train.main (its exit code) for a tiny run (tiny_run_args with --dataset `dataset` and
+    --pretrained at its default)."""
+    import rga.train
+
+    return rga.train.main(tiny_run_args(data_root, out, *extra, dataset=dataset, pretrained=None))
+
+
+def broken_copy(market_copy, tmp_path, how):
+    """A copy of `market_copy` (conftest.py's fixture) at tmp_path/`how`, damaged as `how` says:
+    "empty_query" (no query image), "bad_gallery" or "bad_train" (one image of that split is not a
+    JPEG); returns (root, the text the error must name)."""
+    import shutil
+
+    root = tmp_path / how
+    shutil.copytree(market_copy, root)
+    if how == "empty_query":
+        for p in (root / "query").iterdir():
+            p.unlink()
+        return root, "empty split(s): query"
+    split = "bounding_box_test" if how == "bad_gallery" else "bounding_box_train"
+    victim = sorted((root / split).iterdir())[3]
+    victim.write_bytes(b"this is not a JPEG")
+    return root, f"{victim} (UnidentifiedImageError: cannot identify image file)"
+
+
 def quick_market_args(root, out, *extra):
     """rga.train's command line for a quick-preset run on the Market-1501-layout folder `root`
     (conftest.py's `market_root`), one thread, into `out`."""
