@@ -220,7 +220,8 @@ def write_table(table: str, out: Path, meta: dict, seeds=None, reused=None) -> t
             continue
         t = res["train_seconds"]
         mark = " †" if any(run_slug(row, s) in reused for s in (seeds or [None])) else ""
-        lines.append(f"| {row.group} | {row.label}{mark} | {n}{_pm(res, 'R1')} | {_pm(res, 'mAP')} | {_pm(res, 'mINP')} | "
+        lines.append(f"| {row.group} | {row.label}{mark} | {n}{_pm(res, 'R1')} | {_pm(res, 'mAP')} | "
+                     f"{_pm(res, 'mINP')} | "
                      f"{res['params'] / 1e6:.2f} | {t / 60:.1f} min | {pc} | {pm} |")
     if done:
         ids = sorted({r.get("num_test_ids") for r in done} - {None, 0})  # rows older than the count: none

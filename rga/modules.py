@@ -272,7 +272,9 @@ class RGAModule(PlanCache, nn.Module):
         self._check_input(x)
         if not torch.compiler.is_compiling() and x.shape[0] == 0:  # no samples: nothing to attend to (and batch statistics would be undefined)
             return x.clone()
-        if self._fused is False:
+        if self._fused is False or (not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()):
+            # under torch.func transforms (vmap, grad, jacrev...): the plain path, which they can
+            # transform (the fused path's autograd Functions cannot be)
             return self._forward_reference(x)
         return self._forward_fused(x)
 

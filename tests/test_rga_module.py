@@ -740,3 +740,27 @@ def test_half_module_after_a_step(dtype, backend):
             assert out.dtype == dtype and torch.isfinite(xi.grad).all()
             outs.append(out.float())
         assert (outs[1] - outs[0]).abs().max() <= 0.05 * outs[0].abs().max()
+
+
+@pytest.mark.parametrize("backend", [True] + _backends())
+def test_torch_func_transforms_take_the_plain_path(backend):
+    """Per-sample gradients (vmap over grad of functional_call) of a fused module: the fused
+    path's autograd Functions cannot be transformed, so under torch.func the module runs its plain
+    path, with the reference module's results."""
+    from torch.func import functional_call, grad, vmap
+
+    ref, fus = _pair(backend)
+    ref.eval(), fus.eval()
+    x = _x(b=3)
+    got = []
+    for m in (ref, fus):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        buffers = dict(m.named_buffers())
+
+        def loss(p, xi, m=m, buffers=buffers):
+            return functional_call(m, (p, buffers), (xi.unsqueeze(0),)).pow(2).sum()
+
+        got.append(vmap(grad(loss), in_dims=(None, 0))(params, x))
+    assert got[0].keys() == got[1].keys()
+    for k in got[0]:
+        assert_close(got[1][k], got[0][k], "float64", msg=k)
