@@ -262,10 +262,16 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto" and _is_exporting():
         # torch.export: plain aten ops, so the exported program runs without this package.
         return "torch"
+    transformed = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     if backend == "auto":
-        return _auto_backend(device.type)
+        # torch.func transforms (vmap, grad, jacrev...): plain PyTorch ops, which they can transform
+        return "torch" if transformed else _auto_backend(device.type)
     if backend not in BACKENDS:
         raise ValueError(f"unknown {source}; expected 'auto' or one of {BACKENDS}")
+    if transformed and backend not in ("reference", "torch"):
+        raise ValueError(f"{source} cannot run under torch.func transforms (vmap, grad, jacrev, ...): its kernels "
+                         "have no batching or functional autograd rule; use backend 'auto' or 'torch' there (plain "
+                         "PyTorch ops, the same result)")
     why = _why_unavailable(device.type, backend)
     if why:
         raise ValueError(f"{source} is not available for {device.type} tensors on this machine: {why}. "

@@ -233,3 +233,21 @@ def test_env_backend_named_in_errors(monkeypatch):
     monkeypatch.setenv("RGA_KERNELS_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"RGA_KERNELS_BACKEND='bogus' \(environment variable\)"):
         relation_embed(theta, phi, weight)
+
+
+def test_torch_func_transforms_run_plain_ops_or_say_why():
+    """Per-sample gradients (vmap of grad): "auto" takes the plain-ops backend, which torch.func can
+    transform; a kernel backend named explicitly is one clear error (not PyTorch's about
+    setup_context)."""
+    from torch.func import grad, vmap
+
+    theta, phi, weight = relation_inputs(3, 2, 5, 4, dtype=torch.float64)
+    per_sample = vmap(grad(lambda t, p: relation_embed(t.unsqueeze(0), p.unsqueeze(0), weight).pow(2).sum()))
+    want = vmap(grad(lambda t, p: relation_embed_reference(t.unsqueeze(0), p.unsqueeze(0), weight).pow(2).sum()))
+    assert_close(per_sample(theta, phi), want(theta, phi), "float64")
+    for backend in rga_kernels.available_backends("cpu"):
+        if backend in ("reference", "torch"):
+            continue
+        f = vmap(grad(lambda t, p: relation_embed(t.unsqueeze(0), p.unsqueeze(0), weight, backend=backend).sum()))
+        with pytest.raises(ValueError, match=f"backend '{backend}' cannot run under torch.func transforms"):
+            f(theta, phi)
