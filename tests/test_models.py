@@ -119,6 +119,27 @@ def test_fused_model_equals_reference_model(train):
         assert_close(b2, b1, "float64_regrouped", msg=lambda msg: f"{n}: {msg}")
 
 
+def test_a_whole_fused_model_pickles_after_a_step():
+    """torch.save of a whole model (not its state_dict) after the fused path planned: the copy
+    loads, runs on its own tensors and gives the original's output."""
+    import io
+
+    backend = "cpp" if "cpp" in rga_kernels.available_backends() else "torch"
+    torch.manual_seed(0)
+    model = _small("rga_sc", fused=backend).train()
+    x = torch.randn(2, 3, 64, 32)
+    out = model(x)
+    sum(o.sum() for o in (out if isinstance(out, (tuple, list)) else [out])).backward()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copy_ = torch.load(buf, weights_only=False).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(copy_(x), model(x))
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(copy_.parameters(), model.parameters()))
+
+
 @pytest.mark.parametrize("fused", [False, "torch"], ids=["reference", "fused"])
 def test_wrong_image_size_error(fused):
     model = _small("rga_s", fused=fused).eval()
