@@ -282,8 +282,9 @@ class RGAModule(PlanCache, nn.Module):
         if self.keep_attention:
             self.last_attention[name] = a.detach().reshape(shape)
 
-    def _combine(self, x, spatial, channel):
-        """Apply the branches in the configured order; spatial/channel map x to its gated version."""
+    def _combine(self, x, spatial, channel, joint=False):
+        """Apply the branches in the configured order; spatial/channel map x to its gated version
+        (joint: channel(x, target) gates the target itself, as the fused path's branches do)."""
         if self.keep_attention:
             self.last_attention = {}
         if not self.use_channel:
@@ -296,7 +297,7 @@ class RGAModule(PlanCache, nn.Module):
             return spatial(channel(x)[0])[0]
         # parallel: both attentions from the same input, applied jointly: (x · a_s) · a_c
         gated_s, _ = spatial(x)
-        if self._fused is not False:
+        if joint:
             return channel(x, gated_s)[0]
         _, a_c = channel(x)
         return gated_s * a_c
@@ -400,7 +401,7 @@ class RGAModule(PlanCache, nn.Module):
             self._record("channel", a, (b, c, 1, 1))
             return out, a
 
-        return self._combine(x3, spatial, channel).reshape(b, c, h, w)
+        return self._combine(x3, spatial, channel, joint=True).reshape(b, c, h, w)
 
     def _kernel_branches(self):
         from .fused_branches import kernel_branches

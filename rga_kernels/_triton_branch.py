@@ -185,7 +185,8 @@ class TritonKernels:
         has_running = bool(batch_stats) and l_rm is not None
         if N == 0 or (batch_stats and N * H < GATE_SPLIT_WORK):  # small (or empty): one program, one launch
             _launch(_gate_fwd_kernel, "_gate_fwd_kernel", (1,), *head, l_out, l_acc, l_mean, l_invstd, a,
-                    H, n, N, *_f32_pair(eps), *_f32_pair(momentum), BATCH_STATS=True, HAS_RUNNING=has_running,
+                    H, n, N, *_f32_pair(eps), *_f32_pair(momentum), BATCH_STATS=bool(batch_stats),
+                    HAS_RUNNING=has_running,
                     ACC=_TL[acc], L_ACC=l_acc is not l_out, HC=hc, BN=bn)
             return a, l_out, l_mean, l_invstd
         # a program per block of nodes; in training a second launch merges the blocks' statistics

@@ -256,16 +256,19 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
     source = f"backend {backend!r}"
+    transformed = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    if backend == "auto" and transformed:
+        # torch.func transforms (vmap, grad, jacrev...): plain PyTorch ops, which they can transform
+        # (RGA_KERNELS_BACKEND is a preference for the kernels: it does not apply here)
+        return "torch"
     if backend == "auto" and os.environ.get("RGA_KERNELS_BACKEND", "auto") != "auto":
         backend = os.environ["RGA_KERNELS_BACKEND"]
         source = f"RGA_KERNELS_BACKEND={backend!r} (environment variable)"
     if backend == "auto" and _is_exporting():
         # torch.export: plain aten ops, so the exported program runs without this package.
         return "torch"
-    transformed = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     if backend == "auto":
-        # torch.func transforms (vmap, grad, jacrev...): plain PyTorch ops, which they can transform
-        return "torch" if transformed else _auto_backend(device.type)
+        return _auto_backend(device.type)
     if backend not in BACKENDS:
         raise ValueError(f"unknown {source}; expected 'auto' or one of {BACKENDS}")
     if transformed and backend not in ("reference", "torch"):

@@ -168,6 +168,18 @@ def test_gate_fwd_split_at_small_sizes(device, backend, B, Kh, n, transposed, mo
     test_gate_fwd_and_head_bwd(device, backend, True, B, Kh, n, transposed, split=2)
 
 
+@pytest.mark.parametrize("device, backend", _params())
+def test_gate_fwd_without_nodes_in_eval_gives_the_running_statistics(device, backend):
+    k = _kernels(backend)
+    h = torch.empty(2, 3, 0, dtype=torch.float64, device=device)
+    hw, hb, hrm, hrv = _bn_params(3, 7, device)
+    w2 = _rand(1, 3, seed=8, device=device)
+    lw, lb, lrm, lrv = _bn_params(1, 9, device)
+    args = (h, hw, hb, hrm, 1 / (hrv + 1e-5).sqrt(), w2, lw, lb, lrm, lrv, False, 0.1, 1e-5)
+    for o, e in zip(k.gate_fwd(*args), ref.gate_fwd(*args)):
+        assert_close(o, e, "float64")
+
+
 def test_gate_split_threshold_is_the_same_in_cuda_and_triton():
     import re
     from pathlib import Path

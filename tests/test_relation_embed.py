@@ -245,6 +245,9 @@ def test_torch_func_transforms_run_plain_ops_or_say_why():
     per_sample = vmap(grad(lambda t, p: relation_embed(t.unsqueeze(0), p.unsqueeze(0), weight).pow(2).sum()))
     want = vmap(grad(lambda t, p: relation_embed_reference(t.unsqueeze(0), p.unsqueeze(0), weight).pow(2).sum()))
     assert_close(per_sample(theta, phi), want(theta, phi), "float64")
+    with pytest.MonkeyPatch.context() as mp:  # the environment's preference is for the kernels: not here
+        mp.setenv("RGA_KERNELS_BACKEND", "cpp")
+        assert_close(per_sample(theta, phi), want(theta, phi), "float64")
     for backend in rga_kernels.available_backends("cpu"):
         if backend in ("reference", "torch"):
             continue

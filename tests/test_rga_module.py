@@ -743,13 +743,14 @@ def test_half_module_after_a_step(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", [True] + _backends())
-def test_torch_func_transforms_take_the_plain_path(backend):
+@pytest.mark.parametrize("order", ["sc", "parallel"])
+def test_torch_func_transforms_take_the_plain_path(backend, order):
     """Per-sample gradients (vmap over grad of functional_call) of a fused module: the fused
     path's autograd Functions cannot be transformed, so under torch.func the module runs its plain
     path, with the reference module's results."""
     from torch.func import functional_call, grad, vmap
 
-    ref, fus = _pair(backend)
+    ref, fus = _pair(backend, order=order)
     ref.eval(), fus.eval()
     x = _x(b=3)
     got = []
