@@ -186,7 +186,7 @@ def aggregate(results: list[dict]) -> dict:
 
 
 def _pm(res, key) -> str:
-    if "seeds" not in res:
+    if len(res.get("seeds") or ()) < 2:  # one run: no spread to state (a "± 0.0" would claim one)
         return _pct(res[key])
     return f"{_pct(res[key])} ± {_pct(res[key + '_std'])}"
 

@@ -187,7 +187,7 @@ def test_reuse_counts_another_folders_rows_trained_with_the_same_configuration(t
     assert table["rga_s"]["ours"] is None and table["rga_c"]["ours"]["R1"] == pytest.approx(0.7)
     md = (out / "table1.md").read_text()
     assert "| Baseline † | 2 of 2 | 65.0 ± 7.1 |" in md and "| RGA-S | 0 of 2 | pending" in md
-    assert "| RGA-C | 1 of 2 |" in md and f"† read from {shown}" in md
+    assert "| RGA-C | 1 of 2 | 70.0 | 40.0 |" in md and f"† read from {shown}" in md  # one seed: no ±
     # --list names where a reused row's result is; without --reuse nothing is borrowed
     assert E.main(common + ["--list"]) == 0
     listed = capsys.readouterr().out
