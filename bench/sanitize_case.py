@@ -18,6 +18,14 @@ import torch  # noqa: E402
 import rga_kernels  # noqa: E402
 
 
+def _over(tag: str, worst: float, limit: float) -> bool:
+    """Print a case's worst relative error; True (and a FAILED line) when it is over the limit."""
+    print(f"{tag}: relative error {worst:.2e}")
+    if worst > limit:
+        print(f"FAILED: {tag}: {worst:.2e} > {limit:g}")
+    return worst > limit
+
+
 def main(backend: str) -> int:
     torch.manual_seed(0)
     failed = False
@@ -38,10 +46,7 @@ def main(backend: str) -> int:
             print(f"{backend} {dtype} {name}: relative error {err:.2e}")
             worst = max(worst, err)
         # bf16 keeps 8 bits: a few 1e-3 relative is its rounding; anything near 1e-1 is a bug.
-        limit = 1e-4 if dtype == torch.float32 else 3e-2
-        if worst > limit:
-            print(f"FAILED: {backend} {dtype}: relative error {worst:.2e} > {limit:g}")
-            failed = True
+        failed |= _over(f"{backend} {dtype}", worst, 1e-4 if dtype == torch.float32 else 3e-2)
     failed |= module_case(backend)
     failed |= gate_case(backend)
     torch.cuda.synchronize()
@@ -75,12 +80,8 @@ def module_case(backend: str) -> bool:
                 want.backward(grad.double())
                 worst = max((out.double() - want).abs().max().item() / want.abs().max().item(),
                             (x.grad.double() - x64.grad).abs().max().item() / x64.grad.abs().max().item())
-                limit = 5e-2 if bf16 else 1e-3
                 tag = f"{backend} module {order} {'train' if train else 'eval'} {'bf16' if bf16 else 'fp32'}"
-                print(f"{tag}: relative error {worst:.2e}")
-                if worst > limit:
-                    print(f"FAILED: {tag}: {worst:.2e} > {limit:g}")
-                    failed = True
+                failed |= _over(tag, worst, 5e-2 if bf16 else 1e-3)
     return failed
 
 
@@ -108,12 +109,8 @@ def gate_case(backend: str, device: str = "cuda") -> bool:
             want = ref.gate_fwd(args[0].double(), *args[1:8], rm.clone(), rv.clone(), train, 0.1, 1e-5)
             worst = max((o.double().cpu() - e.double()).abs().max().item() / max(e.double().abs().max().item(), 1e-12)
                         for o, e in zip(got, want))
-            limit = 1e-4 if dtype == torch.float32 else 3e-2
             tag = f"{backend} gate_fwd {B}x{Kh}x{n} {'train' if train else 'eval'} {dtype}"
-            print(f"{tag}: relative error {worst:.2e}")
-            if worst > limit:
-                print(f"FAILED: {tag}: {worst:.2e} > {limit:g}")
-                failed = True
+            failed |= _over(tag, worst, 1e-4 if dtype == torch.float32 else 3e-2)
     return failed
 
 

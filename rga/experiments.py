@@ -286,6 +286,17 @@ def _list_state(result: Path, run_dir: Path) -> str:
     return "started" if run_dir.is_dir() else "pending"
 
 
+def _user_error(e: Exception, where: str) -> int:
+    """A user-fixable failure: one error line, exit code 2; anything else is a bug and re-raised."""
+    from .errors import user_message
+
+    message = user_message(e)
+    if message is None:
+        raise e
+    print(f"rga.experiments: error {where}: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     from .errors import run_cli
 
@@ -293,8 +304,6 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    from .errors import user_message
-
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
@@ -330,11 +339,7 @@ def _main(argv=None) -> int:
         reused = reusable_rows(all_jobs, out, args.reuse, preset=preset or None, dataset=args.dataset,
                                data_root=args.data_root, extra=extra)
     except Exception as e:  # noqa: BLE001
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"rga.experiments: error in --reuse: {message}", file=sys.stderr)
-        return 2
+        return _user_error(e, "in --reuse")
     if args.list:
         for row, seed in jobs:
             slug = run_slug(row, seed)
@@ -348,11 +353,7 @@ def _main(argv=None) -> int:
         try:
             extra = ensure_pretrain(runs, extra, data_root=args.data_root)
         except Exception as e:  # noqa: BLE001
-            message = user_message(e)
-            if message is None:
-                raise
-            print(f"rga.experiments: error in the pretraining run: {message}", file=sys.stderr)
-            return 2
+            return _user_error(e, "in the pretraining run")
     for row, seed in jobs:
         slug = run_slug(row, seed)
         if row_result(out / "rows" / f"{slug}.json") is not None:
@@ -365,11 +366,7 @@ def _main(argv=None) -> int:
             res = run_row(row, out, preset=preset or None, dataset=args.dataset, data_root=args.data_root,
                           extra=extra, seed=seed, runs=runs)
         except Exception as e:  # noqa: BLE001 - a user-fixable failure is one line, anything else a bug
-            message = user_message(e)
-            if message is None:
-                raise
-            print(f"rga.experiments: error in row {slug}: {message}", file=sys.stderr)
-            return 2
+            return _user_error(e, f"in row {slug}")
         print(f"== {row.label} ({slug}): R1 {_pct(res['R1'])}%  mAP {_pct(res['mAP'])}%  mINP {_pct(res['mINP'])}%  "
               f"{res['params'] / 1e6:.2f} M params  {res['train_seconds'] / 60:.1f} min training")
         write_table(args.table, out, meta, seeds, reused)
